@@ -1,0 +1,54 @@
+"""Model architecture config: field names map 1:1 onto Megatron's TransformerConfig / GPTModel."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    """A GPT architecture. `None` fields are derived (see `resolved`)."""
+
+    name: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 128
+    ffn_hidden_size: int = 384
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = 2
+    """GQA groups; None means multi-head attention (one group per head)."""
+    kv_channels: Optional[int] = 32
+    """Head dimension; None means hidden_size // num_attention_heads."""
+    seq_length: int = 256
+    """Training sequence length; also the model's max_sequence_length."""
+    vocab_size: Optional[int] = None
+    """True (unpadded) vocabulary size; None means take it from the tokenizer."""
+    make_vocab_size_divisible_by: int = 128
+    """Padded vocab = multiple of this times TP, as Megatron-LM pads it."""
+    normalization: str = "RMSNorm"
+    """RMSNorm or LayerNorm."""
+    layernorm_epsilon: float = 1e-5
+    gated_linear_unit: bool = True
+    """SwiGLU/GeGLU when true (fc1 holds [gate; up])."""
+    activation: str = "silu"
+    """silu, gelu or squared_relu."""
+    position_embedding_type: str = "rope"
+    """rope or learned_absolute."""
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    share_embeddings_and_output_weights: bool = False
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    transformer_impl: str = "local"
+    """local (Megatron's torch layers) or transformer_engine (needs TE installed)."""
+    params_dtype: str = "float32"
+    """float32, bfloat16 or float16."""
+
+    def resolved(self) -> "ModelConfig":
+        """A copy with derived fields filled in (groups, head dim)."""
+        from dataclasses import replace
+
+        groups = self.num_query_groups or self.num_attention_heads
+        head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
+        return replace(self, num_query_groups=groups, kv_channels=head_dim)

@@ -1,0 +1,48 @@
+"""ParallelContext: the one object that carries parallel state through the library."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Process groups, ranks and sizes of one process.
+
+    Built once by `runtime.init_runtime` (the only place that talks to
+    `megatron.core.parallel_state`) and passed explicitly everywhere else.
+    """
+
+    device: torch.device
+    world_size: int
+    rank: int
+    tp_size: int
+    tp_rank: int
+    pp_size: int
+    pp_rank: int
+    dp_size: int
+    dp_rank: int
+    tp_group: Optional[dist.ProcessGroup] = None
+    pp_group: Optional[dist.ProcessGroup] = None
+    dp_group: Optional[dist.ProcessGroup] = None
+    model_parallel_group: Optional[dist.ProcessGroup] = None
+    """tp x pp ranks that hold one full model replica."""
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the rank that prints summaries and writes run-dir metadata."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()

@@ -1,0 +1,126 @@
+"""Megatron-core on CPU: for dry runs, laptops, CI and tests on small models.
+
+Megatron-core assumes CUDA in a handful of places on the GPT path we use
+(verified on megatron-core 0.16.1, see shared/ENVIRONMENT.md):
+
+1. `torch.cuda.current_device()` picks the device of rotary frequencies, pipeline
+   p2p buffers and DDP grad buffers;
+2. the CUDA RNG tracker forks the CUDA generator around dropout and seeding;
+3. literal `device="cuda"` factories (schedules' token counters, the optimizer's
+   found-inf/scale tensors, gradient clipping);
+4. `torch.cuda.synchronize()` in pipeline p2p.
+
+`enable()` redirects exactly these to the CPU, and is called by `init_runtime`
+only when the run's device is the CPU. Nothing here changes numerics: with it,
+`GPTModel` (local spec, `use_cpu_initialization=True`, float32) trains at TP, PP
+and DP > 1 over gloo. It is meant for small models; real runs use GPUs.
+"""
+
+import contextlib
+import warnings
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_enabled = False
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, int):  # a bare int means a CUDA ordinal to torch
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites a CUDA `device=` argument of any torch function to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": _CPU}
+        return func(*args, **kwargs)
+
+
+class CpuRNGStatesTracker:
+    """Drop-in for Megatron's `CudaRNGStatesTracker` that forks the CPU generator.
+
+    Megatron keeps named RNG streams (data-parallel, model-parallel, expert) so that
+    dropout inside TP regions differs across TP ranks; on CPU the same streams are
+    kept as CPU generator states.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.states_ = {}
+        self.seeds_ = set()
+        self._current_state_name = "default-rng"
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self.states_ = dict(states)
+
+    def add(self, name, seed):
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(seed)
+        self.states_[name] = generator.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer_state = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer_state)
+
+
+def install_rng_tracker() -> CpuRNGStatesTracker:
+    """Make Megatron's `get_cuda_rng_tracker()` return a fresh CPU tracker."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER = tracker
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    return tracker
+
+
+def silence_accelerator_warnings() -> None:
+    """Megatron warns once per module that TE/apex are missing; on CPU that is expected."""
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", message=".*Transformer Engine is not installed.*")
+
+
+def enable() -> None:
+    """Redirect Megatron-core's CUDA assumptions to the CPU (idempotent)."""
+    global _enabled
+    if _enabled:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_support.enable() is for CPU runs; this machine has CUDA")
+    torch.cuda.current_device = lambda: _CPU
+    torch.cuda.synchronize = lambda device=None: None
+    # Entered for the life of the process: the schedules and optimizer create these
+    # tensors from many call sites, including user forward-step functions.
+    _CudaToCpuMode().__enter__()
+    install_rng_tracker()
+    _enabled = True
+
+
+def is_enabled() -> bool:
+    return _enabled

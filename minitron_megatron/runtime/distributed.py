@@ -1,0 +1,135 @@
+"""Start-up from torchrun, SLURM or a single plain process.
+
+This module and `cpu_support` are the only places that touch
+`megatron.core.parallel_state` and process-global state.
+"""
+
+import datetime
+import os
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from minitron_megatron.runtime import cpu_support
+from minitron_megatron.runtime.context import ParallelContext
+
+
+def _env_int(*names: str, default: Optional[int] = None) -> Optional[int]:
+    for name in names:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return default
+
+
+def _discover_env() -> tuple:
+    """(rank, world_size, local_rank) from torchrun first, then SLURM, else single."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        # A single process picks a free port so that concurrent dry runs do not collide;
+        # multi-process launches must agree on one, as torchrun and our SLURM scripts do.
+        os.environ["MASTER_PORT"] = str(free_port() if world == 1 else 29500)
+    return rank, world, local
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto -> cuda when available, else cpu; an explicit cuda without CUDA is an error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not allowed; use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is visible; use device=cpu or auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def check_parallel_sizes(world_size: int, tp: int, pp: int) -> None:
+    if tp < 1 or pp < 1 or world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"parallel.tp={tp} x parallel.pp={pp} must divide the world size {world_size} "
+            "(data parallel is world_size / (tp * pp))"
+        )
+
+
+def set_seed(seed: int, ctx: ParallelContext) -> None:
+    """Seed python/numpy/torch and Megatron's named RNG streams.
+
+    The default stream gets the same seed on every rank so that CPU-initialised
+    weights (`use_cpu_initialization`) are identical whatever the TP size.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if ctx.device.type == "cpu":
+        tracker = cpu_support.install_rng_tracker()
+        tracker.add("data-parallel-rng", seed)
+        tracker.add("model-parallel-rng", seed + 2718 + ctx.tp_rank)
+        tracker.add("expert-parallel-rng", seed + 1024)
+    else:
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def init_runtime(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 1234) -> ParallelContext:
+    """Initialise torch.distributed and Megatron's parallel state; return the context."""
+    from megatron.core import parallel_state as mps
+
+    torch_device = resolve_device(device)
+    rank, world, local_rank = _discover_env()
+    check_parallel_sizes(world, tp, pp)
+    if torch_device.type == "cpu":
+        cpu_support.silence_accelerator_warnings()
+        cpu_support.enable()
+    else:
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if torch_device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=int(os.environ.get("MINITRON_DIST_TIMEOUT_MIN", 30))),
+        )
+    if mps.model_parallel_is_initialized():
+        mps.destroy_model_parallel()
+    mps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    ctx = ParallelContext(
+        device=torch_device,
+        world_size=world,
+        rank=rank,
+        tp_size=tp,
+        tp_rank=mps.get_tensor_model_parallel_rank(),
+        pp_size=pp,
+        pp_rank=mps.get_pipeline_model_parallel_rank(),
+        dp_size=mps.get_data_parallel_world_size(),
+        dp_rank=mps.get_data_parallel_rank(),
+        tp_group=mps.get_tensor_model_parallel_group(),
+        pp_group=mps.get_pipeline_model_parallel_group(),
+        dp_group=mps.get_data_parallel_group(),
+        model_parallel_group=mps.get_model_parallel_group(),
+    )
+    set_seed(seed, ctx)
+    return ctx
+
+
+def destroy_runtime() -> None:
+    from megatron.core import parallel_state as mps
+
+    if mps.model_parallel_is_initialized():
+        mps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
