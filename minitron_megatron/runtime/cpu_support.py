@@ -8,7 +8,9 @@ Megatron-core assumes CUDA in a handful of places on the GPT path we use
 2. the CUDA RNG tracker forks the CUDA generator around dropout and seeding;
 3. literal `device="cuda"` factories (schedules' token counters, the optimizer's
    found-inf/scale tensors, gradient clipping);
-4. `torch.cuda.synchronize()` in pipeline p2p.
+4. `torch.cuda.synchronize()` in pipeline p2p;
+5. type-name checks such as `assert grad.type() == "torch.cuda.FloatTensor"` in
+   gradient clipping (found on 0.16.1, not in ENVIRONMENT.md's list).
 
 `enable()` redirects exactly these to the CPU, and is called by `init_runtime`
 only when the run's device is the CPU. Nothing here changes numerics: with it,
@@ -35,10 +37,15 @@ def _is_cuda_device(device) -> bool:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites a CUDA `device=` argument of any torch function to the CPU."""
+    """Rewrites a CUDA `device=` argument of any torch function to the CPU, and makes
+    the legacy `tensor.type()` name of a CPU tensor read as its CUDA twin (the CPU
+    stands in for the GPU, so type checks written for CUDA pass)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not args[0].is_cuda else name
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": _CPU}
         return func(*args, **kwargs)

@@ -29,12 +29,28 @@ def _discover_env() -> tuple:
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = _slurm_first_host() or "127.0.0.1"
     if "MASTER_PORT" not in os.environ:
         # A single process picks a free port so that concurrent dry runs do not collide;
         # multi-process launches must agree on one, as torchrun and our SLURM scripts do.
         os.environ["MASTER_PORT"] = str(free_port() if world == 1 else 29500)
     return rank, world, local
+
+
+def _slurm_first_host() -> Optional[str]:
+    """Node 0 of a SLURM job, so a bare `srun python -m ...` finds its rendezvous host."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist or int(os.environ.get("SLURM_NTASKS", "1")) == 1:
+        return None
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    hosts = out.stdout.split()
+    return hosts[0] if hosts else None
 
 
 def free_port() -> int:
@@ -95,8 +111,10 @@ def init_runtime(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 123
         cpu_support.silence_accelerator_warnings()
         cpu_support.enable()
     else:
-        torch.cuda.set_device(local_rank)
-        torch_device = torch.device("cuda", local_rank)
+        # Modulo: sites that bind one GPU per task expose a single device to each rank.
+        local_device = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(local_device)
+        torch_device = torch.device("cuda", local_device)
     if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if torch_device.type == "cuda" else "gloo",

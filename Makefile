@@ -1,0 +1,26 @@
+# make demo: the recipe on the embedded default. make test: the test suite.
+# Both create/update .venv by themselves. Without CUDA they pin the CPU torch build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+CONSTRAINTS := $(if $(HAS_CUDA),,-c requirements/cpu.txt)
+export OMP_NUM_THREADS ?= 2
+
+$(VENV)/.installed: setup.py pyproject.toml requirements/cpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[test,triton]'
+	touch $@
+
+.PHONY: install test demo clean
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -ra tests
+
+demo: $(VENV)/.installed
+	$(PY) -m minitron_megatron.train model=tiny data=stdlib save=runs/teacher
+	$(PY) -m minitron_megatron.evaluate load=runs/teacher data=stdlib
+
+clean:
+	rm -rf runs build *.egg-info

@@ -1,0 +1,1 @@
+"""Run directories and Megatron dist checkpoints (atomic, reshardable across TP/PP)."""

@@ -1,0 +1,128 @@
+"""Megatron dist checkpoints (`torch_dist`) in Megatron-LM's directory layout.
+
+`ROOT/latest_checkpointed_iteration.txt` names the committed `ROOT/iter_XXXXXXX/`.
+The state dict has Megatron-LM's top-level keys (`model`, `optimizer`,
+`opt_param_scheduler`, `iteration`, `checkpoint_version`), so Megatron-LM's
+`--load ROOT --ckpt-format torch_dist` reads ours and we read theirs. Sharded
+tensors carry global offsets, so a checkpoint saved at one TP/PP loads at another.
+"""
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from minitron_megatron.checkpoint.run_dir import atomic_write_text
+from minitron_megatron.runtime.context import ParallelContext
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(root, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root) -> Optional[int]:
+    """The committed iteration under `root` (Megatron-LM tracker file), or None."""
+    tracker = Path(root) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if text == "release":
+        return 0
+    iteration = int(text)
+    return iteration if iteration_dir(root, iteration).is_dir() else None
+
+
+def _committed_dir(root, iteration: int) -> Path:
+    if (Path(root) / TRACKER).read_text().strip() == "release":
+        return Path(root) / "release"
+    return iteration_dir(root, iteration)
+
+
+def _rng_state(ctx: ParallelContext):
+    """Per-rank RNG streams, as a ShardedObject indexed by (pp, tp) like Megatron-LM."""
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    return ShardedObject(
+        "rng_state", [state], (ctx.pp_size, ctx.tp_size), (ctx.pp_rank, ctx.tp_rank), replica_id=ctx.dp_rank
+    )
+
+
+def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer=None, scheduler=None,
+                    extra: Optional[dict] = None, keep_last: int = 1) -> Path:
+    """Collectively save; the tracker file is the commit point, written after every rank is done."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final, tmp = iteration_dir(root, iteration), root / f".iter_{iteration:07d}.tmp"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ctx.barrier()
+    state = {"model": model.sharded_state_dict(), "iteration": iteration, "checkpoint_version": 3.0}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+        state["opt_param_scheduler"] = scheduler.state_dict()
+        state["rng_state"] = _rng_state(ctx)
+    if extra:
+        state["minitron"] = extra
+    dist_checkpointing.save(state, str(tmp))
+    ctx.barrier()
+    if ctx.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        atomic_write_text(root / TRACKER, f"{iteration}\n")
+        _prune_old(root, keep=keep_last)
+    ctx.barrier()
+    return final
+
+
+def _prune_old(root: Path, keep: int) -> None:
+    iters = sorted(p for p in root.glob("iter_*") if p.is_dir())
+    for old in iters[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(root, model, ctx: ParallelContext, optimizer=None, scheduler=None) -> dict:
+    """Load model (and optimizer, scheduler, RNG when given) at this rank's TP/PP.
+
+    Returns the checkpoint's non-tensor state: `iteration` and our `minitron` extras.
+    """
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise FileNotFoundError(f"no committed checkpoint under {root} ({TRACKER} missing)")
+    path = str(_committed_dir(root, iteration))
+    model_sd = model.sharded_state_dict()
+    request = {"model": model_sd}
+    if optimizer is not None:
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        request["rng_state"] = _rng_state(ctx)
+    loaded = dist_checkpointing.load(request, path)
+    model.load_state_dict(loaded["model"], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        _restore_rng(loaded["rng_state"])
+    return {"iteration": loaded.get("iteration", iteration), "minitron": loaded.get("minitron", {})}
+
+
+def _restore_rng(states) -> None:
+    from megatron.core import tensor_parallel
+
+    state = states[0] if isinstance(states, list) else states
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def load_common(root) -> dict:
+    """The checkpoint's replicated (non-tensor) state, read without building a model."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    return dist_checkpointing.load_common_state_dict(str(_committed_dir(root, iteration)))

@@ -1,0 +1,101 @@
+"""Run directories: the self-describing output of every command.
+
+```
+RUN/
+  model.yaml        architecture + vocab + tokenizer: enough to rebuild the model
+  tokenizer.model   copy of the sentencepiece model the run used
+  checkpoint/       Megatron-LM layout: latest_checkpointed_iteration.txt + iter_XXXXXXX/
+  summary.json      written last: its presence marks the run as complete
+```
+Every file is written to a temporary name and renamed into place, so a crash
+leaves either the old state or the new one, never something that looks complete.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Optional, Tuple
+
+import yaml
+
+from minitron_megatron.config.model import ModelConfig
+from minitron_megatron.errors import ConfigError
+
+MODEL_YAML = "model.yaml"
+SUMMARY_JSON = "summary.json"
+TOKENIZER = "tokenizer.model"
+CHECKPOINT = "checkpoint"
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write `text` to `path` via a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_model_yaml(run_dir, cfg: ModelConfig, padded_vocab_size: int, tokenizer_path: Optional[str]) -> None:
+    """Write model.yaml (and copy the tokenizer) so the run dir rebuilds the model alone."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    body = {"model": asdict(cfg.resolved()), "padded_vocab_size": int(padded_vocab_size), "tokenizer": None}
+    if tokenizer_path:
+        target = run_dir / TOKENIZER
+        if Path(tokenizer_path).resolve() != target.resolve():
+            tmp = run_dir / f".{TOKENIZER}.tmp"
+            shutil.copyfile(tokenizer_path, tmp)
+            os.replace(tmp, target)
+        body["tokenizer"] = TOKENIZER
+    atomic_write_text(run_dir / MODEL_YAML, yaml.safe_dump(body, sort_keys=False))
+
+
+def read_model_yaml(run_dir) -> Tuple[ModelConfig, int, Optional[str]]:
+    """(model config, padded vocab size, tokenizer path or None) of a run dir."""
+    path = Path(run_dir) / MODEL_YAML
+    if not path.is_file():
+        raise ConfigError(f"load={run_dir}: {path} not found (not a minitron run directory)")
+    body = yaml.safe_load(path.read_text())
+    known = {f.name for f in fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in body["model"].items() if k in known})
+    tokenizer = str(Path(run_dir) / body["tokenizer"]) if body.get("tokenizer") else None
+    return cfg, int(body["padded_vocab_size"]), tokenizer
+
+
+def write_summary(run_dir, summary: dict) -> None:
+    atomic_write_text(Path(run_dir) / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
+
+
+def read_summary(run_dir) -> Optional[dict]:
+    path = Path(run_dir) / SUMMARY_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_complete(run_dir) -> bool:
+    """A run dir is complete once its summary is written (always the last step)."""
+    return (Path(run_dir) / SUMMARY_JSON).is_file()
+
+
+def checkpoint_root(run_dir) -> Path:
+    return Path(run_dir) / CHECKPOINT
+
+
+def check_loadable(run_dir, setting: str = "load") -> Path:
+    """The run dir, or a ConfigError naming `setting` when it cannot be loaded."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"{setting}={run_dir}: directory not found")
+    if not (path / MODEL_YAML).is_file():
+        raise ConfigError(f"{setting}={run_dir}: no {MODEL_YAML} (not a minitron run directory)")
+    from minitron_megatron.checkpoint.dist import latest_iteration
+
+    if latest_iteration(checkpoint_root(path)) is None:
+        raise ConfigError(f"{setting}={run_dir}: no committed checkpoint under {checkpoint_root(path)}")
+    return path

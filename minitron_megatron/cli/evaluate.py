@@ -1,0 +1,13 @@
+"""python -m minitron_megatron.evaluate load=runs/teacher data=stdlib"""
+
+from minitron_megatron.cli.app import hydra_entry
+
+
+def main() -> None:
+    from minitron_megatron.train.evaluate import evaluate_run
+
+    hydra_entry("evaluate", evaluate_run)()
+
+
+if __name__ == "__main__":
+    main()

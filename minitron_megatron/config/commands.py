@@ -1,0 +1,62 @@
+"""One typed config per command, registered with Hydra's ConfigStore as `<command>_schema`.
+
+The YAMLs in `minitron_megatron/conf/` list their schema first in `defaults`, so
+every key is type-checked and a misspelt override fails at start-up.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from minitron_megatron.config.data import DataConfig
+from minitron_megatron.config.model import ModelConfig
+from minitron_megatron.config.parallel import ParallelConfig
+from minitron_megatron.config.train import TrainConfig
+
+
+@dataclass
+class CommonConfig:
+    """Keys shared by every command."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    load: Optional[str] = None
+    """A run directory to start from (its model.yaml overrides `model`)."""
+    save: Optional[str] = None
+    """The run directory to write; an unfinished one is resumed."""
+    seed: int = 1234
+    device: str = "auto"
+    """auto, cpu or cuda."""
+
+
+@dataclass
+class TrainCommand(CommonConfig):
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    samples: int = 256
+    """Validation samples to score (all ranks together)."""
+    micro_batch_size: int = 8
+
+
+@dataclass
+class EvaluateCommand(CommonConfig):
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+SCHEMAS = {"train": TrainCommand, "evaluate": EvaluateCommand}
+
+
+def register_configs() -> None:
+    """Register every command schema with Hydra's ConfigStore.
+
+    Group files (model/*.yaml, data/*.yaml) merge into the typed `model`/`data`
+    nodes of these schemas, so they are checked too.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        store.store(name=f"{name}_schema", node=schema)

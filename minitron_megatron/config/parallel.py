@@ -1,0 +1,16 @@
+"""Parallelism settings shared by every command (DP is what is left of the world size)."""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size: must divide heads, query groups, ffn_hidden_size and padded vocab."""
+    pp: int = 1
+    """Pipeline-parallel size: stages get num_layers / pp layers (first stage takes the remainder)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism inside TP regions (needs tp > 1)."""
+    pp_layout: Optional[List[int]] = None
+    """Explicit layers per pipeline stage, e.g. [2, 1]; None splits as evenly as Megatron allows."""

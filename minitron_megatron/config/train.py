@@ -1,0 +1,35 @@
+"""Training-loop settings (pretraining here; distillation reuses the same loop pieces)."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    """Linear warm-up, then cosine decay to min_lr at the last step."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    """Samples per optimizer step; a multiple of micro_batch_size * data-parallel size."""
+    eval_interval: int = 100
+    eval_samples: int = 64
+    """Validation samples per evaluation (all ranks together)."""
+    save_interval: int = 200
+    log_interval: int = 10
+    exit_after_steps: Optional[int] = None
+    """Save and stop after this many steps (like Megatron-LM's --exit-interval); rerun to resume."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tensorboard: bool = True
+    wandb: bool = False
+    """Log to wandb in offline mode (WANDB_MODE=offline unless set)."""

@@ -1,0 +1,68 @@
+"""Exact parameter counts of the global (unsharded) model, from its config alone."""
+
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from minitron_megatron.config.model import ModelConfig
+from minitron_megatron.runtime.context import ParallelContext
+
+
+def _norm_params(cfg: ModelConfig) -> int:
+    # LayerNorm has a bias; RMSNorm only a scale.
+    return cfg.hidden_size * (2 if cfg.normalization == "LayerNorm" else 1)
+
+
+def layer_parameter_count(cfg: ModelConfig) -> Dict[str, int]:
+    """Parameters of one transformer layer, by part."""
+    cfg = cfg.resolved()
+    h, d = cfg.hidden_size, cfg.kv_channels
+    q_width = cfg.num_attention_heads * d
+    qkv_out = q_width + 2 * cfg.num_query_groups * d
+    qkv_bias = qkv_out if (cfg.add_qkv_bias or cfg.add_bias_linear) else 0
+    fc1_out = cfg.ffn_hidden_size * (2 if cfg.gated_linear_unit else 1)
+    bias = cfg.add_bias_linear
+    return {
+        "input_norm": _norm_params(cfg),
+        "qkv": h * qkv_out + qkv_bias,
+        "proj": q_width * h + (h if bias else 0),
+        "pre_mlp_norm": _norm_params(cfg),
+        "fc1": h * fc1_out + (fc1_out if bias else 0),
+        "fc2": cfg.ffn_hidden_size * h + (h if bias else 0),
+    }
+
+
+def parameter_count(cfg: ModelConfig, padded_vocab: Optional[int] = None) -> int:
+    """Exact global parameter count; `padded_vocab` defaults to the true vocab size."""
+    cfg = cfg.resolved()
+    vocab = padded_vocab or cfg.vocab_size
+    embedding = vocab * cfg.hidden_size
+    if cfg.position_embedding_type == "learned_absolute":
+        embedding += cfg.seq_length * cfg.hidden_size
+    output = 0 if cfg.share_embeddings_and_output_weights else vocab * cfg.hidden_size
+    layers = cfg.num_layers * sum(layer_parameter_count(cfg).values())
+    return embedding + layers + _norm_params(cfg) + output
+
+
+def count_model_parameters(model: torch.nn.Module, ctx: ParallelContext) -> int:
+    """Global parameter count of a sharded model, by summing shards across ranks.
+
+    TP-replicated parameters (norms, biases of row-parallel layers) are counted once
+    by counting them only on TP rank 0; a tied output layer on the last stage shares
+    the embedding and is skipped there.
+    """
+    local = 0
+    for name, param in model.named_parameters():
+        if getattr(param, "shared_embedding", False) and not ctx.is_first_stage:
+            continue  # the last stage's copy of a tied word embedding
+        sharded = getattr(param, "tensor_model_parallel", False)
+        if sharded or ctx.tp_rank == 0:
+            local += param.numel()
+    total = torch.tensor([local], dtype=torch.int64, device=ctx.device)
+    if dist.is_initialized():
+        # Each model replica is counted once: only DP rank 0 contributes.
+        if ctx.dp_rank != 0:
+            total.zero_()
+        dist.all_reduce(total)
+    return int(total.item())

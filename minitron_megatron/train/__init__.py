@@ -1,0 +1,1 @@
+"""Training-loop pieces shared by train and distill: optimizer, DDP, schedules, eval, logging."""

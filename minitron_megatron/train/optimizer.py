@@ -1,0 +1,57 @@
+"""Megatron DDP, optimizer and LR schedule around a model, wired as Megatron-LM wires them."""
+
+from typing import List, Tuple
+
+from minitron_megatron.config.train import OptimConfig
+
+
+def wrap_ddp(model, tconfig) -> "DistributedDataParallel":  # noqa: F821
+    """Megatron's DDP: contiguous fp32 grad buffers, all-reduced over DP after the last microbatch."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
+    return DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(model_chunks: List, optim: OptimConfig, tconfig, total_steps: int) -> Tuple:
+    """(MegatronOptimizer, OptimizerParamScheduler) with warm-up then cosine decay."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        clip_grad=optim.clip_grad,
+        bf16=tconfig.bf16,
+        fp16=tconfig.fp16,
+        params_dtype=tconfig.params_dtype,
+        use_distributed_optimizer=False,
+    )
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(total_steps, 1),
+        lr_decay_style="cosine",
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+    # What Megatron-LM's training loop sets: DP grad all-reduce (and tied-embedding
+    # grad sync across pipeline stages) after the last microbatch; loss scaling.
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.grad_scale_func = optimizer.scale_loss
+    tconfig.no_sync_func = model_chunks[0].no_sync if len(model_chunks) == 1 else None
+    return optimizer, scheduler

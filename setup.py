@@ -1,0 +1,40 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="minitron-megatron",
+    version="0.1.0",
+    description="Minitron pruning + distillation for Megatron-core GPT models, at TP/PP/DP scale",
+    python_requires=">=3.10",
+    packages=find_packages(include=["minitron_megatron", "minitron_megatron.*"]),
+    package_data={"minitron_megatron": ["conf/*.yaml", "conf/*/*.yaml", "conf/*/*/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1",  # tested with 0.16.1 (the newest for Python 3.11)
+        "sentencepiece",
+        "hydra-core>=1.3,<1.4",
+        "omegaconf>=2.3",
+        "pyyaml",
+        "psutil",  # dist_checkpointing needs it
+        "einops",
+        "numpy",
+        "safetensors",
+        "tqdm",
+        "matplotlib",
+        "tensorboard",
+        "wandb",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "triton": ["triton"],
+        "slurm": ["hydra-submitit-launcher", "submitit"],
+        # Transformer Engine and apex are optional accelerators, used when importable;
+        # they come with NVIDIA's NGC PyTorch containers (see docker/).
+    },
+    entry_points={
+        "console_scripts": [
+            "minitron-train=minitron_megatron.cli.train:main",
+            "minitron-evaluate=minitron_megatron.cli.evaluate:main",
+            "minitron-preprocess=minitron_megatron.data.preprocess:main",
+        ]
+    },
+)

@@ -1,0 +1,43 @@
+"""Run our commands as a user would (python -m / torchrun) and read their JSON summaries."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from minitron_megatron.runtime.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small variant of the tiny preset so multi-process tests take seconds per step.
+SMALL = [
+    "model=tiny", "model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=192",
+    "model.kv_channels=16", "model.seq_length=64",
+    "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_samples=16",
+    "train.log_interval=1", "train.optim.warmup_steps=2", "device=cpu",
+]
+
+
+def run_command(stage: str, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 600):
+    """Run `python -m minitron_megatron.<stage>` (torchrun when nproc > 1)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", f"minitron_megatron.{stage}", *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", "-m", f"minitron_megatron.{stage}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINITRON_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def summary(proc) -> dict:
+    """The JSON summary: the last stdout line."""
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def step_losses(run_dir) -> dict:
+    lines = (Path(run_dir) / "train_log.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "step"}

@@ -1,0 +1,44 @@
+"""Bad input fails fast: one clear message naming the setting, non-zero exit, nothing written."""
+
+import pytest
+
+from tests.commands import SMALL, run_command
+
+
+def _fails(stage, *overrides, expect):
+    proc = run_command(stage, *overrides, check=False, timeout=300)
+    assert proc.returncode != 0, proc.stdout
+    assert expect in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
+def test_missing_data_prefix(tmp_path):
+    _fails("train", *SMALL, "data=custom", f"data.train_prefixes=[{tmp_path}/nope]",
+           f"data.tokenizer_model={tmp_path}/tok.model", f"save={tmp_path / 'run'}",
+           expect="data.train_prefixes")
+    assert not (tmp_path / "run").exists()
+
+
+def test_tokenizer_does_not_fit_model(tmp_path):
+    _fails("train", *SMALL, "model.vocab_size=100", f"save={tmp_path / 'run'}", expect="model.vocab_size=100")
+    assert not (tmp_path / "run").exists()
+
+
+def test_tp_that_does_not_divide_heads(tmp_path):
+    proc = _fails("train", *SMALL, "parallel.tp=3", f"save={tmp_path / 'run'}",
+                  expect="parallel.tp=3 does not divide model.num_attention_heads=4")
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_override(tmp_path):
+    _fails("train", *SMALL, "train.stepz=3", f"save={tmp_path / 'run'}", expect="stepz")
+
+
+def test_missing_run_dir_for_evaluate(tmp_path):
+    _fails("evaluate", f"load={tmp_path / 'nothing'}", "device=cpu", expect=f"load={tmp_path / 'nothing'}")
+
+
+@pytest.mark.parametrize("bad", ["device=tpu", "train.global_batch_size=6"])
+def test_invalid_values(tmp_path, bad):
+    _fails("train", *SMALL, bad, f"save={tmp_path / 'run'}", expect=bad.split("=")[0])
