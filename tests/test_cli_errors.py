@@ -13,6 +13,7 @@ def _fails(stage, *overrides, expect):
 
 
 def test_missing_data_prefix(tmp_path):
+    (tmp_path / "tok.model").write_bytes(b"")  # exists; the missing prefix is the problem
     _fails("train", *SMALL, "data=custom", f"data.train_prefixes=[{tmp_path}/nope]",
            f"data.tokenizer_model={tmp_path}/tok.model", f"save={tmp_path / 'run'}",
            expect="data.train_prefixes")

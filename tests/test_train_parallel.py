@@ -10,9 +10,18 @@ STEPS = ["train.steps=5", "train.eval_interval=5", "train.save_interval=5"]
 
 
 @pytest.fixture(scope="module")
-def pp1_run(tmp_path_factory):
+def base(tmp_path_factory):
+    """Shared starting weights: per-stage init at PP=2 draws different random numbers
+    than PP=1 (as in Megatron-LM), so curves are compared from one loaded checkpoint."""
+    save = tmp_path_factory.mktemp("base") / "run"
+    run_command("train", *SMALL, "train.steps=1", "train.eval_interval=1", f"save={save}")
+    return save
+
+
+@pytest.fixture(scope="module")
+def pp1_run(tmp_path_factory, base):
     save = tmp_path_factory.mktemp("pp1") / "run"
-    out = summary(run_command("train", *SMALL, *STEPS, f"save={save}"))
+    out = summary(run_command("train", *SMALL, *STEPS, f"load={base}", f"save={save}"))
     return save, out
 
 
@@ -23,21 +32,23 @@ def _assert_same_curve(run_a, run_b, rel=1e-5):
         assert math.isclose(a[step], b[step], rel_tol=rel), (step, a[step], b[step])
 
 
-def test_pp2_training_follows_pp1(pp1_run, tmp_path):
+def test_pp2_training_follows_pp1(base, pp1_run, tmp_path):
     """Catches a broken pipeline schedule, p2p shapes, tied/untied embedding grad sync
     or per-stage init differences: PP=2 must train exactly like PP=1."""
     save, ref = pp1_run
-    out = summary(run_command("train", *SMALL, *STEPS, "parallel.pp=2", f"save={tmp_path / 'pp2'}", nproc=2))
+    out = summary(run_command("train", *SMALL, *STEPS, "parallel.pp=2", f"load={base}", f"save={tmp_path / 'pp2'}",
+                              nproc=2))
     _assert_same_curve(save, tmp_path / "pp2")
     assert math.isclose(out["val_loss"], ref["val_loss"], rel_tol=1e-5)
     assert out["params"] == ref["params"]
 
 
-def test_tp2_training_follows_tp1(pp1_run, tmp_path):
+def test_tp2_training_follows_tp1(base, pp1_run, tmp_path):
     """Catches TP-sharded optimizer/grad-clipping errors (e.g. norms of replicated
     parameters counted twice): TP=2 training must follow the TP=1 loss curve."""
     save, ref = pp1_run
-    out = summary(run_command("train", *SMALL, *STEPS, "parallel.tp=2", f"save={tmp_path / 'tp2'}", nproc=2))
+    out = summary(run_command("train", *SMALL, *STEPS, "parallel.tp=2", f"load={base}", f"save={tmp_path / 'tp2'}",
+                              nproc=2))
     _assert_same_curve(save, tmp_path / "tp2", rel=1e-4)
     assert out["params"] == ref["params"]
 

@@ -20,7 +20,16 @@ def _to_dataclass(dict_cfg):
     return OmegaConf.to_object(dict_cfg)
 
 
-def run_stage(cfg, stage: Callable) -> dict:
+def _resolve(stage: str) -> Callable:
+    """"package.module:function" -> the function, imported only now: after the runtime
+    chose the device, so Megatron-core is imported the way that device needs."""
+    import importlib
+
+    module, name = stage.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_stage(cfg, stage: str) -> dict:
     """Start the runtime from `cfg`'s common keys, run `stage(cfg, ctx)`, always tear down."""
     from minitron_megatron.model import validate_model
     from minitron_megatron.runtime import destroy_runtime, init_runtime
@@ -32,7 +41,7 @@ def run_stage(cfg, stage: Callable) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     try:
-        summary = stage(cfg, ctx)
+        summary = _resolve(stage)(cfg, ctx)
         if ctx.is_main:
             print(json.dumps(summary), flush=True)
         return summary
@@ -40,8 +49,8 @@ def run_stage(cfg, stage: Callable) -> dict:
         destroy_runtime()
 
 
-def hydra_entry(config_name: str, stage: Callable) -> Callable[[], None]:
-    """A console-script main for `stage` configured by conf/<config_name>.yaml."""
+def hydra_entry(config_name: str, stage: str) -> Callable[[], None]:
+    """A console-script main for `stage` ("module:function") configured by conf/<config_name>.yaml."""
     import hydra
 
     from minitron_megatron.config.commands import register_configs

@@ -4,9 +4,7 @@ from minitron_megatron.cli.app import hydra_entry
 
 
 def main() -> None:
-    from minitron_megatron.train.evaluate import evaluate_run
-
-    hydra_entry("evaluate", evaluate_run)()
+    hydra_entry("evaluate", "minitron_megatron.train.evaluate:evaluate_run")()
 
 
 if __name__ == "__main__":

@@ -4,9 +4,7 @@ from minitron_megatron.cli.app import hydra_entry
 
 
 def main() -> None:
-    from minitron_megatron.train.loop import pretrain
-
-    hydra_entry("train", pretrain)()
+    hydra_entry("train", "minitron_megatron.train.loop:pretrain")()
 
 
 if __name__ == "__main__":

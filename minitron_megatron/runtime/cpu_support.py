@@ -113,6 +113,34 @@ def silence_accelerator_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*Transformer Engine is not installed.*")
 
 
+def import_megatron_eagerly() -> None:
+    """Import Megatron-core with its JIT fuser off (a no-op if it is already imported).
+
+    `megatron.core.jit.jit_fuser` is `torch.compile`, applied as a decorator at
+    import time; on CPU that only costs start-up (~6 s importing dynamo) and the
+    fused paths are disabled anyway. Megatron's own `disable_jit_fuser()` cannot be
+    called before the package import that applies the decorators, so `torch.compile`
+    is an identity decorator for the duration of the import.
+    """
+    import sys
+
+    if "megatron.core" in sys.modules:
+        return
+    original = torch.compile
+
+    def _identity(model=None, **kwargs):
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = _identity
+    try:
+        import megatron.core  # noqa: F401
+        from megatron.core import jit
+
+        jit.disable_jit_fuser()
+    finally:
+        torch.compile = original
+
+
 def enable() -> None:
     """Redirect Megatron-core's CUDA assumptions to the CPU (idempotent)."""
     global _enabled
@@ -120,6 +148,7 @@ def enable() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("cpu_support.enable() is for CPU runs; this machine has CUDA")
+    import_megatron_eagerly()
     torch.cuda.current_device = lambda: _CPU
     torch.cuda.synchronize = lambda device=None: None
     # Entered for the life of the process: the schedules and optimizer create these

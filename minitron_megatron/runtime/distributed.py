@@ -102,8 +102,6 @@ def set_seed(seed: int, ctx: ParallelContext) -> None:
 
 def init_runtime(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 1234) -> ParallelContext:
     """Initialise torch.distributed and Megatron's parallel state; return the context."""
-    from megatron.core import parallel_state as mps
-
     torch_device = resolve_device(device)
     rank, world, local_rank = _discover_env()
     check_parallel_sizes(world, tp, pp)
@@ -115,6 +113,8 @@ def init_runtime(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 123
         local_device = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(local_device)
         torch_device = torch.device("cuda", local_device)
+    from megatron.core import parallel_state as mps  # after cpu_support: it imports Megatron its way
+
     if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if torch_device.type == "cuda" else "gloo",
