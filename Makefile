@@ -15,6 +15,8 @@ $(VENV)/.installed: setup.py pyproject.toml requirements/cpu.txt
 .PHONY: install test demo clean
 install: $(VENV)/.installed
 
+# One stdlib corpus build shared by every test process (built on first use).
+test: export MINITRON_CACHE ?= $(CURDIR)/.cache
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra tests
 

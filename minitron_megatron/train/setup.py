@@ -34,12 +34,15 @@ class RunInputs:
     tokenizer_path: str
     train_ds: object
     valid_ds: object
+    num_valid_samples: int
     params: Optional[int] = None
 
     def valid_batches(self, micro_batch_size: int, ctx: ParallelContext) -> List[dict]:
-        """The fixed validation set: the first validation samples, split over DP."""
-        num = len(self.valid_ds) - len(self.valid_ds) % (micro_batch_size * ctx.dp_size)
-        return list(calibration_batches(self.valid_ds, num, micro_batch_size, ctx.dp_rank, ctx.dp_size))
+        """The fixed validation set: the first `num_valid_samples` samples, split over DP."""
+        per_step = micro_batch_size * ctx.dp_size
+        num = min(self.num_valid_samples, len(self.valid_ds))
+        return list(calibration_batches(self.valid_ds, num - num % per_step, micro_batch_size,
+                                        ctx.dp_rank, ctx.dp_size))
 
 
 def _file_digest(path: str) -> str:
@@ -73,7 +76,7 @@ def prepare_run(cfg: CommonConfig, ctx: ParallelContext, num_train_samples: int,
     train_ds, valid_ds = build_gpt_datasets(
         sources, tokenizer, model_cfg.seq_length, num_train_samples, num_valid_samples, cfg.seed
     )
-    return RunInputs(model_cfg, padded, sources.tokenizer_model, train_ds, valid_ds)
+    return RunInputs(model_cfg, padded, sources.tokenizer_model, train_ds, valid_ds, num_valid_samples)
 
 
 def build_model(run: RunInputs, cfg: CommonConfig, ctx: ParallelContext):
