@@ -1,6 +1,7 @@
 """The train/evaluate commands under real multi-process parallelism (torchrun over gloo)."""
 
 import math
+import shutil
 
 import pytest
 
@@ -65,3 +66,20 @@ def test_save_tp2_load_pp2_and_tp1(pp1_run, tmp_path):
     assert at_tp2["params"] == at_tp1["params"] == at_pp2["params"]
     assert math.isclose(at_tp1["val_loss"], at_tp2["val_loss"], rel_tol=1e-5)
     assert math.isclose(at_pp2["val_loss"], at_tp1["val_loss"], rel_tol=1e-6)
+
+
+def test_loads_megatron_lm_save_dir(pp1_run, tmp_path):
+    """Catches a loader that needs our model.yaml or mis-sizes the padded vocab: a
+    Megatron-LM save dir (tracker + iter_XXXXXXX/ with torch_dist shards under the
+    top-level keys Megatron-LM writes: model, optimizer, opt_param_scheduler,
+    iteration, checkpoint_version) loads given only the model settings.
+    Megatron-LM itself is not a dependency, so the dir is our checkpoint/ copied
+    out of its run dir, which is byte-for-byte what a Megatron-LM --save dir holds."""
+    save, _ = pp1_run
+    megatron_dir = tmp_path / "megatron_lm_save"
+    shutil.copytree(save / "checkpoint", megatron_dir)
+    common = ["device=cpu", "evaluate.samples=16", "evaluate.micro_batch_size=4"]
+    ours = summary(run_command("evaluate", f"load={save}", *common))
+    model_args = [a for a in SMALL if a.startswith("model")]
+    theirs = summary(run_command("evaluate", f"load={megatron_dir}", *model_args, *common))
+    assert theirs == ours

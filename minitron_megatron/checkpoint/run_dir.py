@@ -84,17 +84,25 @@ def is_complete(run_dir) -> bool:
 
 
 def checkpoint_root(run_dir) -> Path:
-    return Path(run_dir) / CHECKPOINT
+    """Where the dist checkpoints are: RUN/checkpoint, or RUN itself for a Megatron-LM save dir."""
+    from minitron_megatron.checkpoint.megatron_lm import is_megatron_lm_dir
+
+    return Path(run_dir) if is_megatron_lm_dir(run_dir) else Path(run_dir) / CHECKPOINT
 
 
 def check_loadable(run_dir, setting: str = "load") -> Path:
     """The run dir, or a ConfigError naming `setting` when it cannot be loaded."""
+    from minitron_megatron.checkpoint.dist import latest_iteration
+    from minitron_megatron.checkpoint.megatron_lm import is_megatron_lm_dir
+
     path = Path(run_dir)
     if not path.is_dir():
         raise ConfigError(f"{setting}={run_dir}: directory not found")
-    if not (path / MODEL_YAML).is_file():
-        raise ConfigError(f"{setting}={run_dir}: no {MODEL_YAML} (not a minitron run directory)")
-    from minitron_megatron.checkpoint.dist import latest_iteration
+    if not (path / MODEL_YAML).is_file() and not is_megatron_lm_dir(path):
+        raise ConfigError(
+            f"{setting}={run_dir}: neither a minitron run directory ({MODEL_YAML}) nor a Megatron-LM "
+            "save directory (latest_checkpointed_iteration.txt)"
+        )
 
     if latest_iteration(checkpoint_root(path)) is None:
         raise ConfigError(f"{setting}={run_dir}: no committed checkpoint under {checkpoint_root(path)}")

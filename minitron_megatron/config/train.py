@@ -18,14 +18,14 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
-    micro_batch_size: int = 8
-    global_batch_size: int = 16
+    steps: int = 300
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
     """Samples per optimizer step; a multiple of micro_batch_size * data-parallel size."""
-    eval_interval: int = 100
+    eval_interval: int = 50
     eval_samples: int = 64
     """Validation samples per evaluation (all ranks together)."""
-    save_interval: int = 200
+    save_interval: int = 100
     log_interval: int = 10
     exit_after_steps: Optional[int] = None
     """Save and stop after this many steps (like Megatron-LM's --exit-interval); rerun to resume."""

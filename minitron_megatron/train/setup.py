@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.checkpoint.megatron_lm import is_megatron_lm_dir, padded_vocab_of
 from minitron_megatron.config.commands import CommonConfig
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.train import OptimConfig
@@ -51,6 +52,13 @@ def _file_digest(path: str) -> str:
 
 def resolve_model(cfg: CommonConfig, tokenizer_path: str, tokenizer_vocab: int, tp: int):
     """(model config, padded vocab): from `load`'s model.yaml if given, else from `model`."""
+    if cfg.load and is_megatron_lm_dir(cfg.load):
+        rd.check_loadable(cfg.load)  # architecture from `model=`, padded vocab from the checkpoint
+        model_cfg, padded = resolve_vocab(cfg.model, tokenizer_vocab), padded_vocab_of(cfg.load)
+        if padded < model_cfg.vocab_size or padded % tp:
+            raise ConfigError(f"load={cfg.load}: its padded vocab {padded} does not fit model.vocab_size="
+                              f"{model_cfg.vocab_size} at parallel.tp={tp}")
+        return model_cfg, padded
     if cfg.load:
         rd.check_loadable(cfg.load)
         model_cfg, padded, run_tokenizer = rd.read_model_yaml(cfg.load)
