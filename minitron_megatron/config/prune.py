@@ -1,0 +1,66 @@
+"""`prune` settings: importance estimation (stage 1) and trimming (stage 2).
+
+Contract between the stages: `importance.safetensors` in the run dir holds float32
+score tensors in GLOBAL order (as at TP=1/PP=1), larger = more important:
+
+  attn.head            [num_layers, num_attention_heads]
+  attn.group           [num_layers, num_query_groups]
+  mlp.neuron           [num_layers, ffn_hidden_size]
+  hidden.channel       [hidden_size]            summed over every norm output
+  depth.block_importance [num_layers]           1 - mean cos(layer input, output)
+  depth.loss_drop      [num_layers]             val loss with layer i skipped minus baseline
+  depth.contiguous     [num_layers - k + 1]     val loss increase removing layers i..i+k-1
+
+and `importance.json` the metadata (model config, aggregation, tokens, rankings).
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class ImportanceConfig:
+    calibration_samples: int = 1024
+    """Samples (of seq_length tokens) for the width statistics, split over DP ranks."""
+    micro_batch_size: int = 4
+    batch_agg: str = "l2"
+    """Aggregation over the batch: mean (of |x|), l2 or var. The paper's best: l2."""
+    seq_agg: str = "mean"
+    """Aggregation over the sequence, applied first: mean (of |x|), l2 or var. Best: mean."""
+    depth_metrics: List[str] = field(default_factory=lambda: ["block_importance", "loss_drop", "contiguous"])
+    """Which depth statistics to compute (each costs forward passes)."""
+    depth_samples: int = 64
+    """Validation samples for the loss-based depth metrics."""
+    contiguous_k: int = 2
+    """Block length for the contiguous-block depth metric."""
+
+
+@dataclass
+class TrimTarget:
+    """The pruned architecture: each field optional (None keeps the original)."""
+
+    hidden_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    num_layers: Optional[int] = None
+    drop_layers: Optional[List[int]] = None
+    """Explicit 0-based layers to drop (instead of num_layers ranked by depth_metric)."""
+    param_budget: Optional[float] = None
+    """Fraction of the original parameters (e.g. 0.5), resolved to a width target."""
+
+
+@dataclass
+class PruneConfig:
+    stage: str = "all"
+    """all (importance then trim), importance (write scores and stop) or trim (reuse scores)."""
+    method: str = "importance"
+    """importance, random or magnitude (the latter two are ablation baselines)."""
+    depth_metric: str = "block_importance"
+    """block_importance, loss_drop or contiguous: ranks layers when num_layers is cut."""
+    residual_heads: bool = False
+    """Fold pruned query heads into kept ones (the paper's head_i + (head_i - head_2K-i+1))."""
+    scores: Optional[str] = None
+    """A run dir whose importance.safetensors to reuse (stage=trim)."""
+    target: TrimTarget = field(default_factory=TrimTarget)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
