@@ -38,3 +38,9 @@ def test_parameter_count_of_tiny_by_hand():
     cfg = ModelConfig(vocab_size=4096)  # 4 layers, h128, 4 heads/2 groups x 32, SwiGLU 384, untied
     per_layer = 128 + 128 * (128 + 2 * 64) + 128 * 128 + 128 + 128 * 768 + 384 * 128
     assert parameter_count(cfg) == 4096 * 128 * 2 + 4 * per_layer + 128
+
+
+def test_sequence_parallel_needs_te_and_tp():
+    with pytest.raises(ConfigError) as err:
+        validate_model(ModelConfig(), ParallelConfig(tp=1, sequence_parallel=True))
+    assert "needs parallel.tp>1" in str(err.value) and "transformer_impl=transformer_engine" in str(err.value)

@@ -61,6 +61,10 @@ def validate_model(cfg: ModelConfig, parallel: ParallelConfig) -> None:
     problems += _pipeline_problems(cfg.num_layers, pp, parallel.pp_layout)
     if parallel.sequence_parallel and tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp>1")
+    if parallel.sequence_parallel and cfg.transformer_impl != "transformer_engine":
+        # Megatron's local spec wraps torch norms, which assert against sequence parallelism.
+        problems.append("parallel.sequence_parallel=true needs model.transformer_impl=transformer_engine "
+                        "(Megatron's local torch norms do not support it)")
     for name, allowed in (
         ("normalization", ("RMSNorm", "LayerNorm")),
         ("activation", ("silu", "gelu", "squared_relu")),
