@@ -20,8 +20,9 @@ test: export MINITRON_CACHE ?= $(CURDIR)/.cache
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra tests
 
+# Reuses a finished teacher (its summary.json marks it complete); resumes an unfinished one.
 demo: $(VENV)/.installed
-	$(PY) -m minitron_megatron.train model=tiny data=stdlib save=runs/teacher
+	test -f runs/teacher/summary.json || $(PY) -m minitron_megatron.train model=tiny data=stdlib save=runs/teacher
 	$(PY) -m minitron_megatron.evaluate load=runs/teacher data=stdlib
 
 clean:

@@ -81,3 +81,13 @@ def test_save_tp2_load_tp1_pp2_and_as_megatron_lm_dir(tp2_run, tmp_path):
     shutil.copytree(save / "checkpoint", megatron_dir)
     model_args = [a for a in SMALL if a.startswith("model")]
     assert summary(run_command("evaluate", f"load={megatron_dir}", *model_args, *EVAL)) == at_tp1
+
+
+def test_tp2_pp2_training_follows_pp1(pp1_run, base, tmp_path):
+    """Catches interactions of TP and PP (p2p tensors sharded wrongly, TP groups
+    crossing stages, DP/TP/PP rank layout): 4 ranks at TP=2 x PP=2 follow the PP=1 curve."""
+    save, ref = pp1_run
+    out = summary(run_command("train", *SMALL, *STEPS, "parallel.tp=2", "parallel.pp=2", f"load={base}",
+                              f"save={tmp_path / 'tp2pp2'}", nproc=4))
+    _assert_same_curve(save, tmp_path / "tp2pp2", rel=1e-4)
+    assert out["params"] == ref["params"]
