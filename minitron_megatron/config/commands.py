@@ -9,7 +9,9 @@ from typing import Optional
 
 from minitron_megatron.config.data import DataConfig
 from minitron_megatron.config.model import ModelConfig
+from minitron_megatron.config.distill import DistillConfig, ModelSource
 from minitron_megatron.config.parallel import ParallelConfig
+from minitron_megatron.config.prune import PruneConfig
 from minitron_megatron.config.train import TrainConfig
 
 
@@ -46,7 +48,25 @@ class EvaluateCommand(CommonConfig):
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
-SCHEMAS = {"train": TrainCommand, "evaluate": EvaluateCommand}
+@dataclass
+class PruneCommand(CommonConfig):
+    """`load` is the model to prune; `save` receives importance.*, trim_plan.json and the pruned model."""
+
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Zero-shot validation of the pruned model (skipped when evaluate.samples=0)."""
+
+
+@dataclass
+class DistillCommand(CommonConfig):
+    """Retrain `student.load` from `teacher.load`; `load`/`model` of CommonConfig are unused."""
+
+    teacher: ModelSource = field(default_factory=ModelSource)
+    student: ModelSource = field(default_factory=ModelSource)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+SCHEMAS = {"train": TrainCommand, "evaluate": EvaluateCommand, "prune": PruneCommand, "distill": DistillCommand}
 
 
 def register_configs() -> None:

@@ -1,0 +1,36 @@
+"""`distill` settings: knowledge distillation of a pruned student from its teacher."""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from minitron_megatron.config.train import TrainConfig
+
+
+@dataclass
+class ModelSource:
+    load: Optional[str] = None
+    """A run directory (model.yaml + checkpoint/)."""
+    params_dtype: Optional[str] = None
+    """Override the run's dtype (e.g. bfloat16 for a frozen teacher on GPU); None keeps it."""
+
+
+@dataclass
+class DistillConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps, batch sizes, optimizer, intervals: as for `train`."""
+    logit_loss: str = "forward_kl"
+    """forward_kl (KL(teacher||student), the paper's choice) or reverse_kl."""
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    """Weight of the student's own LM cross-entropy added to the KD loss (paper: 0)."""
+    kd_chunk_tokens: Optional[int] = None
+    """Tokens per chunk of the KD loss (None: sized so one float32 chunk is ~64 MiB)."""
+    kd_impl: str = "torch"
+    """torch or triton (fused kernel; GPU, or TRITON_INTERPRET=1 on CPU)."""
+    intermediate_loss: Optional[str] = None
+    """None, cosine (paper's best) or mse, between post-norm hidden states of mapped layers."""
+    layer_map: Optional[List[List[int]]] = None
+    """[[student_layer, teacher_layer], ...] (0-based); None maps the student's layers
+    evenly onto the teacher's last layers, as the paper does after depth pruning."""
+    embedding_loss: bool = False
+    """Also match the embedding outputs (with a projection when hidden sizes differ)."""
