@@ -55,25 +55,33 @@ def reduce_reported(outputs: List[dict], key: str, ctx: ParallelContext) -> torc
     return total
 
 
-def train_step(model_chunks, optimizer, scheduler, data_iterator, ctx: ParallelContext,
-               num_microbatches: int, micro_batch_size: int, seq_length: int,
-               forward_step_func: Callable = None) -> dict:
-    """Forward-backward over the microbatches of one global batch, then one optimizer step."""
+def run_schedule(forward_step_func: Callable, data_iterator, model_chunks, num_microbatches: int,
+                 micro_batch_size: int, seq_length: int, forward_only: bool) -> List[dict]:
+    """Megatron's schedule for this rank's pipeline stage (1F1B at PP>1): the loss reports
+    of the last stage's microbatches (empty on other stages)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    for chunk in model_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    outputs = get_forward_backward_func()(
-        forward_step_func=forward_step_func or lm_forward_step(ctx.device),
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
         data_iterator=data_iterator,
         model=model_chunks,
         num_microbatches=num_microbatches,
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         decoder_seq_length=seq_length,
-        forward_only=False,
+        forward_only=forward_only,
     )
+
+
+def train_step(model_chunks, optimizer, scheduler, data_iterator, ctx: ParallelContext,
+               num_microbatches: int, micro_batch_size: int, seq_length: int,
+               forward_step_func: Callable = None) -> dict:
+    """Forward-backward over the microbatches of one global batch, then one optimizer step."""
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = run_schedule(forward_step_func or lm_forward_step(ctx.device), data_iterator, model_chunks,
+                           num_microbatches, micro_batch_size, seq_length, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
     loss_sum, tokens = reduce_reported(outputs, "lm loss", ctx).tolist()
@@ -91,20 +99,10 @@ def evaluate_loss(model_chunks, batches, ctx: ParallelContext, num_microbatches:
     """Token-weighted mean LM loss over `num_microbatches` microbatches of every DP rank."""
     import math
 
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     for chunk in model_chunks:
         chunk.eval()
-    outputs = get_forward_backward_func()(
-        forward_step_func=lm_forward_step(ctx.device),
-        data_iterator=iter(batches),
-        model=model_chunks,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        decoder_seq_length=seq_length,
-        forward_only=True,
-    )
+    outputs = run_schedule(lm_forward_step(ctx.device), iter(batches), model_chunks,
+                           num_microbatches, micro_batch_size, seq_length, forward_only=True)
     for chunk in model_chunks:
         chunk.train()
     loss_sum, tokens = reduce_reported(outputs, "lm loss", ctx).tolist()
