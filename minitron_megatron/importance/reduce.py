@@ -1,0 +1,121 @@
+"""One reduction of the local accumulators into global score tensors (as at TP=1/PP=1/DP=1).
+
+Order matters because the finish (sqrt, variance) is nonlinear:
+  1. DP:  sum the raw float64 batch sums and sample counts (every DP rank saw other samples).
+  2. finish locally: per-unit scores of this rank's heads/tp, ffn/tp, its stage's norms.
+  3. TP:  all-gather the sharded scores; rank r holds units [r*n/tp, (r+1)*n/tp), so
+          concatenating in rank order is the global order. Hidden-channel scores are
+          replicated over TP (never summed over it); Block-Importance token sums are
+          summed over TP only under sequence parallelism (each rank saw s/tp tokens).
+  4. PP:  each stage writes its layers at their global index (from `layer_number`) into
+          zero tensors; a sum over the pipeline group fills every layer exactly once.
+Each step is one collective on one flat buffer.
+"""
+
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from minitron_megatron.importance.aggregation import batch_finish
+from minitron_megatron.importance.collector import ImportanceCollector
+from minitron_megatron.runtime.context import ParallelContext
+
+
+def all_reduce_flat(tensors: List[torch.Tensor], group, op=dist.ReduceOp.SUM) -> None:
+    """In-place sum of several tensors over `group` with one collective."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=op, group=group)
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
+
+
+def _sum_over_dp(col: ImportanceCollector, ctx: ParallelContext) -> None:
+    if ctx.dp_size == 1:
+        return
+    stats = [*col.heads.values(), *col.neurons.values(), *col.channels.values()]
+    all_reduce_flat([s.acc for s in stats] + list(col.block.values()) + [col.samples], ctx.dp_group)
+
+
+def _stacked(stats: Dict[int, object], layers: List[int]) -> torch.Tensor:
+    return torch.stack([stats[i].acc for i in layers], dim=1)  # [2, layers_local, n_local]
+
+
+def _gather_tp(local: List[torch.Tensor], ctx: ParallelContext) -> List[List[torch.Tensor]]:
+    """[rank][i] = rank's local[i], for every TP rank (one all-gather)."""
+    if ctx.tp_size == 1:
+        return [local]
+    flat = torch.cat([t.reshape(-1) for t in local])
+    gathered = [torch.empty_like(flat) for _ in range(ctx.tp_size)]
+    dist.all_gather(gathered, flat, group=ctx.tp_group)
+    sizes = [t.numel() for t in local]
+    return [[c.view_as(t) for c, t in zip(g.split(sizes), local)] for g in gathered]
+
+
+def reduce_statistics(col: ImportanceCollector, batch_agg: str, ctx: ParallelContext) -> Dict[str, torch.Tensor]:
+    """Global float64 scores, the same on every rank of this (TP, PP, DP) layout.
+
+    Returns attn.head [L, heads], mlp.neuron [L, ffn], hidden.channel [h],
+    depth.block_importance [L] (when collected) and `samples` (total calibration samples).
+    """
+    probes = col.probes
+    col.end_microbatch()
+    _sum_over_dp(col, ctx)
+    samples = col.samples.clone()
+    layers = [p.layer_index for p in probes.layers]
+    heads = batch_finish(_stacked(col.heads, layers), samples, batch_agg)  # [L_local, heads/tp]
+    neurons = batch_finish(_stacked(col.neurons, layers), samples, batch_agg)  # [L_local, ffn/tp]
+    channels = sum(batch_finish(s.acc, samples, batch_agg) for s in col.channels.values())  # [h], this stage
+    block = torch.stack([col.block[i] for i in layers], dim=1)  # [2, L_local]: cos sum, tokens
+
+    per_rank = _gather_tp([heads, neurons, block], ctx)
+    heads = torch.cat([r[0] for r in per_rank], dim=1)  # [L_local, heads]
+    neurons = torch.cat([r[1] for r in per_rank], dim=1)  # [L_local, ffn]
+    if probes.sequence_parallel and ctx.tp_size > 1:
+        block = sum(r[2] for r in per_rank)
+
+    L, dev = probes.num_layers, ctx.device
+    out = {
+        "attn.head": torch.zeros(L, probes.num_attention_heads, dtype=torch.float64, device=dev),
+        "mlp.neuron": torch.zeros(L, probes.ffn_hidden_size, dtype=torch.float64, device=dev),
+        "hidden.channel": channels.to(torch.float64),
+        "block_sums": torch.zeros(2, L, dtype=torch.float64, device=dev),
+    }
+    out["attn.head"][layers] = heads
+    out["mlp.neuron"][layers] = neurons
+    out["block_sums"][:, layers] = block
+    if ctx.pp_size > 1:
+        all_reduce_flat(list(out.values()), ctx.pp_group)
+    block_sums = out.pop("block_sums")
+    if col.block_importance:
+        out["depth.block_importance"] = 1 - block_sums[0] / block_sums[1].clamp_min(1)
+    out["samples"] = samples
+    return out
+
+
+def group_scores(head_scores: torch.Tensor, num_query_groups: int) -> torch.Tensor:
+    """Query-group score = sum of its heads' scores: [L, heads] -> [L, groups].
+
+    Heads of a group are contiguous (Megatron's QKV layout [q_1..q_n, k, v] per group),
+    and removing a group removes all of its heads, so the importance lost is their sum.
+    """
+    L, heads = head_scores.shape
+    return head_scores.view(L, num_query_groups, heads // num_query_groups).sum(-1)
+
+
+def broadcast_scores(scores: Dict[str, torch.Tensor], ctx: ParallelContext) -> None:
+    """Make every rank hold rank 0's bits, in place.
+
+    Replicated values (hidden channels, losses) are computed redundantly on TP ranks and
+    collectives need not be bitwise identical everywhere; a trimmer that ranks ties
+    differently on two ranks would cut different channels, so we do not rely on it.
+    """
+    if ctx.world_size == 1 or not dist.is_initialized():
+        return
+    names = sorted(scores)
+    flat = torch.cat([scores[n].reshape(-1).to(torch.float64) for n in names])
+    dist.broadcast(flat, src=0)
+    for name, chunk in zip(names, flat.split([scores[n].numel() for n in names])):
+        scores[name] = chunk.view_as(scores[name]).to(scores[name].dtype)

@@ -1,0 +1,94 @@
+"""An independent float64 reference for every importance statistic.
+
+Plain PyTorch: forward hooks on the TP=1 model's modules (found by Megatron's names,
+not through model/probes.py) capture whole activations; statistics are computed
+from their definitions in float64 with torch's own mean / norm / var, over the
+full [seq, samples] tensors -- no running sums, no sharding.
+"""
+
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+
+def seq_then_batch(a: torch.Tensor, seq_agg: str, batch_agg: str) -> torch.Tensor:
+    """a: [s, N, n] float64 per-token values -> [n]."""
+
+    def agg(x, how):
+        if how == "mean":
+            return x.abs().mean(0)
+        if how == "l2":
+            return torch.linalg.vector_norm(x, dim=0)
+        return x.var(0, unbiased=False)
+
+    return agg(agg(a, seq_agg), batch_agg)
+
+
+@torch.no_grad()
+def capture(model, batches):
+    """{site: [s, N, ...] float64} for every statistic site of every layer, over all batches."""
+    acts = defaultdict(list)
+    handles = []
+
+    def keep(name, pick):
+        return lambda module, *hook_args: acts[name].append(pick(*hook_args).double())
+
+    decoder = model.decoder
+    for i, layer in enumerate(decoder.layers):
+        handles += [
+            layer.self_attention.linear_proj.register_forward_pre_hook(keep(f"proj{i}", lambda a: a[0])),
+            layer.mlp.linear_fc2.register_forward_pre_hook(keep(f"fc2_{i}", lambda a: a[0])),
+            layer.input_layernorm.register_forward_hook(keep(f"norm_in{i}", lambda a, o: o)),
+            layer.pre_mlp_layernorm.register_forward_hook(keep(f"norm_mlp{i}", lambda a, o: o)),
+            layer.register_forward_hook(keep(f"layer_in{i}", lambda a, k, o: k["hidden_states"]), with_kwargs=True),
+            layer.register_forward_hook(keep(f"layer_out{i}", lambda a, k, o: o[0]), with_kwargs=True),
+        ]
+    handles.append(decoder.final_layernorm.register_forward_hook(keep("norm_final", lambda a, o: o)))
+    model.eval()
+    for batch in batches:
+        model(batch["tokens"], batch["position_ids"], None)
+    for h in handles:
+        h.remove()
+    return {name: torch.cat(chunks, dim=1) for name, chunks in acts.items()}  # cat over samples
+
+
+def reference_scores(acts: dict, num_layers: int, heads: int, groups: int, seq_agg: str, batch_agg: str) -> dict:
+    """Expected score tensors (contract names) from captured activations."""
+    head_rows, neuron_rows, bi = [], [], []
+    channel = 0
+    for i in range(num_layers):
+        proj = acts[f"proj{i}"]  # [s, N, heads * d]
+        s, n, _ = proj.shape
+        per_head = torch.linalg.vector_norm(proj.view(s, n, heads, -1), dim=-1)  # [s, N, heads]
+        head_rows.append(seq_then_batch(per_head, seq_agg, batch_agg))
+        neuron_rows.append(seq_then_batch(acts[f"fc2_{i}"], seq_agg, batch_agg))
+        channel = channel + seq_then_batch(acts[f"norm_in{i}"], seq_agg, batch_agg) \
+            + seq_then_batch(acts[f"norm_mlp{i}"], seq_agg, batch_agg)
+        cos = F.cosine_similarity(acts[f"layer_in{i}"], acts[f"layer_out{i}"], dim=-1)  # [s, N]
+        bi.append(1 - cos.mean())
+    channel = channel + seq_then_batch(acts["norm_final"], seq_agg, batch_agg)
+    head = torch.stack(head_rows)
+    return {
+        "attn.head": head,
+        "attn.group": head.view(num_layers, groups, heads // groups).sum(-1),
+        "mlp.neuron": torch.stack(neuron_rows),
+        "hidden.channel": channel,
+        "depth.block_importance": torch.stack(bi),
+    }
+
+
+@torch.no_grad()
+def loss_without(model, batches, drop) -> float:
+    """Token-mean float64 CE of the model with layers `drop` deleted from its ModuleList."""
+    layers = model.decoder.layers
+    model.decoder.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i not in set(drop)])
+    try:
+        total, count = 0.0, 0
+        for batch in batches:
+            logits = model(batch["tokens"], batch["position_ids"], None).double()  # [b, s, vocab]
+            total += F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum").item()
+            count += batch["labels"].numel()
+        return total / count
+    finally:
+        model.decoder.layers = layers
