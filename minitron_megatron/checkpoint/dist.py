@@ -87,8 +87,10 @@ def _prune_old(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(root, model, ctx: ParallelContext, optimizer=None, scheduler=None) -> dict:
+def load_checkpoint(root, model, ctx: Optional[ParallelContext], optimizer=None, scheduler=None) -> dict:
     """Load model (and optimizer, scheduler, RNG when given) at this rank's TP/PP.
+
+    `ctx` is needed only with an optimizer (for the per-rank RNG state).
 
     Returns the checkpoint's non-tensor state: `iteration` and our `minitron` extras.
     """

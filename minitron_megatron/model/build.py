@@ -158,21 +158,52 @@ def layer_spec(cfg: ModelConfig):
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
 
 
-def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelConfig, padded_vocab: int):
-    """This rank's shard of the model: its pipeline stage, its TP slice, on ctx.device."""
+INITS = ("random", "none", "meta")
+
+
+def _no_init(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelConfig, padded_vocab: int,
+                    init: str = "random"):
+    """This rank's shard of the model: its pipeline stage, its TP slice, on ctx.device.
+
+    init="random" draws Megatron's initialisation; "none" draws nothing (for weights a
+    checkpoint load overwrites next); "meta" builds on the meta device (no memory) for a
+    caller that assigns every parameter (`param.data = tensor`), as the trimmer does.
+    Why no-op init methods rather than `perform_initialization=False`: with CPU init,
+    Megatron sets `tensor_model_parallel` / `partition_dim` / `partition_stride` inside its
+    init helper, so skipping init would leave TP weights looking replicated.
+    """
+    import contextlib
+    from dataclasses import replace
+
     from megatron.core.models.gpt import GPTModel
 
     cfg = cfg.resolved()
-    model = GPTModel(
-        config=transformer_config(cfg, ctx, parallel),
-        transformer_layer_spec=layer_spec(cfg),
-        vocab_size=padded_vocab,
-        max_sequence_length=cfg.seq_length,
-        pre_process=ctx.is_first_stage,
-        post_process=ctx.is_last_stage,
-        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-        position_embedding_type=cfg.position_embedding_type,
-        rotary_percent=cfg.rotary_percent,
-        rotary_base=cfg.rotary_base,
-    )
-    return model.to(ctx.device)
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is not one of {list(INITS)}")
+    if init == "meta" and cfg.share_embeddings_and_output_weights and ctx.pp_size > 1:
+        init = "none"  # Megatron all-reduces the last stage's embedding copy while building
+    config = transformer_config(cfg, ctx, parallel)
+    if init != "random":
+        config = replace(config, init_method=_no_init, output_layer_init_method=_no_init,
+                         embedding_init_method=_no_init)
+    cpu_init = config.use_cpu_initialization
+    config.use_cpu_initialization = cpu_init or init == "meta"  # explicit-device paths would allocate
+    with torch.device("meta") if init == "meta" else contextlib.nullcontext():
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(cfg),
+            vocab_size=padded_vocab,
+            max_sequence_length=cfg.seq_length,
+            pre_process=ctx.is_first_stage,
+            post_process=ctx.is_last_stage,
+            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+            position_embedding_type=cfg.position_embedding_type,
+            rotary_percent=cfg.rotary_percent,
+            rotary_base=cfg.rotary_base,
+        )
+    config.use_cpu_initialization = cpu_init  # every module shares this config object
+    return model if init == "meta" else model.to(ctx.device)

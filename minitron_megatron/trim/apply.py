@@ -1,0 +1,222 @@
+"""Apply a TrimPlan to a sharded GPTModel: every rank keeps only its own shard, before and after.
+
+Why a fresh model rather than shrinking modules in place: Megatron caches partition sizes
+in many places (TransformerConfig, ColumnParallel/RowParallel `*_size_per_partition`,
+attention's heads/groups per partition, core attention's `hidden_size_per_partition`,
+projection sizes, norm shapes, TE workspaces), and missing one gives a model that runs
+forward but is wrong or fails in backward. Building Megatron's own GPTModel from the
+pruned config gets every one right by construction; the trimmer only copies tensors in.
+The fresh model is built on the meta device (no memory, no initialisation) and each of
+its parameters is assigned its trimmed shard as that is computed; with `release_source`
+each old layer is freed as soon as it is trimmed, so the peak is about the source shard
+plus one layer, never two models.
+
+Per parameter: hidden channels (replicated over TP) are sliced locally; along a TP-sharded
+unit axis (query groups, neurons) each rank selects its kept units and the kept rows inside
+them (heads within groups), then `reshard.redistribute` moves only the units that change
+owner. Depth: kept layers are renumbered by construction (new layer j = old layer
+plan.layers[j]) and a layer whose pipeline stage changes is sent stage to stage (same TP
+rank), one layer at a time.
+"""
+
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from minitron_megatron.config.model import ModelConfig
+from minitron_megatron.config.parallel import ParallelConfig
+from minitron_megatron.model import build_gpt_model
+from minitron_megatron.model import layout as L
+from minitron_megatron.runtime.context import ParallelContext
+from minitron_megatron.trim.plan import TrimPlan
+from minitron_megatron.trim.reshard import UnitPlan, from_units, redistribute, select_units, to_units
+
+
+@dataclass
+class TrimResult:
+    model: torch.nn.Module
+    """The pruned GPTModel (this rank's shard)."""
+    model_cfg: ModelConfig
+    """The pruned architecture, resolved."""
+    parallel: ParallelConfig
+    """The parallel layout the pruned model was built with (pp_layout may differ)."""
+
+
+def apply_plan(model, plan: TrimPlan, model_cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelConfig,
+               padded_vocab: int, pp_layout: Optional[List[int]] = None, release_source: bool = True) -> TrimResult:
+    """Trim `model` (this rank's shard of `model_cfg`) to the plan's architecture.
+
+    Collective over every rank of the model-parallel group (and independent per DP replica).
+    `pp_layout` places the pruned layers on stages (None: even split). With `release_source`
+    the source model's parameters are emptied as they are consumed: do not use it afterwards.
+    `model` is one GPTModel chunk (no virtual pipeline stages), not wrapped in DDP.
+    """
+    new_cfg = plan.target_config(model_cfg)
+    for name, param in model.named_parameters():
+        L.param_layout(name, param)  # an unknown parameter (e.g. MoE experts) fails before any work
+    new_parallel = replace(parallel, pp_layout=list(pp_layout) if pp_layout else None)
+    new_model = build_gpt_model(new_cfg, ctx, new_parallel, padded_vocab, init="meta")
+    hidden = _hidden_index(plan, ctx.device)
+    _copy_outer(model, new_model, hidden, release_source)
+    _copy_layers(model, new_model, plan, model_cfg.resolved(), hidden, ctx, release_source)
+    if release_source:
+        _release(model)
+    left = [name for name, p in new_model.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"trimming left parameters unassigned: {left}")
+    return TrimResult(new_model, new_cfg, new_parallel)
+
+
+def _hidden_index(plan: TrimPlan, device) -> Optional[torch.Tensor]:
+    if plan.hidden == list(range(plan.source["hidden_size"])):
+        return None
+    return torch.tensor(plan.hidden, dtype=torch.long, device=device)
+
+
+def _copy_outer(old_model, new_model, hidden: Optional[torch.Tensor], release: bool) -> None:
+    """Embeddings, final norm, output layer: same stage before and after, hidden sliced locally."""
+    old_params = dict(L.non_layer_parameters(old_model))
+    for name, _ in L.non_layer_parameters(new_model):
+        old = old_params[name]
+        _assign(new_model, name, _slice_hidden(old.detach(), L.param_layout(name, old), hidden), copy=not release)
+        if release:
+            old.data = old.data.new_empty(0)
+
+
+def _slice_hidden(t: torch.Tensor, layout: L.ParamLayout, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+    if layout.hidden_dim is None or hidden is None:
+        return t
+    return t.index_select(layout.hidden_dim, hidden)
+
+
+def _copy_layers(old_model, new_model, plan: TrimPlan, old_cfg: ModelConfig, hidden, ctx, release) -> None:
+    """New layer j <- old layer plan.layers[j], trimmed on the old stage, then moved if needed."""
+    old_stages, new_stages = _stage_layers(old_model, ctx), _stage_layers(new_model, ctx)
+    old_local = {L.global_layer_index(m): m for m in L.decoder_layers(old_model)}
+    new_local = {L.global_layer_index(m): m for m in L.decoder_layers(new_model)}
+    pp_ranks = dist.get_process_group_ranks(ctx.pp_group) if ctx.pp_size > 1 else [ctx.rank]
+    for j, i in enumerate(plan.layers):
+        src, dst = _stage_of(i, old_stages), _stage_of(j, new_stages)
+        if ctx.pp_rank == src:
+            tensors = trim_layer(old_local[i], plan, j, old_cfg, hidden, ctx)
+            if dst == src:
+                _fill(new_local[j], tensors, copy=not release)
+            else:
+                dist.send(torch.cat([t.reshape(-1) for t in tensors]), pp_ranks[dst])
+            if release:
+                _release(old_local[i])
+        elif ctx.pp_rank == dst:
+            _fill(new_local[j], _recv_layer(new_local[j], pp_ranks[src], ctx.device))
+
+
+def _stage_layers(model, ctx: ParallelContext) -> List[List[int]]:
+    """Global layer indices held by each pipeline stage (asked of the model, not recomputed)."""
+    mine = [L.global_layer_index(m) for m in L.decoder_layers(model)]
+    if ctx.pp_size == 1:
+        return [mine]
+    stages: List = [None] * ctx.pp_size
+    dist.all_gather_object(stages, mine, group=ctx.pp_group)
+    return stages
+
+
+def _stage_of(layer: int, stages: List[List[int]]) -> int:
+    return next(s for s, held in enumerate(stages) if layer in held)
+
+
+def _fill(layer, tensors: List[torch.Tensor], copy: bool = False) -> None:
+    names = [name for name, _ in layer.named_parameters()]
+    assert len(names) == len(tensors), "old and new layers must have the same parameters"
+    for name, t in zip(names, tensors):
+        _assign(layer, name, t, copy)
+
+
+def _assign(root: torch.nn.Module, name: str, t: torch.Tensor, copy: bool = False) -> None:
+    """Replace the (meta) parameter `name` of `root` by its trimmed shard.
+
+    A new Parameter is registered (a meta tensor's storage cannot be swapped for a real one)
+    carrying over the old one's attributes: Megatron's tensor_model_parallel, partition_dim,
+    partition_stride, shared_embedding, ... Without `copy` an untrimmed tensor is taken over
+    as is (its old owner is being released); with it, the models never share storage.
+    """
+    prefix, _, leaf = name.rpartition(".")
+    module = root.get_submodule(prefix) if prefix else root
+    old = module._parameters[leaf]
+    if old.shape != t.shape or old.dtype != t.dtype:
+        raise RuntimeError(f"trimmed shard {tuple(t.shape)} {t.dtype} does not fit parameter {name} "
+                           f"{tuple(old.shape)} {old.dtype}")
+    data = t.clone(memory_format=torch.contiguous_format) if copy else t.contiguous()
+    new = torch.nn.Parameter(data, requires_grad=old.requires_grad)
+    new.__dict__.update(old.__dict__)
+    module._parameters[leaf] = new
+
+
+def _recv_layer(layer, src_rank: int, device) -> List[torch.Tensor]:
+    """One packed buffer per layer: a single message, sized by the receiving layer's shapes."""
+    params = list(layer.parameters())
+    buf = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=device)
+    dist.recv(buf, src_rank)
+    return [chunk.view(p.shape) for chunk, p in zip(buf.split([p.numel() for p in params]), params)]
+
+
+def _release(module) -> None:
+    for param in module.parameters():
+        param.data = param.data.new_empty(0)
+
+
+def trim_layer(layer, plan: TrimPlan, j: int, old_cfg: ModelConfig, hidden, ctx) -> List[torch.Tensor]:
+    """Trimmed shards of every parameter of `layer` (old layer plan.layers[j]), in parameter order.
+
+    Collective over the TP group (resharding), so every TP rank of the stage calls it.
+    """
+    units = layer_unit_plans(plan, j, old_cfg)
+    folds = plan.head_folds[j] if plan.head_folds else []
+    out = []
+    for name, param in layer.named_parameters():
+        layout = L.param_layout(name, param)
+        t = _slice_hidden(param.detach(), layout, hidden)
+        if layout.unit_axis is not None:
+            t = _trim_units(t, layout, units[layout.unit_axis], folds if layout.unit_axis == L.AXIS_QKV else [],
+                            old_cfg, ctx)
+        out.append(t)
+    return out
+
+
+def _trim_units(t, layout: L.ParamLayout, up: UnitPlan, folds, old_cfg: ModelConfig, ctx) -> torch.Tensor:
+    if up.is_identity() and not folds:
+        return t
+    u = to_units(t, layout.tp_dim, layout.stride, up.units // ctx.tp_size)  # [G/tp or F/tp, stride, rows, ..]
+    if folds:
+        u = fold_query_heads(u.clone(), folds, up.local_range(ctx.tp_rank, ctx.tp_size).start, old_cfg)
+    u = select_units(u, up, ctx)  # [kept here, stride, rows', ..]
+    u = redistribute(u, up, ctx)  # [K/tp, stride, rows', ..]
+    return from_units(u, layout.tp_dim)
+
+
+def layer_unit_plans(plan: TrimPlan, j: int, old_cfg: ModelConfig) -> Dict[str, UnitPlan]:
+    """The four unit axes of kept layer j: groups (rows = kept heads' Q, K, V) and neurons."""
+    per_group, head_dim = old_cfg.num_attention_heads // old_cfg.num_query_groups, old_cfg.kv_channels
+    groups, heads = plan.groups[j], plan.heads[j]
+    slots = {g: sorted(h - g * per_group for h in heads if h // per_group == g) for g in groups}
+    all_heads = len(heads) == len(groups) * per_group
+    qkv = None if all_heads else [L.qkv_rows_in_group(slots[g], per_group, head_dim) for g in groups]
+    proj = None if all_heads else [L.proj_cols_in_group(slots[g], head_dim) for g in groups]
+    neurons = UnitPlan(old_cfg.ffn_hidden_size, list(plan.ffn[j]))
+    return {L.AXIS_QKV: UnitPlan(old_cfg.num_query_groups, list(groups), qkv),
+            L.AXIS_PROJ: UnitPlan(old_cfg.num_query_groups, list(groups), proj),
+            L.AXIS_FC1: neurons, L.AXIS_FC2: neurons}
+
+
+def fold_query_heads(u: torch.Tensor, folds, first_group: int, old_cfg: ModelConfig) -> torch.Tensor:
+    """Residual rule on query weights: q_kept <- q_kept + (q_kept - q_pruned), for pairs of
+    heads in this rank's groups. u: QKV units [G/tp, 1, (n+2)*d, ..]; pairs share a group."""
+    per_group, head_dim = old_cfg.num_attention_heads // old_cfg.num_query_groups, old_cfg.kv_channels
+    for kept, pruned in folds:
+        group = kept // per_group - first_group
+        if not 0 <= group < u.shape[0]:
+            continue  # another TP rank holds this group
+        rows_k = L.query_rows(kept % per_group, head_dim)
+        rows_p = L.query_rows(pruned % per_group, head_dim)
+        u[group, :, rows_k] = 2 * u[group, :, rows_k] - u[group, :, rows_p]
+    return u
