@@ -34,6 +34,8 @@ setup(
         "console_scripts": [
             "minitron-train=minitron_megatron.cli.train:main",
             "minitron-evaluate=minitron_megatron.cli.evaluate:main",
+            "minitron-prune=minitron_megatron.cli.prune:main",
+            "minitron-distill=minitron_megatron.cli.distill:main",
             "minitron-preprocess=minitron_megatron.data.preprocess:main",
         ]
     },

@@ -34,7 +34,11 @@ def run_stage(cfg, stage: str) -> dict:
     from minitron_megatron.model import validate_model
     from minitron_megatron.runtime import destroy_runtime, init_runtime
 
-    if not cfg.load:  # a loaded run's model is validated once its model.yaml is read
+    from minitron_megatron.config.commands import TrainCommand
+
+    # Before the runtime's world-size check, so `parallel.tp=3` on one process names the
+    # real problem. Only `train` builds from `model=`; other commands read run dirs.
+    if isinstance(cfg, TrainCommand) and not cfg.load:
         validate_model(cfg.model, cfg.parallel)
     try:
         ctx = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=cfg.device, seed=cfg.seed)

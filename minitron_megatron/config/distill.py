@@ -34,3 +34,6 @@ class DistillConfig:
     evenly onto the teacher's last layers, as the paper does after depth pruning."""
     embedding_loss: bool = False
     """Also match the embedding outputs (with a projection when hidden sizes differ)."""
+    projection: bool = True
+    """Learn a shared linear map student hidden -> teacher hidden for the intermediate losses
+    when the hidden sizes differ (saved with the student); false requires equal hidden sizes."""

@@ -1,4 +1,11 @@
-"""Knowledge distillation: vocab-parallel KD logit losses (PyTorch and fused Triton)."""
+"""Knowledge distillation: vocab-parallel KD logit losses (PyTorch and fused Triton),
+intermediate-state losses, the co-located teacher+student model and its drop-in API.
+
+    python -m minitron_megatron.distill teacher.load=DIR student.load=DIR data=stdlib save=DIR
+
+`distill.loop` (the command) and `distill.api` (for Megatron-LM recipes) are
+imported on use: they pull in Megatron-core.
+"""
 
 from minitron_megatron.distill.losses import (
     IMPLS,
@@ -8,5 +15,16 @@ from minitron_megatron.distill.losses import (
     resolve_layout,
     vocab_parallel_ce_loss,
 )
+from minitron_megatron.distill.model import DistillationModel
+from minitron_megatron.distill.objective import DistillLoss
 
-__all__ = ["IMPLS", "KINDS", "VocabLayout", "kd_logit_loss", "resolve_layout", "vocab_parallel_ce_loss"]
+__all__ = [
+    "IMPLS",
+    "KINDS",
+    "DistillLoss",
+    "DistillationModel",
+    "VocabLayout",
+    "kd_logit_loss",
+    "resolve_layout",
+    "vocab_parallel_ce_loss",
+]

@@ -1,0 +1,164 @@
+"""Teacher and student co-located on the same ranks, as one module for Megatron's schedules.
+
+Design (PP > 1). Teacher and student are split into the same number of pipeline
+stages on the same ranks. `DistillationModel.forward` runs the frozen teacher's
+stage, then the student's stage, on the same microbatch:
+
+    first/middle stage:  send cat([student_out, teacher_out], -1)      # [s, b, h_s + h_t]
+    later stage:         set_input_tensor splits the received tensor again
+    last stage:          both logits are here: return per-token (kd, lm, is) losses [b, s, 3]
+
+Megatron's p2p allocates receive buffers from `config.hidden_size` (see
+`schedules.get_tensor_shapes`), so the wrapper's `config` is a copy of the
+student's TransformerConfig whose `hidden_size` is the width of the tensor that
+travels between stages (h_s + h_t at PP > 1; the models keep their own configs).
+Whatever calls the schedule with `get_model_config(model)` - our loop, or
+Megatron-LM's `train_step` - then sizes the buffers right without an
+`adjust_tensor_shapes_fn`. The teacher's part travels in the student's
+`pipeline_dtype` (an exact up-cast from a BF16 teacher) and carries no gradient:
+the backward of `cat` hands the teacher's slice a zero gradient that is dropped.
+This is ModelOpt's scheme for Megatron-core, without a schedule patch.
+
+Frozen teacher: eval mode, `requires_grad=False`, and not a registered submodule
+(kept in `__dict__`), so it is invisible to `parameters()`, DDP, the optimizer,
+`train()`/`eval()` toggles and the checkpoint.
+
+Checkpoint: `sharded_state_dict()` is the student's own (same keys as a plain
+GPTModel, so `evaluate` and Megatron-LM load the result as a normal run) plus
+`kd_projection.weight` when a learned projection exists; loaders that ask only
+for the GPT keys ignore it.
+"""
+
+import copy
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from minitron_megatron.config.distill import DistillConfig
+from minitron_megatron.distill.intermediate import capture_hidden_states, intermediate_loss
+from minitron_megatron.distill.objective import per_token_components
+
+PROJECTION = "kd_projection."
+
+
+def freeze(teacher: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode and no gradients: the teacher never trains."""
+    teacher.eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def pipeline_config(student_config, teacher_hidden: int, pp_size: int):
+    """A copy of the student's TransformerConfig describing the inter-stage tensor."""
+    config = copy.copy(student_config)  # shallow: no __post_init__ re-validation
+    if pp_size > 1:
+        config.hidden_size = student_config.hidden_size + teacher_hidden
+    return config
+
+
+class DistillationModel(torch.nn.Module):
+    """Student (`self.module`, trained) + frozen teacher (`self.teacher`) on this rank's stage.
+
+    Named `module` so that Megatron's `get_attr_wrapped_model` finds the student's
+    attributes (`pre_process`, `decoder`, `shared_embedding_or_output_weight`, ...)
+    through this wrapper as it does through DDP and Float16Module.
+    """
+
+    def __init__(self, student, teacher, settings: DistillConfig, *, true_vocab_size: int, tp_group=None,
+                 pp_size: Optional[int] = None, layer_pairs: Sequence[Tuple[int, int]] = (),
+                 projection: Optional[torch.nn.Module] = None):
+        """tp_group / pp_size default to the student GPTModel's own groups."""
+        super().__init__()
+        tp_group = tp_group if tp_group is not None else getattr(student, "tp_group", None)
+        if pp_size is None:
+            pp_group = getattr(student, "pp_group", None)
+            pp_size = pp_group.size() if pp_group is not None else 1
+        if layer_pairs and pp_size > 1:
+            raise ValueError("intermediate-state losses need pipeline parallel size 1")
+        self.module = student
+        self.kd_projection = projection
+        self.__dict__["teacher"] = freeze(teacher)  # not a submodule: see the module docstring
+        self.settings = settings
+        self.true_vocab_size = true_vocab_size
+        self.tp_group = tp_group
+        self.layer_pairs = [tuple(p) for p in layer_pairs]
+        self.embedding_loss = bool(layer_pairs) and settings.embedding_loss
+        self.config = pipeline_config(student.config, teacher.config.hidden_size, pp_size)
+
+    def _apply(self, fn, *args, **kwargs):
+        """`.cuda()`, `.to()`, `.bfloat16()` (Megatron-LM's get_model, Float16Module) reach the
+        hidden teacher too, so it always sits on the student's device."""
+        self.teacher._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ pipeline plumbing
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Split the received [s, b, h_s + h_t] tensor between student and teacher."""
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        if input_tensor is None:
+            self.module.set_input_tensor(None)
+            self.teacher.set_input_tensor(None)
+            return
+        h_s = self.module.config.hidden_size
+        self.module.set_input_tensor(input_tensor[..., :h_s])  # keeps the graph to the received buffer
+        # The teacher's actual dtype: a wrapper such as Float16Module may have cast it.
+        teacher_dtype = next(self.teacher.parameters()).dtype
+        self.teacher.set_input_tensor(input_tensor[..., h_s:].detach().to(teacher_dtype).contiguous())
+
+    def forward(self, input_ids, position_ids, attention_mask, labels=None, **kwargs):
+        """Non-last stage: [s, b, h_s + h_t]. Last stage: per-token (kd, lm, is) [b, s, 3]
+        with `labels`, else the student's vocab-parallel logits [b, s, v_s/tp]."""
+        s_layers = [s for s, _ in self.layer_pairs]
+        t_layers = [t for _, t in self.layer_pairs]
+        with capture_hidden_states(self.module, s_layers, self.embedding_loss) as s_states, \
+                capture_hidden_states(self.teacher, t_layers, self.embedding_loss) as t_states:
+            with torch.no_grad():
+                teacher_out = self.teacher(input_ids, position_ids, attention_mask, **kwargs)
+            student_out = self.module(input_ids, position_ids, attention_mask, **kwargs)
+        if not self.module.post_process:
+            return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)  # [s, b, h_s + h_t]
+        if labels is None:
+            return student_out
+        state_loss = self._state_loss(s_states, t_states) if self.layer_pairs else None
+        tp_group = self.tp_group if torch.distributed.is_initialized() and self._tp_size() > 1 else None
+        return per_token_components(student_out, teacher_out, labels, self.settings, tp_group=tp_group,
+                                    true_vocab_size=self.true_vocab_size, state_loss=state_loss)
+
+    def _tp_size(self) -> int:
+        return torch.distributed.get_world_size(self.tp_group) if self.tp_group is not None else 1
+
+    def _state_loss(self, s_states, t_states) -> torch.Tensor:
+        return intermediate_loss(
+            s_states, t_states, self.layer_pairs, self.embedding_loss,
+            student_norm=self.module.decoder.final_layernorm, teacher_norm=self.teacher.decoder.final_layernorm,
+            projection=self.kd_projection, kind=self.settings.intermediate_loss,
+            sequence_parallel=self.module.config.sequence_parallel,
+        )  # [b, s]
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The student's own sharded state (plain GPTModel keys) + the projection, if any."""
+        state = self.module.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata)
+        if self.kd_projection is not None:
+            from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+            # Replicated over TP and DP (replica ids from Megatron's parallel state).
+            local = self.kd_projection.state_dict(prefix="", keep_vars=True)
+            state.update(make_sharded_tensors_for_checkpoint(local, f"{prefix}{PROJECTION}",
+                                                             sharded_offsets=sharded_offsets))
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Inverse of `sharded_state_dict`: student keys to the student, the rest to the projection."""
+        projection = {k[len(PROJECTION):]: v for k, v in state_dict.items() if k.startswith(PROJECTION)}
+        student = {k: v for k, v in state_dict.items() if not k.startswith(PROJECTION)}
+        result = self.module.load_state_dict(student, strict=strict)
+        if self.kd_projection is not None:
+            self.kd_projection.load_state_dict(projection, strict=strict)
+        elif projection and strict:
+            raise RuntimeError(f"unexpected projection weights {sorted(projection)} for a model without one")
+        return result

@@ -1,0 +1,88 @@
+"""The KD objective: per-token loss components and the Megatron-LM 3-tuple loss function.
+
+The distillation model's last pipeline stage returns per-token components
+`[b, s, 3]` = (kd, lm, is) instead of a loss, because the paper's dynamic weight
+`alpha = L_logits / L_is` is a ratio of *masked means*, which needs the loss mask
+that only the loss function sees. `DistillLoss` then builds, per microbatch,
+
+    total = sum(kd) + ce_weight * sum(lm) + alpha * sum(is),  alpha = (sum(kd) / sum(is)).detach()
+
+over unmasked tokens (alpha is the same whether taken from sums or means) and
+returns `(total, num_tokens, reported)` so that Megatron's schedule divides by
+tokens and microbatches exactly as for the plain LM loss.
+"""
+
+from typing import Optional
+
+import torch
+
+from minitron_megatron.config.distill import DistillConfig
+from minitron_megatron.distill.losses import kd_logit_loss, vocab_parallel_ce_loss
+
+COMPONENTS = ("kd", "lm", "is")
+"""Order of the last dim of the last stage's output."""
+
+
+def per_token_components(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                         settings: DistillConfig, *, tp_group, true_vocab_size: int,
+                         state_loss: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[b, s, 3] float32 per-token (kd, lm, is) losses.
+
+    student_logits: [b, s, v_s/tp] (requires grad); teacher_logits: [b, s, v_t/tp];
+    labels: [b, s]; state_loss: [b, s] intermediate-state loss or None (zeros).
+    The LM cross-entropy keeps its graph only when `ce_weight > 0`: otherwise it is
+    reported but costs no backward.
+    """
+    kd = kd_logit_loss(
+        student_logits, teacher_logits, tp_group=tp_group, true_vocab_size=true_vocab_size,
+        kind=settings.logit_loss, temperature=settings.temperature,
+        chunk_tokens=settings.kd_chunk_tokens, impl=settings.kd_impl,
+    )  # [b, s]
+    if settings.ce_weight > 0:
+        lm = vocab_parallel_ce_loss(student_logits, labels)  # [b, s]
+    else:
+        with torch.no_grad():
+            lm = vocab_parallel_ce_loss(student_logits.detach(), labels)
+    if state_loss is None:
+        state_loss = torch.zeros_like(kd)
+    return torch.stack([kd, lm.float(), state_loss.float()], dim=-1)
+
+
+class DistillLoss:
+    """`loss_func(loss_mask, output)` in Megatron-LM's 3-tuple form for the KD components.
+
+    Reported (each a [sum, count] pair that the caller sums over microbatches and DP):
+    "loss" (the optimised total), "kd loss", "lm loss" (the student's own CE, the
+    number comparable with `train`/`evaluate`), and with an intermediate loss
+    "is loss" and "alpha" (count = microbatches).
+    """
+
+    def __init__(self, settings: DistillConfig, has_state_loss: bool):
+        self.ce_weight = float(settings.ce_weight)
+        self.has_state_loss = has_state_loss
+
+    def __call__(self, loss_mask: torch.Tensor, output: torch.Tensor):
+        mask = loss_mask.float().reshape(-1)  # [b*s]
+        sums = (output.float().reshape(-1, len(COMPONENTS)) * mask[:, None]).sum(dim=0)  # [3]
+        kd, lm, state = sums[0], sums[1], sums[2]
+        total = kd + self.ce_weight * lm if self.ce_weight > 0 else kd
+        num_tokens = mask.sum().to(torch.int)
+        count = num_tokens.float()
+        extra = {}
+        if self.has_state_loss:
+            # 0/0 (a student identical to its teacher) gives alpha = 0, not NaN.
+            alpha = (kd / state.clamp_min(1e-12)).detach()
+            total = total + alpha * state
+            extra = {"is loss": torch.stack([state.detach(), count]),
+                     "alpha": torch.stack([alpha, torch.ones_like(alpha)])}
+        report = {
+            "loss": torch.stack([total.detach(), count]),
+            "kd loss": torch.stack([kd.detach(), count]),
+            "lm loss": torch.stack([lm.detach(), count]),
+            **extra,
+        }
+        return total, num_tokens, report
+
+    @property
+    def reported_keys(self):
+        return ("loss", "kd loss", "lm loss") + (("is loss", "alpha") if self.has_state_loss else ())

@@ -1,0 +1,201 @@
+"""Start-up of `distill`: every check on teacher, student and settings, then the data.
+
+All problems are found before any model is built and reported in one
+ConfigError naming the settings (`teacher.load`, `distill.layer_map`, ...).
+"""
+
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.config.commands import DistillCommand
+from minitron_megatron.config.model import ModelConfig
+from minitron_megatron.config.parallel import ParallelConfig
+from minitron_megatron.distill.intermediate import IS_KINDS, layer_map_problems, resolve_layer_map
+from minitron_megatron.distill.losses import IMPLS, KINDS
+from minitron_megatron.errors import ConfigError
+from minitron_megatron.model import validate_model
+from minitron_megatron.runtime.context import ParallelContext
+from minitron_megatron.train.setup import RunInputs, prepare_run
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class RunModel:
+    """One side (teacher or student) as read from its run dir."""
+
+    setting: str  # "teacher.load" / "student.load", for messages
+    path: str
+    cfg: ModelConfig
+    padded_vocab: int
+    tokenizer: Optional[str]
+
+
+@dataclass
+class DistillInputs:
+    """Everything the distill loop needs before building models."""
+
+    run: RunInputs  # the student's resolved config, tokenizer and datasets
+    teacher: RunModel
+    teacher_parallel: ParallelConfig
+    layer_pairs: List[Tuple[int, int]]  # [(student, teacher)]; empty without an intermediate loss
+    use_projection: bool
+    num_microbatches: int
+
+
+def _digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_run(setting: str, path: Optional[str], dtype: Optional[str]) -> RunModel:
+    """A teacher/student run dir, or a ConfigError naming `setting`."""
+    if not path:
+        raise ConfigError(f"{setting} is required: a run directory (model.yaml + checkpoint/)")
+    rd.check_loadable(path, setting=setting)
+    if not (Path(path) / rd.MODEL_YAML).is_file():
+        raise ConfigError(f"{setting}={path}: distillation needs a minitron run directory with "
+                          f"{rd.MODEL_YAML} (a bare Megatron-LM save dir does not describe its model)")
+    cfg, padded, tokenizer = rd.read_model_yaml(path)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ConfigError(f"{setting.split('.')[0]}.params_dtype={dtype!r} is not one of {list(DTYPES)}")
+        cfg = replace(cfg, params_dtype=dtype)
+    return RunModel(setting, path, cfg.resolved(), padded, tokenizer)
+
+
+def teacher_parallel(parallel: ParallelConfig, student: ModelConfig, teacher: ModelConfig) -> ParallelConfig:
+    """The teacher runs at the student's TP/PP on the same ranks; an explicit
+    `parallel.pp_layout` describes the student, so a deeper teacher is split evenly."""
+    same_depth = student.num_layers == teacher.num_layers
+    return replace(parallel, pp_layout=parallel.pp_layout if same_depth else None)
+
+
+def _settings_problems(cfg: DistillCommand, ctx: ParallelContext) -> List[str]:
+    d, t = cfg.distill, cfg.distill.train
+    problems = []
+    if cfg.save is None:
+        problems.append("save is required: the run directory for the distilled student, e.g. save=runs/student")
+    elif rd.is_complete(cfg.save):
+        problems.append(f"save={cfg.save} already holds a finished run (summary.json); choose a new directory")
+    if d.logit_loss not in KINDS:
+        problems.append(f"distill.logit_loss={d.logit_loss!r} is not one of {list(KINDS)}")
+    if d.kd_impl not in IMPLS:
+        problems.append(f"distill.kd_impl={d.kd_impl!r} is not one of {list(IMPLS)}")
+    if not d.temperature > 0:
+        problems.append(f"distill.temperature={d.temperature} must be > 0")
+    if d.ce_weight < 0:
+        problems.append(f"distill.ce_weight={d.ce_weight} must be >= 0")
+    if d.kd_chunk_tokens is not None and d.kd_chunk_tokens < 1:
+        problems.append(f"distill.kd_chunk_tokens={d.kd_chunk_tokens} must be >= 1 (or null)")
+    if d.intermediate_loss is not None and d.intermediate_loss not in IS_KINDS:
+        problems.append(f"distill.intermediate_loss={d.intermediate_loss!r} is not one of {list(IS_KINDS)} or null")
+    per_step = t.micro_batch_size * ctx.dp_size
+    for name in ("steps", "micro_batch_size", "eval_interval", "save_interval", "log_interval"):
+        if getattr(t, name) < 1:
+            problems.append(f"distill.train.{name}={getattr(t, name)} must be >= 1")
+    if per_step > 0 and t.global_batch_size % per_step:
+        problems.append(f"distill.train.global_batch_size={t.global_batch_size} must be a multiple of "
+                        f"distill.train.micro_batch_size={t.micro_batch_size} x data-parallel size {ctx.dp_size}")
+    if t.eval_samples < per_step:
+        problems.append(f"distill.train.eval_samples={t.eval_samples} must be >= micro_batch_size x DP size "
+                        f"({per_step})")
+    return problems
+
+
+def _model_problems(side: RunModel, parallel: ParallelConfig, tp: int) -> List[str]:
+    """Why this side cannot be built at this TP/PP, each message prefixed by its run dir."""
+    problems = []
+    try:
+        validate_model(side.cfg, parallel)
+    except ConfigError as err:
+        problems += [f"{side.setting}={side.path}: {p}" for p in err.problems]
+    if side.padded_vocab % tp:
+        problems.append(f"{side.setting}={side.path}: parallel.tp={tp} does not divide its padded vocab "
+                        f"{side.padded_vocab}")
+    return problems
+
+
+def _pair_problems(cfg: DistillCommand, teacher: RunModel, student: RunModel, data_tokenizer: str) -> List[str]:
+    """Teacher and student must share a tokenizer (the data's) and a vocabulary."""
+    problems = []
+    for side in (teacher, student):
+        if side.tokenizer and _digest(side.tokenizer) != _digest(data_tokenizer):
+            problems.append(f"{side.setting}={side.path} was trained with a different tokenizer than "
+                            f"data={cfg.data.name} uses ({data_tokenizer}); teacher, student and data "
+                            "must share one tokenizer")
+    if teacher.tokenizer and student.tokenizer and _digest(teacher.tokenizer) != _digest(student.tokenizer):
+        problems.append(f"teacher.load={teacher.path} and student.load={student.path} use different "
+                        "tokenizers: distillation needs one vocabulary")
+    elif teacher.cfg.vocab_size != student.cfg.vocab_size:
+        problems.append(f"teacher vocab_size={teacher.cfg.vocab_size} differs from student "
+                        f"vocab_size={student.cfg.vocab_size}: distillation needs one vocabulary")
+    learned = "learned_absolute" in (teacher.cfg.position_embedding_type, student.cfg.position_embedding_type)
+    if learned and teacher.cfg.seq_length < student.cfg.seq_length:
+        problems.append(f"the teacher's learned position embeddings cover {teacher.cfg.seq_length} tokens, "
+                        f"fewer than the student's seq_length={student.cfg.seq_length}")
+    return problems
+
+
+def _intermediate_problems(cfg: DistillCommand, ctx: ParallelContext, teacher: RunModel,
+                           student: RunModel) -> List[str]:
+    d = cfg.distill
+    if d.intermediate_loss is None and not d.embedding_loss:
+        return []
+    problems = layer_map_problems(d.layer_map, student.cfg.num_layers, teacher.cfg.num_layers)
+    if d.intermediate_loss is None:
+        problems.append("distill.embedding_loss=true needs distill.intermediate_loss (cosine or mse)")
+    if ctx.pp_size > 1:
+        problems.append(f"distill.intermediate_loss / distill.embedding_loss need parallel.pp=1 (got "
+                        f"{ctx.pp_size}): mapped layers may sit on different pipeline stages; use the logit "
+                        "loss alone at PP>1")
+    if teacher.cfg.hidden_size != student.cfg.hidden_size and not d.projection:
+        problems.append(f"student hidden_size={student.cfg.hidden_size} differs from the teacher's "
+                        f"{teacher.cfg.hidden_size} and distill.projection=false: intermediate losses need "
+                        "equal hidden sizes or a learned projection (distill.projection=true)")
+    return problems
+
+
+def check_distill(cfg: DistillCommand, ctx: ParallelContext, data_tokenizer: str) -> Tuple[RunModel, RunModel]:
+    """(teacher, student) run models once every check passed; else one ConfigError."""
+    problems = _settings_problems(cfg, ctx)
+    sides = []
+    for setting, source in (("teacher.load", cfg.teacher), ("student.load", cfg.student)):
+        try:
+            sides.append(read_run(setting, source.load, source.params_dtype))
+        except ConfigError as err:
+            problems += err.problems
+    if len(sides) < 2:
+        raise ConfigError(problems)
+    teacher, student = sides
+    problems += _pair_problems(cfg, teacher, student, data_tokenizer)
+    parallel = replace(cfg.parallel, tp=ctx.tp_size, pp=ctx.pp_size)  # the sizes this run has
+    problems += _model_problems(student, parallel, ctx.tp_size)
+    problems += _model_problems(teacher, teacher_parallel(parallel, student.cfg, teacher.cfg), ctx.tp_size)
+    problems += _intermediate_problems(cfg, ctx, teacher, student)
+    if problems:
+        raise ConfigError(problems)
+    return teacher, student
+
+
+def prepare_distill(cfg: DistillCommand, ctx: ParallelContext) -> DistillInputs:
+    """Check everything, then build the tokenizer and datasets (no model yet)."""
+    from minitron_megatron.data import prepare_data
+
+    sources = prepare_data(cfg.data)
+    teacher, student = check_distill(cfg, ctx, sources.tokenizer_model)
+    t = cfg.distill.train
+    run = prepare_run(replace(cfg, load=cfg.student.load), ctx, num_train_samples=t.steps * t.global_batch_size,
+                      num_valid_samples=t.eval_samples)
+    run.model_cfg = replace(run.model_cfg, params_dtype=student.cfg.params_dtype)
+    d = cfg.distill
+    pairs = []
+    if d.intermediate_loss is not None:
+        pairs = resolve_layer_map(d.layer_map, student.cfg.num_layers, teacher.cfg.num_layers)
+    use_projection = bool(pairs) and teacher.cfg.hidden_size != student.cfg.hidden_size
+    return DistillInputs(run=run, teacher=teacher,
+                         teacher_parallel=teacher_parallel(cfg.parallel, student.cfg, teacher.cfg),
+                         layer_pairs=pairs, use_projection=use_projection,
+                         num_microbatches=t.global_batch_size // (t.micro_batch_size * ctx.dp_size))

@@ -1,0 +1,135 @@
+"""`python -m minitron_megatron.distill` end to end, at PP/TP > 1 over gloo.
+
+Teacher and student are tiny models trained for a few steps here (different
+depth and width, so the teacher's tensors travel with the student's between
+pipeline stages and the intermediate loss needs a projection).
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.checkpoint.dist import latest_iteration
+from tests.commands import SMALL, run_command, summary
+
+STUDENT_ARCH = ["model.num_layers=2", "model.hidden_size=48", "model.ffn_hidden_size=96"]
+DISTILL = [
+    "device=cpu", "distill.train.micro_batch_size=4", "distill.train.global_batch_size=8",
+    "distill.train.eval_samples=16", "distill.train.log_interval=1", "distill.train.optim.warmup_steps=1",
+    "distill.train.steps=4", "distill.train.eval_interval=4", "distill.train.save_interval=2",
+]
+INTERMEDIATE = ["distill.intermediate_loss=cosine", "distill.embedding_loss=true"]
+COMPONENTS = ("loss", "kd_loss", "lm_loss", "is_loss")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    run_command("train", *SMALL, "train.steps=4", "train.eval_interval=4", f"save={root / 'teacher'}")
+    run_command("train", *SMALL, *STUDENT_ARCH, "train.steps=1", "train.eval_interval=1", f"save={root / 'student'}")
+    return [f"teacher.load={root / 'teacher'}", f"student.load={root / 'student'}"]
+
+
+def distill(*overrides, nproc=1, **kw):
+    return run_command("distill", *DISTILL, *overrides, nproc=nproc, **kw)
+
+
+def steps(run_dir) -> dict:
+    lines = (Path(run_dir) / "train_log.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == "step"}
+
+
+def assert_same_curve(run_a, run_b, rel):
+    a, b = steps(run_a), steps(run_b)
+    assert sorted(a) == sorted(b) == list(range(1, len(a) + 1))
+    for step in a:
+        for key in COMPONENTS:
+            if key in a[step] or key in b[step]:
+                assert math.isclose(a[step][key], b[step][key], rel_tol=rel, abs_tol=1e-7), (step, key, a, b)
+
+
+@pytest.fixture(scope="module")
+def logit_run(tmp_path_factory, pair):
+    save = tmp_path_factory.mktemp("logit") / "run"
+    return save, summary(distill(*pair, f"save={save}"))
+
+
+@pytest.fixture(scope="module")
+def intermediate_run(tmp_path_factory, pair):
+    save = tmp_path_factory.mktemp("is") / "run"
+    return save, summary(distill(*pair, *INTERMEDIATE, f"save={save}"))
+
+
+def test_identical_student_has_zero_losses(tmp_path, pair):
+    """Catches teacher/student mix-ups (different inputs, layers, norms or vocab slices):
+    a student that is a copy of its teacher has zero KD and intermediate loss."""
+    teacher = pair[0].split("=", 1)[1]
+    shutil.copytree(teacher, tmp_path / "copy", ignore=shutil.ignore_patterns("summary.json"))
+    out = summary(distill(pair[0], f"student.load={tmp_path / 'copy'}", *INTERMEDIATE,
+                          "distill.train.steps=1", f"save={tmp_path / 'run'}"))
+    first = steps(tmp_path / "run")[1]
+    assert first["kd_loss"] == 0.0 and abs(first["is_loss"]) < 1e-5, first
+    assert out["kd_loss"] < 1e-6 and out["is_loss"] < 1e-5 and out["val_loss"] > 0
+
+
+def test_pp2_follows_pp1_and_result_is_a_normal_run_dir(logit_run, pair, tmp_path):
+    """Catches p2p buffers sized for the student alone, teacher activations not reaching
+    the last stage, or gradients leaking into the teacher's slice: PP=2 must give the
+    PP=1 curve. The output dir is a plain student run: `evaluate` reads it."""
+    save, ref = logit_run
+    out = summary(distill(*pair, "parallel.pp=2", f"save={tmp_path / 'pp2'}", nproc=2))
+    assert_same_curve(save, tmp_path / "pp2", rel=1e-5)
+    assert math.isclose(out["val_loss"], ref["val_loss"], rel_tol=1e-5)
+    assert math.isclose(out["kd_loss"], ref["kd_loss"], rel_tol=1e-5)
+    assert out["params"] == ref["params"] and set(ref) >= {"val_loss", "kd_loss", "steps", "seconds", "params"}
+    evaluated = summary(run_command("evaluate", f"load={save}", "device=cpu", "evaluate.samples=16",
+                                    "evaluate.micro_batch_size=4"))
+    assert math.isclose(evaluated["val_loss"], ref["val_loss"], rel_tol=1e-5)
+    assert evaluated["params"] == ref["params"]
+
+
+def test_tp2_follows_tp1_with_intermediate_loss(intermediate_run, pair, tmp_path):
+    """Catches TP errors in the vocab-parallel KD loss, the replicated projection and
+    the intermediate loss (a TP-replicated loss counted twice, grads of replicated
+    params all-reduced): TP=2 must follow TP=1."""
+    save, ref = intermediate_run
+    out = summary(distill(*pair, *INTERMEDIATE, "parallel.tp=2", f"save={tmp_path / 'tp2'}", nproc=2))
+    assert_same_curve(save, tmp_path / "tp2", rel=1e-4)
+    assert math.isclose(out["is_loss"], ref["is_loss"], rel_tol=1e-4)
+
+
+def test_stop_and_resume_gives_the_same_later_losses(intermediate_run, pair, tmp_path):
+    """Catches resume bugs: projection or optimizer state not saved/restored, LR or data
+    order restarting, the teacher leaking into the student's checkpoint."""
+    save, ref = intermediate_run
+    split = tmp_path / "split"
+    stopped = summary(distill(*pair, *INTERMEDIATE, "distill.train.exit_after_steps=2", f"save={split}"))
+    assert stopped == {"stopped_at": 2, "steps": 4, "resumable": True}
+    resumed = summary(distill(*pair, *INTERMEDIATE, f"save={split}"))
+    assert_same_curve(save, split, rel=1e-6)
+    assert math.isclose(resumed["val_loss"], ref["val_loss"], rel_tol=1e-6)
+    assert rd.read_model_yaml(split)[0].hidden_size == 48  # the student's model.yaml
+
+
+def test_divergence_stops_with_last_good_checkpoint(pair, tmp_path):
+    """Catches a NaN/Inf run that keeps going or saves poisoned weights: it stops with a
+    non-zero exit naming the diverged component, the last committed checkpoint intact."""
+    save = tmp_path / "run"
+    proc = distill(*pair, "distill.train.optim.lr=1e30", "distill.train.save_interval=1",
+                   "distill.train.eval_interval=100", f"save={save}", check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    report = summary(proc)
+    assert report["diverged"] in ("kd_loss", "lm_loss", "loss", "grad_norm")
+    assert f"{report['diverged']} = " in proc.stderr and "last good checkpoint is step" in proc.stderr
+    assert latest_iteration(save / "checkpoint") == report["last_checkpoint"] == report["step"] - 1
+    assert not rd.is_complete(save)
+
+
+def test_missing_teacher_fails_fast(pair, tmp_path):
+    proc = distill(f"teacher.load={tmp_path / 'nothing'}", pair[1], f"save={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2 and f"teacher.load={tmp_path / 'nothing'}: directory not found" in proc.stderr
+    assert not (tmp_path / "run").exists()
