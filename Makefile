@@ -20,10 +20,10 @@ test: export MINITRON_CACHE ?= $(CURDIR)/.cache
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra tests
 
-# Reuses a finished teacher (its summary.json marks it complete); resumes an unfinished one.
+# The whole recipe (teacher -> prune -> distil -> evaluate) into runs/recipe; finished
+# stages are reused, an unfinished one resumes.
 demo: $(VENV)/.installed
-	test -f runs/teacher/summary.json || $(PY) -m minitron_megatron.train model=tiny data=stdlib save=runs/teacher
-	$(PY) -m minitron_megatron.evaluate load=runs/teacher data=stdlib
+	$(PY) -m minitron_megatron.run
 
 clean:
 	rm -rf runs build *.egg-info

@@ -36,6 +36,7 @@ setup(
             "minitron-evaluate=minitron_megatron.cli.evaluate:main",
             "minitron-prune=minitron_megatron.cli.prune:main",
             "minitron-distill=minitron_megatron.cli.distill:main",
+            "minitron-run=minitron_megatron.cli.run:main",
             "minitron-preprocess=minitron_megatron.data.preprocess:main",
         ]
     },

@@ -17,6 +17,7 @@ COMMANDS = sorted(SCHEMAS)
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 DATAS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 LAUNCHERS = sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
 
 
 def _compose(command, overrides=()):
@@ -29,7 +30,7 @@ def test_every_yaml_is_covered():
     top = sorted(p.stem for p in CONF.glob("*.yaml"))
     assert top == COMMANDS
     listed = {*(f"model/{m}" for m in MODELS), *(f"data/{d}" for d in DATAS),
-              *(f"hydra/launcher/{l}" for l in LAUNCHERS)}
+              *(f"hydra/launcher/{l}" for l in LAUNCHERS), *(f"recipe/{r}" for r in RECIPES)}
     on_disk = {str(p.relative_to(CONF).with_suffix("")) for p in CONF.glob("*/**/*.yaml")}
     assert on_disk == listed
 
@@ -45,6 +46,12 @@ def test_models_compose_into_every_command(command, model):
 def test_data_presets_compose(data):
     cfg = OmegaConf.to_object(_compose("train", [f"data={data}"]))
     assert cfg.data.name == data
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_compose(recipe):
+    cfg = OmegaConf.to_object(_compose("run", [f"recipe={recipe}"]))
+    assert cfg.prune.target.param_budget == 0.5 and cfg.save
 
 
 def test_unknown_key_is_rejected():

@@ -66,7 +66,24 @@ class DistillCommand(CommonConfig):
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 
-SCHEMAS = {"train": TrainCommand, "evaluate": EvaluateCommand, "prune": PruneCommand, "distill": DistillCommand}
+@dataclass
+class RunCommand(CommonConfig):
+    """The whole recipe: train (or reuse) a teacher -> prune -> distil -> evaluate.
+
+    `save` is the recipe's directory; it receives teacher/, pruned/ and student/ run
+    dirs. A stage whose run dir is complete is reused, so reruns are cheap.
+    """
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The teacher's pretraining."""
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """The final comparison: every model scored on the same validation samples."""
+
+
+SCHEMAS = {"train": TrainCommand, "evaluate": EvaluateCommand, "prune": PruneCommand, "distill": DistillCommand,
+           "run": RunCommand}
 
 
 def register_configs() -> None:
