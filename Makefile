@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 # One stdlib corpus build shared by every test process (built on first use).
 test: export MINITRON_CACHE ?= $(CURDIR)/.cache
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 # The whole recipe (teacher -> prune -> distil -> evaluate) into runs/recipe; finished
 # stages are reused, an unfinished one resumes.
