@@ -36,14 +36,16 @@ def test_killed_run_resumes_from_last_committed_checkpoint(tmp_path):
     committed checkpoint or the new one, never a run dir that looks complete."""
     save = tmp_path / "run"
     cmd = [sys.executable, "-m", "minitron_megatron.train", *RUN, "train.steps=40", f"save={save}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    # Own session: the kill takes the whole group, as a scheduler would, including the
+    # Manager process Megatron's checkpoint writer spawns (else it is left orphaned).
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "MINITRON_NO_PROGRESS": "1",
                                  "PYTHONPATH": str(ROOT)})
     deadline = time.time() + 300
     while latest_iteration(save / "checkpoint") is None and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(0.7)  # land somewhere in the middle of later steps/saves
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not rd.is_complete(save)
     committed = latest_iteration(save / "checkpoint")

@@ -31,14 +31,13 @@ def _resolve(stage: str) -> Callable:
 
 def run_stage(cfg, stage: str) -> dict:
     """Start the runtime from `cfg`'s common keys, run `stage(cfg, ctx)`, always tear down."""
+    from minitron_megatron.config.commands import RunCommand, TrainCommand
     from minitron_megatron.model import validate_model
     from minitron_megatron.runtime import destroy_runtime, init_runtime
 
-    from minitron_megatron.config.commands import TrainCommand
-
     # Before the runtime's world-size check, so `parallel.tp=3` on one process names the
-    # real problem. Only `train` builds from `model=`; other commands read run dirs.
-    if isinstance(cfg, TrainCommand) and not cfg.load:
+    # real problem. Only train and run build from `model=`; other commands read run dirs.
+    if isinstance(cfg, (TrainCommand, RunCommand)) and not cfg.load:
         validate_model(cfg.model, cfg.parallel)
     try:
         ctx = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=cfg.device, seed=cfg.seed)
