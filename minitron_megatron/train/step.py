@@ -73,10 +73,23 @@ def run_schedule(forward_step_func: Callable, data_iterator, model_chunks, num_m
     )
 
 
+def reported_means(outputs: List[dict], names: Dict[str, str], ctx: ParallelContext) -> dict:
+    """{name: sum / count} of each reported key, over microbatches and DP, on every rank."""
+    means = {}
+    for key, name in names.items():
+        total, count = reduce_reported(outputs, key, ctx).tolist()
+        means[name] = total / max(count, 1)
+    return means
+
+
 def train_step(model_chunks, optimizer, scheduler, data_iterator, ctx: ParallelContext,
                num_microbatches: int, micro_batch_size: int, seq_length: int,
-               forward_step_func: Callable = None) -> dict:
-    """Forward-backward over the microbatches of one global batch, then one optimizer step."""
+               forward_step_func: Callable = None, metric_names: Dict[str, str] = None) -> dict:
+    """Forward-backward over the microbatches of one global batch, then one optimizer step.
+
+    `metric_names` maps the loss function's reported keys to metric names
+    (default: Megatron-LM's "lm loss" as "loss").
+    """
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -84,9 +97,8 @@ def train_step(model_chunks, optimizer, scheduler, data_iterator, ctx: ParallelC
                            num_microbatches, micro_batch_size, seq_length, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
-    loss_sum, tokens = reduce_reported(outputs, "lm loss", ctx).tolist()
     return {
-        "loss": loss_sum / max(tokens, 1),
+        **reported_means(outputs, metric_names or {"lm loss": "loss"}, ctx),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": optimizer.param_groups[0]["lr"],
         "skipped": not ok,
