@@ -5,8 +5,11 @@ setup(
     version="0.1.0",
     description="Minitron pruning + distillation for Megatron-core GPT models, at TP/PP/DP scale",
     python_requires=">=3.10",
-    packages=find_packages(include=["minitron_megatron", "minitron_megatron.*"]),
-    package_data={"minitron_megatron": ["conf/*.yaml", "conf/*/*.yaml", "conf/*/*/*.yaml"]},
+    # The YAMLs live in the repository's top-level conf/ and ship inside the package as
+    # minitron_megatron/conf/ (found by minitron_megatron.config.files.conf_dir).
+    packages=find_packages(include=["minitron_megatron", "minitron_megatron.*"]) + ["minitron_megatron.conf"],
+    package_dir={"minitron_megatron.conf": "conf"},
+    package_data={"minitron_megatron.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16.1",  # tested with 0.16.1 (the newest for Python 3.11)

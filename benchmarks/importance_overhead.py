@@ -27,7 +27,7 @@ def _args():
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--model", default="tiny", help="a preset in minitron_megatron/conf/model/")
+    parser.add_argument("--model", default="tiny", help="a preset in conf/model/")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1,
@@ -42,7 +42,7 @@ def _model_config(preset: str, vocab_size: int):
 
     from minitron_megatron.config.model import ModelConfig
 
-    path = Path(__file__).resolve().parents[1] / "minitron_megatron" / "conf" / "model" / f"{preset}.yaml"
+    path = Path(__file__).resolve().parents[1] / "conf" / "model" / f"{preset}.yaml"
     body = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "defaults"}
     body["vocab_size"] = vocab_size
     return ModelConfig(**body)

@@ -9,9 +9,10 @@ import os
 import sys
 from typing import Callable
 
+from minitron_megatron.config.files import conf_dir
 from minitron_megatron.errors import ConfigError
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+CONF_DIR = str(conf_dir())
 
 
 def _to_dataclass(dict_cfg):

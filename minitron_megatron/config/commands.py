@@ -1,6 +1,6 @@
 """One typed config per command, registered with Hydra's ConfigStore as `<command>_schema`.
 
-The YAMLs in `minitron_megatron/conf/` list their schema first in `defaults`, so
+The YAMLs in the top-level `conf/` (shipped in the wheel as package data) list their schema first in `defaults`, so
 every key is type-checked and a misspelt override fails at start-up.
 """
 
