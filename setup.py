@@ -35,11 +35,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "minitron-train=minitron_megatron.cli.train:main",
-            "minitron-evaluate=minitron_megatron.cli.evaluate:main",
-            "minitron-prune=minitron_megatron.cli.prune:main",
-            "minitron-distill=minitron_megatron.cli.distill:main",
-            "minitron-run=minitron_megatron.cli.run:main",
+            "minitron-train=minitron_megatron.cli:train",
+            "minitron-evaluate=minitron_megatron.cli:evaluate",
+            "minitron-prune=minitron_megatron.cli:prune",
+            "minitron-distill=minitron_megatron.cli:distill",
+            "minitron-run=minitron_megatron.cli:run",
             "minitron-preprocess=minitron_megatron.data.preprocess:main",
         ]
     },

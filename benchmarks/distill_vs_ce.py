@@ -7,7 +7,7 @@ Without --student, the teacher is pruned to about half its parameters first
 (`python -m minitron_megatron.prune ... prune.target.param_budget=0.5`). Then,
 from the same pruned weights and with the same optimizer settings and data order:
   zero-shot  `evaluate load=STUDENT`
-  KD         `distill teacher.load=TEACHER student.load=STUDENT distill.train.steps=N`
+  KD         `distill teacher.load=TEACHER student.load=STUDENT distill.steps=N`
   CE         `train load=STUDENT train.steps=N`
 and a table of validation LM losses (every eval interval) plus a JSON line.
 """
@@ -71,7 +71,7 @@ def main() -> None:
     zero_shot = run("evaluate", f"load={student}", *common, *evaluate)
     start = time.time()
     kd = run("distill", f"teacher.load={args.teacher}", f"student.load={student}", *common,
-             *schedule("distill.train", args), f"save={out / f'kd_{args.steps}'}")
+             *schedule("distill", args), f"save={out / f'kd_{args.steps}'}")
     kd_seconds, start = time.time() - start, time.time()
     ce = run("train", f"load={student}", *common, *schedule("train", args), f"save={out / f'ce_{args.steps}'}")
     ce_seconds = time.time() - start

@@ -1,6 +1,6 @@
-"""`python -m minitron_megatron.evaluate`: see minitron_megatron.cli.evaluate."""
-
-from minitron_megatron.cli.evaluate import main
+"""`python -m minitron_megatron.evaluate`: see minitron_megatron.cli (registry.COMMANDS["evaluate"])."""
 
 if __name__ == "__main__":
-    main()
+    from minitron_megatron.cli import main
+
+    main("evaluate")

@@ -1,6 +1,6 @@
-"""`python -m minitron_megatron.prune`: see minitron_megatron.cli.prune."""
-
-from minitron_megatron.cli.prune import main
+"""`python -m minitron_megatron.prune`: see minitron_megatron.cli (registry.COMMANDS["prune"])."""
 
 if __name__ == "__main__":
-    main()
+    from minitron_megatron.cli import main
+
+    main("prune")

@@ -1,6 +1,6 @@
-"""`python -m minitron_megatron.run`: see minitron_megatron.cli.run."""
-
-from minitron_megatron.cli.run import main
+"""`python -m minitron_megatron.run`: see minitron_megatron.cli (registry.COMMANDS["run"])."""
 
 if __name__ == "__main__":
-    main()
+    from minitron_megatron.cli import main
+
+    main("run")

@@ -16,18 +16,30 @@ SMALL = [
     "model.kv_channels=16", "model.seq_length=64",
     "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_samples=16",
     "train.log_interval=1", "train.optim.warmup_steps=2", "device=cpu",
+    "evaluate.samples=16", "evaluate.micro_batch_size=4",  # the summary's val_loss, as `evaluate` measures it
 ]
 
 
-def run_command(stage: str, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 600):
-    """Run `python -m minitron_megatron.<stage>` (torchrun when nproc > 1)."""
+def command_line(stage: str, *overrides: str, nproc: int = 1) -> list:
+    """`python -m minitron_megatron.<stage> ...`, under torchrun when nproc > 1."""
     if nproc == 1:
         cmd = [sys.executable, "-m", f"minitron_megatron.{stage}", *overrides]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={free_port()}", "-m", f"minitron_megatron.{stage}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINITRON_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return cmd
+
+
+def command_env(extra: dict = None) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MINITRON_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT),
+            **(extra or {})}
+
+
+def run_command(stage: str, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 600,
+                env: dict = None):
+    """Run `python -m minitron_megatron.<stage>` (torchrun when nproc > 1); `env` adds variables."""
+    cmd = command_line(stage, *overrides, nproc=nproc)
+    proc = subprocess.run(cmd, cwd=ROOT, env=command_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

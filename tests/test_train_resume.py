@@ -1,56 +1,100 @@
-"""Stop-and-resume and crash safety of `train` run directories."""
+"""Stop-and-resume and crash safety of `train` run directories.
+
+Crashes are injected at exact commit points (runtime/faults.py: the process
+`os._exit`s there, as a SIGKILL would) instead of killing after a sleep, which
+almost never hits the few milliseconds a commit takes.
+"""
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
+
+import pytest
 
 from minitron_megatron.checkpoint import run_dir as rd
 from minitron_megatron.checkpoint.dist import latest_iteration
-from tests.commands import ROOT, SMALL, run_command, step_losses, summary
+from minitron_megatron.runtime.faults import FAULT_ENV, FAULT_EXIT
+from tests.commands import run_command, step_losses, summary, SMALL
 
 RUN = [*SMALL, "train.steps=8", "train.eval_interval=4", "train.save_interval=2"]
 
 
-def test_stop_and_resume_gives_the_same_later_losses(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted run of RUN: the reference every interrupted run must reproduce."""
+    save = tmp_path_factory.mktemp("full") / "run"
+    return summary(run_command("train", *RUN, f"save={save}")), step_losses(save)
+
+
+def _assert_same_run(save, uninterrupted, final: dict) -> None:
+    ref, ref_losses = uninterrupted
+    losses = step_losses(save)
+    records = [json.loads(line) for line in (save / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 9))  # each step once
+    for step in range(1, 9):
+        assert math.isclose(losses[step], ref_losses[step], rel_tol=1e-6, abs_tol=1e-7), (step, losses, ref_losses)
+    assert math.isclose(final["val_loss"], ref["val_loss"], rel_tol=1e-6)
+
+
+def test_stop_and_resume_gives_the_same_later_losses(tmp_path, uninterrupted):
     """Catches resume bugs: lost optimizer moments, LR schedule restarting, data order
     restarting at sample 0, RNG not restored. Losses after the stop must match."""
-    full, split = tmp_path / "full", tmp_path / "split"
-    ref = summary(run_command("train", *RUN, f"save={full}"))
+    split = tmp_path / "split"
     stopped = summary(run_command("train", *RUN, "train.exit_after_steps=3", f"save={split}"))
     assert stopped == {"stopped_at": 3, "steps": 8, "resumable": True}
     assert not rd.is_complete(split) and latest_iteration(split / "checkpoint") == 3
     resumed = summary(run_command("train", *RUN, f"save={split}"))
-    a, b = step_losses(full), step_losses(split)
-    assert sorted(b) == list(range(1, 9))
-    for step in range(1, 9):
-        assert math.isclose(a[step], b[step], rel_tol=1e-6, abs_tol=1e-7), (step, a[step], b[step])
-    assert math.isclose(resumed["val_loss"], ref["val_loss"], rel_tol=1e-6)
+    _assert_same_run(split, uninterrupted, resumed)
 
 
-def test_killed_run_resumes_from_last_committed_checkpoint(tmp_path):
-    """Catches non-atomic saves: a SIGKILL at any moment leaves either the previous
-    committed checkpoint or the new one, never a run dir that looks complete."""
+# (fault, the committed iteration it leaves, what else it leaves on disk). Each rerun
+# resumes from what the previous crash left, so one run dir walks through all of them.
+CHAIN = [
+    ("log.append:3", 2, "half of step 3's log line"),
+    ("checkpoint.write:2", 4, "iteration 6's shards in .iter_0000006.tmp"),
+    ("checkpoint.commit:1", 4, "iter_0000006/ renamed into place, the tracker still at 4"),
+    ("summary.write:1", 8, "the final checkpoint, summary.json only as a temporary file"),
+]
+
+
+def test_a_crash_at_every_commit_point_resumes_like_an_uninterrupted_run(tmp_path, uninterrupted):
+    """Catches non-atomic commits: after a crash at any commit point the run dir never
+    looks complete, the rerun resumes from the last committed checkpoint (never from
+    a half-written one, never from scratch), and the losses equal an uninterrupted run's."""
     save = tmp_path / "run"
-    cmd = [sys.executable, "-m", "minitron_megatron.train", *RUN, "train.steps=40", f"save={save}"]
-    # Own session: the kill takes the whole group, as a scheduler would, including the
-    # Manager process Megatron's checkpoint writer spawns (else it is left orphaned).
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "MINITRON_NO_PROGRESS": "1",
-                                 "PYTHONPATH": str(ROOT)})
-    deadline = time.time() + 300
-    while latest_iteration(save / "checkpoint") is None and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.7)  # land somewhere in the middle of later steps/saves
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not rd.is_complete(save)
-    committed = latest_iteration(save / "checkpoint")
-    assert committed is not None and committed % 2 == 0
-    out = summary(run_command("train", *RUN, "train.steps=40", f"save={save}"))
-    assert out["steps"] == 40 and rd.is_complete(save)
-    log = [json.loads(l) for l in (save / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if r["kind"] == "step"] == list(range(1, 41))
+    for fault, committed, leaves in CHAIN:
+        proc = run_command("train", *RUN, f"save={save}", check=False, env={FAULT_ENV: fault})
+        assert proc.returncode == FAULT_EXIT, (fault, proc.stderr[-3000:])
+        assert not rd.is_complete(save), (fault, leaves)
+        assert latest_iteration(save / "checkpoint") == committed, (fault, leaves)
+        if fault.startswith("log.append"):
+            assert not (save / "train_log.jsonl").read_text().endswith("\n"), "the fault must tear the line"
+        if fault.startswith("checkpoint.write"):
+            assert (save / "checkpoint" / ".iter_0000006.tmp").is_dir()
+        if fault.startswith("checkpoint.commit"):
+            assert (save / "checkpoint" / "iter_0000006").is_dir()
+    final = run_command("train", *RUN, f"save={save}")
+    assert rd.is_complete(save) and "resuming" in final.stdout
+    _assert_same_run(save, uninterrupted, summary(final))
+
+
+def test_a_torn_log_line_is_dropped_with_a_warning_on_resume(tmp_path):
+    """Catches a resume that crashes on (or keeps) a half-written log line."""
+    save = tmp_path / "run"
+    run = [*RUN, "train.steps=3", "train.save_interval=1", "train.eval_interval=3"]
+    torn = run_command("train", *run, f"save={save}", check=False, env={FAULT_ENV: "log.append:2"})
+    assert torn.returncode == FAULT_EXIT
+    resumed = run_command("train", *run, f"save={save}")
+    assert "dropping a torn log line" in resumed.stderr
+    assert sorted(step_losses(save)) == [1, 2, 3]
+
+
+def test_a_tracker_naming_a_missing_iteration_is_an_error_not_a_restart(tmp_path):
+    """Catches the silent restart from scratch when the tracker names a deleted iter_ dir."""
+    save = tmp_path / "run"
+    run = [*RUN, "train.steps=4", "train.exit_after_steps=2"]
+    run_command("train", *run, f"save={save}")
+    (save / "checkpoint" / "latest_checkpointed_iteration.txt").write_text("7\n")
+    proc = run_command("train", *RUN, f"save={save}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(save / "checkpoint" / "iter_0000007") in proc.stderr
+    assert sorted(step_losses(save)) == [1, 2]  # nothing was retrained

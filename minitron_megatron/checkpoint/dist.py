@@ -7,14 +7,18 @@ The state dict has Megatron-LM's top-level keys (`model`, `optimizer`,
 tensors carry global offsets, so a checkpoint saved at one TP/PP loads at another.
 """
 
+import random
 import shutil
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from minitron_megatron.checkpoint.run_dir import atomic_write_text
+from minitron_megatron.errors import ConfigError
 from minitron_megatron.runtime.context import ParallelContext
+from minitron_megatron.runtime.faults import fault_point
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -24,15 +28,29 @@ def iteration_dir(root, iteration: int) -> Path:
 
 
 def latest_iteration(root) -> Optional[int]:
-    """The committed iteration under `root` (Megatron-LM tracker file), or None."""
+    """The committed iteration under `root` (Megatron-LM tracker file), or None without a tracker.
+
+    A tracker naming a directory that does not exist is an error, never "no checkpoint":
+    older iterations are deleted after each commit, so starting from scratch would
+    silently throw the run away.
+    """
     tracker = Path(root) / TRACKER
     if not tracker.is_file():
         return None
     text = tracker.read_text().strip()
-    if text == "release":
-        return 0
-    iteration = int(text)
-    return iteration if iteration_dir(root, iteration).is_dir() else None
+    iteration = 0 if text == "release" else _parse_iteration(tracker, text)
+    committed = _committed_dir(root, iteration)
+    if not committed.is_dir():
+        raise ConfigError(f"{tracker} names {committed.name}, but {committed} does not exist: the checkpoint "
+                          "was moved or deleted; restore it, or delete the tracker file to start over")
+    return iteration
+
+
+def _parse_iteration(tracker: Path, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{tracker} holds {text!r}, not an iteration number or 'release'") from None
 
 
 def _committed_dir(root, iteration: int) -> Path:
@@ -42,11 +60,20 @@ def _committed_dir(root, iteration: int) -> Path:
 
 
 def _rng_state(ctx: ParallelContext):
-    """Per-rank RNG streams, as a ShardedObject indexed by (pp, tp) like Megatron-LM."""
+    """Per-rank RNG streams in Megatron-LM's layout (`get_rng_state` in
+    megatron/training/checkpointing.py): a ShardedObject indexed by (pp, tp) holding
+    a one-element list. `cuda_rng_state` is present when CUDA is (a CPU run has none)."""
     from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
     return ShardedObject(
         "rng_state", [state], (ctx.pp_size, ctx.tp_size), (ctx.pp_rank, ctx.tp_rank), replica_id=ctx.dp_rank
     )
@@ -71,10 +98,12 @@ def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer
     if extra:
         state["minitron"] = extra
     dist_checkpointing.save(state, str(tmp))
+    fault_point("checkpoint.write")
     ctx.barrier()
     if ctx.is_main:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fault_point("checkpoint.commit")
         atomic_write_text(root / TRACKER, f"{iteration}\n")
         _prune_old(root, keep=keep_last)
     ctx.barrier()
@@ -115,11 +144,19 @@ def load_checkpoint(root, model, ctx: Optional[ParallelContext], optimizer=None,
 
 
 def _restore_rng(states) -> None:
+    """Set every saved stream back; also reads the `{torch, tracker}` layout of older run dirs."""
     from megatron.core import tensor_parallel
 
     state = states[0] if isinstance(states, list) else states
-    torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "torch" in state:  # run dirs written before the Megatron-LM layout
+        state = {"torch_rng_state": state["torch"], "rng_tracker_states": state["tracker"]}
+    if "random_rng_state" in state:
+        random.setstate(state["random_rng_state"])
+        np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if "cuda_rng_state" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
 def load_common(root) -> dict:

@@ -23,6 +23,7 @@ import yaml
 
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.errors import ConfigError
+from minitron_megatron.runtime.faults import fault_point
 
 MODEL_YAML = "model.yaml"
 SUMMARY_JSON = "summary.json"
@@ -30,8 +31,11 @@ TOKENIZER = "tokenizer.model"
 CHECKPOINT = "checkpoint"
 
 
-def atomic_write_text(path, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same directory and a rename."""
+def atomic_write_text(path, text: str, fault: Optional[str] = None) -> None:
+    """Write `text` to `path` via a temporary file in the same directory and a rename.
+
+    `fault` names the fault-injection point (runtime/faults.py) between the two.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -39,6 +43,8 @@ def atomic_write_text(path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+    if fault:
+        fault_point(fault)
     os.replace(tmp, path)
 
 
@@ -70,7 +76,8 @@ def read_model_yaml(run_dir) -> Tuple[ModelConfig, int, Optional[str]]:
 
 
 def write_summary(run_dir, summary: dict) -> None:
-    atomic_write_text(Path(run_dir) / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
+    """The run's last write: from here on the run dir is complete."""
+    atomic_write_text(Path(run_dir) / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n", fault="summary.write")
 
 
 def read_summary(run_dir) -> Optional[dict]:

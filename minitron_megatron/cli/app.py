@@ -1,73 +1,82 @@
 """Thin Hydra mains: compose a typed config, start the runtime, run a stage, print the summary.
 
-The last stdout line of every command (rank 0) is its one-line JSON summary.
-Bad input exits with status 2 and one `error:` message on stderr.
+The last stdout line of every command (rank 0) is its one-line JSON summary; its
+`seconds` is the command's wall time from process start (runtime/clock.py).
+Exit status: 0 done; 2 bad input (one `error:` message on stderr, nothing written);
+3 training diverged (NaN/Inf; the last good checkpoint is kept); 75 preempted by
+SIGTERM/SIGUSR1 after saving a checkpoint (rerun the same command to resume).
 """
 
 import json
 import os
 import sys
-from typing import Callable
 
+from minitron_megatron.cli.registry import COMMANDS, Command
 from minitron_megatron.config.files import conf_dir
 from minitron_megatron.errors import ConfigError
+from minitron_megatron.runtime.preemption import PREEMPTED_EXIT, Preempted
 
 CONF_DIR = str(conf_dir())
+EXIT_CONFIG, EXIT_DIVERGED = 2, 3
 
 
-def _to_dataclass(dict_cfg):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_object(dict_cfg)
-
-
-def _resolve(stage: str) -> Callable:
-    """"package.module:function" -> the function, imported only now: after the runtime
-    chose the device, so Megatron-core is imported the way that device needs."""
-    import importlib
-
-    module, name = stage.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def run_stage(cfg, stage: str) -> dict:
-    """Start the runtime from `cfg`'s common keys, run `stage(cfg, ctx)`, always tear down."""
-    from minitron_megatron.config.commands import RunCommand, TrainCommand
+def run_command(command: Command, cfg) -> dict:
+    """Start the runtime from `cfg`'s common keys, run the stage, always tear down."""
     from minitron_megatron.model import validate_model
     from minitron_megatron.runtime import destroy_runtime, init_runtime
 
-    # Before the runtime's world-size check, so `parallel.tp=3` on one process names the
-    # real problem. Only train and run build from `model=`; other commands read run dirs.
-    if isinstance(cfg, (TrainCommand, RunCommand)) and not cfg.load:
+    # Before the runtime's world-size check, so `parallel.tp=3` on one process names the real problem.
+    if command.builds_from_model and not cfg.load:
         validate_model(cfg.model, cfg.parallel)
     try:
         ctx = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=cfg.device, seed=cfg.seed)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     try:
-        summary = _resolve(stage)(cfg, ctx)
-        if ctx.is_main:
-            print(json.dumps(summary), flush=True)
+        summary = command.stage()(cfg, ctx)
+        _print_summary(ctx.is_main, summary)
         return summary
     finally:
         destroy_runtime()
 
 
-def hydra_entry(config_name: str, stage: str) -> Callable[[], None]:
-    """A console-script main for `stage` ("module:function") configured by conf/<config_name>.yaml."""
+def _print_summary(is_main: bool, summary: dict) -> None:
+    if is_main:
+        print(json.dumps(summary), flush=True)
+
+
+def _fail(status: int, message: str, summary: dict = None) -> None:
+    is_main = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    if summary is not None:
+        _print_summary(is_main, summary)
+    if is_main:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _run_dict_config(command: Command, dict_cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from minitron_megatron.train.driver import TrainingDiverged
+
+    try:
+        run_command(command, OmegaConf.to_object(dict_cfg))
+    except ConfigError as err:
+        _fail(EXIT_CONFIG, str(err))
+    except TrainingDiverged as err:
+        _fail(EXIT_DIVERGED, str(err), {"diverged": err.component, "step": err.step,
+                                         "last_checkpoint": err.last_checkpoint})
+    except Preempted as err:
+        _fail(PREEMPTED_EXIT, str(err), {"preempted": err.signal_name, "step": err.step, "resumable": True})
+
+
+def main(name: str) -> None:
+    """`python -m minitron_megatron.<name>` and the `minitron-<name>` console script."""
     import hydra
 
     from minitron_megatron.config.commands import register_configs
 
+    command = COMMANDS[name]
     register_configs()
-
-    @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
-    def _main(dict_cfg) -> None:
-        try:
-            run_stage(_to_dataclass(dict_cfg), stage)
-        except ConfigError as err:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(2)
-
-    return _main
+    task = lambda dict_cfg: _run_dict_config(command, dict_cfg)
+    hydra.main(config_path=CONF_DIR, config_name=command.name, version_base="1.3")(task)()

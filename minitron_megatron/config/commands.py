@@ -32,15 +32,20 @@ class CommonConfig:
 
 
 @dataclass
-class TrainCommand(CommonConfig):
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-@dataclass
 class EvaluateConfig:
+    """The validation measurement every command reports as `val_loss`: `evaluate`, the end
+    of `train` and `distill`, and `prune`'s zero-shot score use the same samples."""
+
     samples: int = 256
     """Validation samples to score (all ranks together)."""
     micro_batch_size: int = 8
+
+
+@dataclass
+class TrainCommand(CommonConfig):
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """The summary's final val_loss (periodic evaluations use train.eval_samples)."""
 
 
 @dataclass
@@ -64,6 +69,8 @@ class DistillCommand(CommonConfig):
     teacher: ModelSource = field(default_factory=ModelSource)
     student: ModelSource = field(default_factory=ModelSource)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """The summary's final val_loss and kd_loss (periodic evaluations use distill.eval_samples)."""
 
 
 @dataclass

@@ -15,9 +15,10 @@ class ModelSource:
 
 
 @dataclass
-class DistillConfig:
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Steps, batch sizes, optimizer, intervals: as for `train`."""
+class DistillConfig(TrainConfig):
+    """The loop keys are `train`'s (`distill.steps`, `distill.micro_batch_size`,
+    `distill.optim.lr`, `distill.eval_interval`, ...), then the distillation ones."""
+
     logit_loss: str = "forward_kl"
     """forward_kl (KL(teacher||student), the paper's choice) or reverse_kl."""
     temperature: float = 1.0

@@ -1,4 +1,6 @@
-from minitron_megatron.cli.distill import main
+"""`python -m minitron_megatron.distill`: see minitron_megatron.cli (registry.COMMANDS["distill"])."""
 
 if __name__ == "__main__":
-    main()
+    from minitron_megatron.cli import main
+
+    main("distill")

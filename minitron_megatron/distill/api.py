@@ -33,9 +33,7 @@ from minitron_megatron.config.distill import DistillConfig
 from minitron_megatron.distill.intermediate import build_projection, resolve_layer_map
 from minitron_megatron.distill.model import DistillationModel
 from minitron_megatron.distill.objective import DistillLoss
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from minitron_megatron.model.build import DTYPES
 
 def load_teacher(teacher: torch.nn.Module, checkpoint_root: str) -> None:
     """Load a Megatron dist checkpoint (`ROOT/latest_checkpointed_iteration.txt` +
@@ -50,7 +48,7 @@ def attach_teacher(student, teacher, settings: DistillConfig, *, true_vocab_size
     """The student with a frozen `teacher` attached; an intermediate loss (PP=1 only) adds
     the learned projection when the hidden sizes differ."""
     if teacher_dtype is not None:
-        teacher = teacher.to(_DTYPES[teacher_dtype])
+        teacher = teacher.to(DTYPES[teacher_dtype])
     pairs = _layer_pairs(student, teacher, settings)
     projection = None
     h_s, h_t = student.config.hidden_size, teacher.config.hidden_size

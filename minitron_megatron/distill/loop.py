@@ -1,14 +1,12 @@
 """`distill`: retrain a (pruned) student from its teacher with knowledge distillation.
 
-Read top to bottom: check -> data -> teacher + student -> resume -> loop -> summary.
-The loop is `train`'s: Megatron DDP + optimizer on the student only, warm-up +
-cosine LR, clipping, periodic validation, exact-resume checkpoints of the
-student (a normal run dir: `evaluate load=SAVE` reads it), plus a NaN/Inf guard.
+Read top to bottom: check -> data -> teacher + student -> the training job -> the driver.
+The driver is `train`'s (train/driver.py): Megatron DDP + optimizer on the student
+only, warm-up + cosine LR, clipping, periodic validation, exact-resume checkpoints
+of the student (a normal run dir: `evaluate load=SAVE` reads it), preemption, and a
+NaN/Inf guard over every loss component.
 """
 
-import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from minitron_megatron.checkpoint import dist as ckpt
@@ -19,31 +17,14 @@ from minitron_megatron.distill.model import DistillationModel
 from minitron_megatron.distill.objective import DistillLoss
 from minitron_megatron.distill.setup import DistillInputs, prepare_distill
 from minitron_megatron.distill.step import distill_train_step, evaluate_distill
-from minitron_megatron.errors import ConfigError
 from minitron_megatron.runtime.context import ParallelContext
-from minitron_megatron.train.logger import TrainLogger
-from minitron_megatron.train.setup import train_batches
+from minitron_megatron.train.driver import TrainingDiverged, TrainingJob, run_training
+from minitron_megatron.train.setup import check_same_model, train_batches
+
+__all__ = ["TrainingDiverged", "build_distillation_model", "distill"]
 
 GUARDED = ("kd_loss", "lm_loss", "is_loss", "loss", "grad_norm")
 """Checked for NaN/Inf after every step, most specific first (the first bad one is named)."""
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss component became NaN/Inf; the last committed checkpoint is the last good one."""
-
-    def __init__(self, step: int, component: str, value: float, last_checkpoint):
-        self.step, self.component, self.last_checkpoint = step, component, last_checkpoint
-        super().__init__(
-            f"distillation diverged at step {step}: {component} = {value}; stopped without saving. "
-            f"The last good checkpoint is step {last_checkpoint}; lower distill.train.optim.lr "
-            "(or raise warm-up) and rerun with the same save= to resume from it"
-        )
-
-
-@dataclass
-class DistillState:
-    step: int = 0
-    consumed_samples: int = 0
 
 
 def build_distillation_model(inputs: DistillInputs, cfg: DistillCommand, ctx: ParallelContext) -> DistillationModel:
@@ -74,92 +55,38 @@ def distill(cfg: DistillCommand, ctx: ParallelContext) -> dict:
     from minitron_megatron.train.optimizer import build_optimizer, wrap_ddp
 
     inputs = prepare_distill(cfg, ctx)
-    t, save, run = cfg.distill.train, Path(cfg.save), inputs.run
+    t, save, run = cfg.distill, Path(cfg.save), inputs.run
     model = build_distillation_model(inputs, cfg, ctx)
     ddp = wrap_ddp(model, model.config)
     optimizer, scheduler = build_optimizer([ddp], t.optim, model.config, t.steps)
-    state = _start_state(cfg, inputs, model, optimizer, scheduler, ctx)
-    if ctx.is_main:
-        rd.write_model_yaml(save, run.model_cfg, run.padded_vocab, run.tokenizer_path)
     loss = DistillLoss(cfg.distill, has_state_loss=bool(inputs.layer_pairs))
     seq, mbs = run.model_cfg.seq_length, t.micro_batch_size
-    batches = train_batches(run, mbs, ctx, state.consumed_samples)
-    logger = TrainLogger(save, ctx, t, start_step=state.step, prefix="distill")
-    evaluate = lambda: evaluate_distill([ddp], run.valid_batches(mbs, ctx), ctx,
-                                        t.eval_samples // (mbs * ctx.dp_size), mbs, seq, loss)
-    start, last_eval, metrics = time.time(), None, {}
-    try:
-        while state.step < t.steps:
-            metrics = distill_train_step([ddp], optimizer, scheduler, batches, ctx, inputs.num_microbatches,
-                                         mbs, seq, loss)
-            state.step += 1
-            state.consumed_samples += t.global_batch_size
-            _guard(metrics, state.step, save)
-            logger.log_step(state.step, metrics)
-            if state.step % t.eval_interval == 0 or state.step == t.steps:
-                last_eval = evaluate()
-                logger.log_eval(state.step, last_eval)
-            finished = state.step == t.steps
-            stop_early = t.exit_after_steps is not None and state.step >= t.exit_after_steps and not finished
-            if finished or stop_early or state.step % t.save_interval == 0:
-                _save(save, state, model, optimizer, scheduler, ctx)
-            if stop_early:
-                return {"stopped_at": state.step, "steps": t.steps, "resumable": True}
-    finally:
-        logger.close()
-    last_eval = last_eval or evaluate()  # resumed from a final checkpoint whose summary was not written
-    summary = {
-        "val_loss": last_eval["val_loss"],
-        "kd_loss": last_eval["val_kd_loss"],
-        "ppl": last_eval["ppl"],
-        "train_loss": metrics.get("loss"),
-        "train_kd_loss": metrics.get("kd_loss"),
-        "params": run.params,
-        "steps": state.step,
-        "seconds": round(time.time() - start, 1),
-        "tokens_seen": state.consumed_samples * seq,
-    }
-    if "val_is_loss" in last_eval:
-        summary["is_loss"] = last_eval["val_is_loss"]
-    if ctx.is_main:
-        rd.write_summary(save, summary)
-    ctx.barrier()
+
+    def evaluate(num_samples: int, micro_batch_size: int) -> dict:
+        batches = run.valid_batches(micro_batch_size, ctx, num_samples)
+        return evaluate_distill([ddp], batches, ctx, len(batches), micro_batch_size, seq, loss)
+
+    job = TrainingJob(
+        name="distill", setting="distill", save=save, cfg=t, model=model, optimizer=optimizer,
+        scheduler=scheduler,
+        step=lambda batches: distill_train_step([ddp], optimizer, scheduler, batches, ctx,
+                                                inputs.num_microbatches, mbs, seq, loss),
+        evaluate=evaluate,
+        batches=lambda consumed: train_batches(run, mbs, ctx, consumed),
+        start=lambda: ckpt.load_checkpoint(rd.checkpoint_root(cfg.student.load), model.module, ctx),
+        check_resumable=lambda: check_same_model(cfg.save, run, "student"),
+        write_metadata=lambda: rd.write_model_yaml(save, run.model_cfg, run.padded_vocab, run.tokenizer_path),
+        summary=lambda final, metrics: _summary(final, metrics, run.params),
+        final_eval=(cfg.evaluate.samples, cfg.evaluate.micro_batch_size),
+        seq_length=seq,
+        guarded=GUARDED,
+    )
+    return run_training(job, ctx)
+
+
+def _summary(final: dict, metrics: dict, params: int) -> dict:
+    summary = {"val_loss": final["val_loss"], "kd_loss": final["val_kd_loss"], "ppl": final["ppl"],
+               "train_loss": metrics.get("loss"), "train_kd_loss": metrics.get("kd_loss"), "params": params}
+    if "val_is_loss" in final:
+        summary["is_loss"] = final["val_is_loss"]
     return summary
-
-
-def _guard(metrics: dict, step: int, save: Path) -> None:
-    """Stop on the first non-finite loss component. Every rank sees the same reduced
-    values, so all ranks stop together; nothing is saved after a bad step."""
-    for name in GUARDED:
-        value = metrics.get(name)
-        if value is not None and not math.isfinite(value):
-            raise TrainingDiverged(step, name, value, ckpt.latest_iteration(rd.checkpoint_root(save)))
-
-
-def _start_state(cfg: DistillCommand, inputs: DistillInputs, model: DistillationModel, optimizer, scheduler,
-                 ctx: ParallelContext) -> DistillState:
-    """Resume an unfinished save dir (student, projection, optimizer, schedule, RNG);
-    else start from the student run's weights."""
-    root = rd.checkpoint_root(cfg.save)
-    if ckpt.latest_iteration(root) is not None:
-        _check_same_student(cfg.save, inputs)
-        loaded = ckpt.load_checkpoint(root, model, ctx, optimizer, scheduler)
-        state = DistillState(**loaded["minitron"]["distill_state"])
-        if ctx.is_main:
-            print(f"resuming {cfg.save} from step {state.step}", flush=True)
-        return state
-    ckpt.load_checkpoint(rd.checkpoint_root(cfg.student.load), model.module, ctx)
-    return DistillState()
-
-
-def _check_same_student(save: str, inputs: DistillInputs) -> None:
-    saved_cfg, padded, _ = rd.read_model_yaml(save)
-    run = inputs.run
-    if saved_cfg.resolved() != run.model_cfg.resolved() or padded != run.padded_vocab:
-        raise ConfigError(f"save={save} holds an unfinished run of a different student; resume it with "
-                          "the same student.load, or choose a new save directory")
-
-
-def _save(save: Path, state: DistillState, model, optimizer, scheduler, ctx: ParallelContext) -> None:
-    extra = {"distill_state": {"step": state.step, "consumed_samples": state.consumed_samples}}
-    ckpt.save_checkpoint(rd.checkpoint_root(save), state.step, model, ctx, optimizer, scheduler, extra)

@@ -17,10 +17,11 @@ from minitron_megatron.distill.intermediate import IS_KINDS, layer_map_problems,
 from minitron_megatron.distill.losses import IMPLS, KINDS
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model import validate_model
+from minitron_megatron.model.build import DTYPES
 from minitron_megatron.runtime.context import ParallelContext
-from minitron_megatron.train.setup import RunInputs, prepare_run
-
-DTYPES = ("float32", "bfloat16", "float16")
+from minitron_megatron.runtime.parallel_rules import vocab_problems
+from minitron_megatron.train.driver import loop_problems
+from minitron_megatron.train.setup import RunInputs, evaluate_problems, prepare_run
 
 
 @dataclass
@@ -74,12 +75,9 @@ def teacher_parallel(parallel: ParallelConfig, student: ModelConfig, teacher: Mo
 
 
 def _settings_problems(cfg: DistillCommand, ctx: ParallelContext) -> List[str]:
-    d, t = cfg.distill, cfg.distill.train
-    problems = []
-    if cfg.save is None:
-        problems.append("save is required: the run directory for the distilled student, e.g. save=runs/student")
-    elif rd.is_complete(cfg.save):
-        problems.append(f"save={cfg.save} already holds a finished run (summary.json); choose a new directory")
+    d = cfg.distill
+    problems = loop_problems(d, "distill", cfg.save, "runs/student", ctx)
+    problems += evaluate_problems(cfg.evaluate, ctx)
     if d.logit_loss not in KINDS:
         problems.append(f"distill.logit_loss={d.logit_loss!r} is not one of {list(KINDS)}")
     if d.kd_impl not in IMPLS:
@@ -92,16 +90,6 @@ def _settings_problems(cfg: DistillCommand, ctx: ParallelContext) -> List[str]:
         problems.append(f"distill.kd_chunk_tokens={d.kd_chunk_tokens} must be >= 1 (or null)")
     if d.intermediate_loss is not None and d.intermediate_loss not in IS_KINDS:
         problems.append(f"distill.intermediate_loss={d.intermediate_loss!r} is not one of {list(IS_KINDS)} or null")
-    per_step = t.micro_batch_size * ctx.dp_size
-    for name in ("steps", "micro_batch_size", "eval_interval", "save_interval", "log_interval"):
-        if getattr(t, name) < 1:
-            problems.append(f"distill.train.{name}={getattr(t, name)} must be >= 1")
-    if per_step > 0 and t.global_batch_size % per_step:
-        problems.append(f"distill.train.global_batch_size={t.global_batch_size} must be a multiple of "
-                        f"distill.train.micro_batch_size={t.micro_batch_size} x data-parallel size {ctx.dp_size}")
-    if t.eval_samples < per_step:
-        problems.append(f"distill.train.eval_samples={t.eval_samples} must be >= micro_batch_size x DP size "
-                        f"({per_step})")
     return problems
 
 
@@ -112,9 +100,7 @@ def _model_problems(side: RunModel, parallel: ParallelConfig, tp: int) -> List[s
         validate_model(side.cfg, parallel)
     except ConfigError as err:
         problems += [f"{side.setting}={side.path}: {p}" for p in err.problems]
-    if side.padded_vocab % tp:
-        problems.append(f"{side.setting}={side.path}: parallel.tp={tp} does not divide its padded vocab "
-                        f"{side.padded_vocab}")
+    problems += [f"{side.setting}={side.path}: {p}" for p in vocab_problems(side.padded_vocab, tp)]
     return problems
 
 
@@ -186,9 +172,9 @@ def prepare_distill(cfg: DistillCommand, ctx: ParallelContext) -> DistillInputs:
 
     sources = prepare_data(cfg.data)
     teacher, student = check_distill(cfg, ctx, sources.tokenizer_model)
-    t = cfg.distill.train
+    t = cfg.distill
     run = prepare_run(replace(cfg, load=cfg.student.load), ctx, num_train_samples=t.steps * t.global_batch_size,
-                      num_valid_samples=t.eval_samples)
+                      num_valid_samples=max(t.eval_samples, cfg.evaluate.samples))
     run.model_cfg = replace(run.model_cfg, params_dtype=student.cfg.params_dtype)
     d = cfg.distill
     pairs = []

@@ -12,7 +12,7 @@ from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.runtime.context import ParallelContext
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -46,51 +46,27 @@ def pipeline_layer_split(num_layers: int, pp: int, layout: Optional[List[int]] =
 
 def validate_model(cfg: ModelConfig, parallel: ParallelConfig) -> None:
     """Every reason this model cannot be built at this TP/PP, in one ConfigError."""
+    from minitron_megatron.runtime.parallel_rules import model_parallel_problems
+
     cfg = cfg.resolved()
-    tp, pp = parallel.tp, parallel.pp
     problems = []
     if cfg.num_attention_heads % cfg.num_query_groups:
         problems.append(
             f"model.num_attention_heads={cfg.num_attention_heads} must be a multiple of "
             f"model.num_query_groups={cfg.num_query_groups}"
         )
-    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
-        value = getattr(cfg, name)
-        if value % tp:
-            problems.append(f"parallel.tp={tp} does not divide model.{name}={value}")
-    problems += _pipeline_problems(cfg.num_layers, pp, parallel.pp_layout)
-    if parallel.sequence_parallel and tp == 1:
-        problems.append("parallel.sequence_parallel=true needs parallel.tp>1")
-    if parallel.sequence_parallel and cfg.transformer_impl != "transformer_engine":
-        # Megatron's local spec wraps torch norms, which assert against sequence parallelism.
-        problems.append("parallel.sequence_parallel=true needs model.transformer_impl=transformer_engine "
-                        "(Megatron's local torch norms do not support it)")
+    problems += model_parallel_problems(cfg, parallel)
     for name, allowed in (
         ("normalization", ("RMSNorm", "LayerNorm")),
         ("activation", ("silu", "gelu", "squared_relu")),
         ("position_embedding_type", ("rope", "learned_absolute")),
         ("transformer_impl", ("local", "transformer_engine")),
-        ("params_dtype", tuple(_DTYPES)),
+        ("params_dtype", tuple(DTYPES)),
     ):
         if getattr(cfg, name) not in allowed:
             problems.append(f"model.{name}={getattr(cfg, name)!r} is not one of {list(allowed)}")
     if problems:
         raise ConfigError(problems)
-
-
-def _pipeline_problems(num_layers: int, pp: int, layout: Optional[List[int]]) -> List[str]:
-    if layout is not None:
-        if len(layout) != pp or sum(layout) != num_layers or min(layout) < 1:
-            return [
-                f"parallel.pp_layout={layout} must list {pp} positive layer counts summing to "
-                f"model.num_layers={num_layers}"
-            ]
-        if len(set(layout[1:-1])) > 1:
-            return [f"parallel.pp_layout={layout}: the middle stages must hold equal layer counts"]
-        return []
-    if num_layers < pp:
-        return [f"parallel.pp={pp} exceeds model.num_layers={num_layers}"]
-    return []
 
 
 def transformer_config(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelConfig):
@@ -99,7 +75,7 @@ def transformer_config(cfg: ModelConfig, ctx: ParallelContext, parallel: Paralle
     from megatron.core.transformer import TransformerConfig
 
     cfg = cfg.resolved()
-    dtype = _DTYPES[cfg.params_dtype]
+    dtype = DTYPES[cfg.params_dtype]
     split = pipeline_layer_split(cfg.num_layers, ctx.pp_size, parallel.pp_layout)
     uneven = len(set(split)) > 1
     on_cpu = ctx.device.type == "cpu"

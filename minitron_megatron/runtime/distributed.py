@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from minitron_megatron.runtime import cpu_support
 from minitron_megatron.runtime.context import ParallelContext
+from minitron_megatron.runtime.parallel_rules import world_problems
 
 
 def _env_int(*names: str, default: Optional[int] = None) -> Optional[int]:
@@ -73,11 +74,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def check_parallel_sizes(world_size: int, tp: int, pp: int) -> None:
-    if tp < 1 or pp < 1 or world_size % (tp * pp) != 0:
-        raise ValueError(
-            f"parallel.tp={tp} x parallel.pp={pp} must divide the world size {world_size} "
-            "(data parallel is world_size / (tp * pp))"
-        )
+    problems = world_problems(world_size, tp, pp)
+    if problems:
+        raise ValueError(problems[0])
 
 
 def set_seed(seed: int, ctx: ParallelContext) -> None:

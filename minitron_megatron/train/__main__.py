@@ -1,4 +1,6 @@
-from minitron_megatron.cli.train import main
+"""`python -m minitron_megatron.train`: see minitron_megatron.cli (registry.COMMANDS["train"])."""
 
 if __name__ == "__main__":
-    main()
+    from minitron_megatron.cli import main
+
+    main("train")

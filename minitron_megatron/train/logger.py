@@ -2,12 +2,15 @@
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from tqdm import tqdm
 
+from minitron_megatron.checkpoint.run_dir import atomic_write_text
 from minitron_megatron.config.train import TrainConfig
 from minitron_megatron.runtime.context import ParallelContext
+from minitron_megatron.runtime.faults import fault_point
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -17,6 +20,9 @@ class TrainLogger:
 
     `train_log.jsonl` holds one line per step; on resume, lines past the resumed
     step (written after the last checkpoint) are dropped so the log matches the run.
+    Each line is appended with one `write` on an O_APPEND descriptor, so it lands
+    whole; a line torn by an older crash is dropped on resume, with a warning.
+    Use as a context manager: the bar and the TensorBoard/wandb writers close on exit.
     """
 
     def __init__(self, run_dir, ctx: ParallelContext, cfg: TrainConfig, start_step: int = 0, prefix: str = "train"):
@@ -34,8 +40,16 @@ class TrainLogger:
     def _truncate(self, start_step: int) -> None:
         if not self.path.is_file():
             return
-        kept = [l for l in self.path.read_text().splitlines() if json.loads(l).get("step", 0) <= start_step]
-        self.path.write_text("".join(l + "\n" for l in kept))
+        kept = []
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                warnings.warn(f"{self.path}:{number}: dropping a torn log line (left by an earlier crash)")
+                continue
+            if record.get("step", 0) <= start_step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     @staticmethod
     def _tensorboard(run_dir):
@@ -52,9 +66,17 @@ class TrainLogger:
         os.environ.setdefault("WANDB_MODE", "offline")
         return wandb.init(dir=str(run_dir), project="minitron-megatron", name=Path(run_dir).name)
 
+    def _append(self, line: str) -> None:
+        data = line.encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fault_point("log.append", before_exit=lambda: os.write(fd, data[: len(data) // 2]))
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
     def _emit(self, step: int, metrics: dict, kind: str) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
+        self._append(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
         scalars = {f"{self.prefix}/{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.tb:
             for key, value in scalars.items():
@@ -75,6 +97,12 @@ class TrainLogger:
             return
         self._emit(step, metrics, "eval")
         self.bar.write(f"step {step}: val_loss {metrics['val_loss']:.4f} ppl {metrics['ppl']:.2f}")
+
+    def __enter__(self) -> "TrainLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if not self.active:

@@ -4,26 +4,20 @@ All checks run here, before any model is built, so bad input fails fast.
 """
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional
 
 from minitron_megatron.checkpoint import run_dir as rd
 from minitron_megatron.checkpoint.megatron_lm import is_megatron_lm_dir, padded_vocab_of
-from minitron_megatron.config.commands import CommonConfig
+from minitron_megatron.config.commands import CommonConfig, EvaluateConfig
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.train import OptimConfig
 from minitron_megatron.data import MicroBatchIterator, build_gpt_datasets, calibration_batches, load_tokenizer, prepare_data
 from minitron_megatron.errors import ConfigError
-from minitron_megatron.model import (
-    build_gpt_model,
-    count_model_parameters,
-    padded_vocab_size,
-    resolve_vocab,
-    transformer_config,
-    validate_model,
-)
+from minitron_megatron.model import build_gpt_model, count_model_parameters, padded_vocab_size, resolve_vocab, validate_model
 from minitron_megatron.runtime.context import ParallelContext
+from minitron_megatron.runtime.parallel_rules import vocab_problems
 
 
 @dataclass
@@ -38,12 +32,33 @@ class RunInputs:
     num_valid_samples: int
     params: Optional[int] = None
 
-    def valid_batches(self, micro_batch_size: int, ctx: ParallelContext) -> List[dict]:
-        """The fixed validation set: the first `num_valid_samples` samples, split over DP."""
+    def valid_batches(self, micro_batch_size: int, ctx: ParallelContext,
+                      num_samples: Optional[int] = None) -> List[dict]:
+        """The fixed validation set: the first `num_samples` (default: all `num_valid_samples`)
+        samples, split over DP. Within one pass over the validation split, the first N samples
+        do not depend on how many the dataset was built for, so every command scores the same ones."""
         per_step = micro_batch_size * ctx.dp_size
-        num = min(self.num_valid_samples, len(self.valid_ds))
+        num = min(num_samples or self.num_valid_samples, len(self.valid_ds))
         return list(calibration_batches(self.valid_ds, num - num % per_step, micro_batch_size,
                                         ctx.dp_rank, ctx.dp_size))
+
+
+def evaluate_problems(evaluate: EvaluateConfig, ctx: ParallelContext) -> List[str]:
+    """The `evaluate.*` settings of any command that scores a model at its end."""
+    per_step = evaluate.micro_batch_size * ctx.dp_size
+    if evaluate.micro_batch_size < 1:
+        return [f"evaluate.micro_batch_size={evaluate.micro_batch_size} must be >= 1"]
+    if evaluate.samples < per_step:
+        return [f"evaluate.samples={evaluate.samples} must be >= evaluate.micro_batch_size x DP size ({per_step})"]
+    return []
+
+
+def check_same_model(save: str, run: "RunInputs", what: str) -> None:
+    """An unfinished `save` dir resumes only with the model it was started with."""
+    saved_cfg, padded, _ = rd.read_model_yaml(save)
+    if saved_cfg.resolved() != run.model_cfg.resolved() or padded != run.padded_vocab:
+        raise ConfigError(f"save={save} holds an unfinished run of a different {what}; resume it with the same "
+                          "settings, or choose a new save directory")
 
 
 def _file_digest(path: str) -> str:
@@ -67,8 +82,8 @@ def resolve_model(cfg: CommonConfig, tokenizer_path: str, tokenizer_vocab: int, 
                 f"load={cfg.load} was trained with a different tokenizer than data={cfg.data.name} "
                 f"uses ({tokenizer_path}); use the data the run was trained on"
             )
-        if padded % tp:
-            raise ConfigError(f"parallel.tp={tp} does not divide the padded vocab {padded} of load={cfg.load}")
+        if vocab_problems(padded, tp):
+            raise ConfigError(f"load={cfg.load}: {vocab_problems(padded, tp)[0]}")
         return resolve_vocab(model_cfg, tokenizer_vocab), padded
     model_cfg = resolve_vocab(cfg.model, tokenizer_vocab)
     return model_cfg, padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, tp)
@@ -87,8 +102,9 @@ def prepare_run(cfg: CommonConfig, ctx: ParallelContext, num_train_samples: int,
     return RunInputs(model_cfg, padded, sources.tokenizer_model, train_ds, valid_ds, num_valid_samples)
 
 
-def build_model(run: RunInputs, cfg: CommonConfig, ctx: ParallelContext):
-    model = build_gpt_model(run.model_cfg, ctx, cfg.parallel, run.padded_vocab)
+def build_model(run: RunInputs, cfg: CommonConfig, ctx: ParallelContext, init: str = "random"):
+    """This rank's model (`init="none"` when a checkpoint load overwrites every weight next)."""
+    model = build_gpt_model(run.model_cfg, ctx, cfg.parallel, run.padded_vocab, init=init)
     run.params = count_model_parameters(model, ctx)
     return model
 

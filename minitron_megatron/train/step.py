@@ -99,7 +99,7 @@ def train_step(model_chunks, optimizer, scheduler, data_iterator, ctx: ParallelC
     scheduler.step(increment=1)
     return {
         **reported_means(outputs, metric_names or {"lm loss": "loss"}, ctx),
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,  # None: clipping off
         "lr": optimizer.param_groups[0]["lr"],
         "skipped": not ok,
     }

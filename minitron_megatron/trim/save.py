@@ -16,6 +16,7 @@ from typing import Optional
 from minitron_megatron.checkpoint import dist as ckpt
 from minitron_megatron.checkpoint import run_dir as rd
 from minitron_megatron.runtime.context import ParallelContext
+from minitron_megatron.runtime.faults import fault_point
 from minitron_megatron.trim.apply import TrimResult
 from minitron_megatron.trim.plan import TrimPlan
 
@@ -34,6 +35,7 @@ def save_trimmed(run_dir, result: TrimResult, plan: TrimPlan, padded_vocab: int,
     ctx.barrier()
     ckpt.save_checkpoint(rd.checkpoint_root(run_dir), CHECKPOINT_ITERATION, result.model, ctx,
                          extra={"trim": {"method": plan.method, "source": plan.source}})
+    fault_point("trim.save")
     if ctx.is_main:
         rd.write_summary(run_dir, summary)
     ctx.barrier()

@@ -17,6 +17,7 @@ from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.prune import PruneConfig
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model import build_gpt_model, count_model_parameters, parameter_count
+from minitron_megatron.runtime import clock
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.train import setup
 from minitron_megatron.train.step import evaluate_loss
@@ -67,7 +68,7 @@ def check_trim_settings(cfg: CommonConfig, prune: PruneConfig, ctx: ParallelCont
     problems, new_cfg = _setting_problems(cfg, prune, ctx, eval_samples, eval_micro_batch_size), None
     if cfg.load:  # a missing load is already reported
         try:
-            model_cfg, padded = _source_model(cfg)
+            model_cfg, padded = source_model(cfg)
             new_cfg = validate_target(model_cfg, prune.target, ctx.tp_size, ctx.pp_size, layout, padded)
         except ConfigError as err:
             problems += err.problems
@@ -94,7 +95,7 @@ def _setting_problems(cfg: CommonConfig, prune: PruneConfig, ctx: ParallelContex
     return problems
 
 
-def _source_model(cfg: CommonConfig):
+def source_model(cfg: CommonConfig):
     """(model config, padded vocab) of `cfg.load`, without data or a model."""
     from minitron_megatron.checkpoint.megatron_lm import is_megatron_lm_dir, padded_vocab_of
 
@@ -105,29 +106,53 @@ def _source_model(cfg: CommonConfig):
     return model_cfg, padded
 
 
+def source_parallel(cfg: CommonConfig):
+    """The model being pruned is always built with the even stage split: `parallel.pp_layout`
+    describes the PRUNED model."""
+    return replace(cfg.parallel, pp_layout=None)
+
+
+def load_source(run, cfg: CommonConfig, ctx: ParallelContext, parallel=None):
+    """This rank's shard of `cfg.load` (at `parallel`, default `source_parallel(cfg)`), built
+    without initialisation and read once."""
+    parallel = parallel or source_parallel(cfg)
+    model = build_gpt_model(run.model_cfg, ctx, parallel, run.padded_vocab, init="none")
+    ckpt.load_checkpoint(rd.checkpoint_root(cfg.load), model, ctx)
+    return model
+
+
 def trim_stage(cfg: CommonConfig, prune: PruneConfig, ctx: ParallelContext, *,
                scores: Optional[Dict[str, torch.Tensor]] = None, pp_layout: Optional[List[int]] = None,
                eval_samples: int = 64, eval_micro_batch_size: int = 4) -> dict:
     """Prune `cfg.load` into `cfg.save` at this TP/PP; returns the summary (also summary.json).
 
-    `pp_layout`: layers per stage of the PRUNED model (None: `cfg.parallel.pp_layout`, whose
-    None is an even split); the source model is always built with the even split.
-    `eval_samples=0` skips the zero-shot evaluation.
+    The stand-alone trim: checks, data, one load, then `trim_model`. `pp_layout`: layers
+    per stage of the PRUNED model (None: `cfg.parallel.pp_layout`, whose None is an even
+    split). `eval_samples=0` skips the zero-shot evaluation.
     """
     pp_layout = pp_layout if pp_layout is not None else cfg.parallel.pp_layout
-    check_trim_settings(cfg, prune, ctx, pp_layout, eval_samples, eval_micro_batch_size)
-    run = setup.prepare_run(cfg, ctx, num_train_samples=1, num_valid_samples=max(eval_samples, 1))
-    new_cfg = validate_target(run.model_cfg, prune.target, ctx.tp_size, ctx.pp_size, pp_layout, run.padded_vocab)
+    new_cfg = check_trim_settings(cfg, prune, ctx, pp_layout, eval_samples, eval_micro_batch_size)
+    run = setup.prepare_run(replace(cfg, parallel=source_parallel(cfg)), ctx, num_train_samples=1,
+                            num_valid_samples=max(eval_samples, 1))
     if prune.method == "importance" and scores is not None:
         check_scores(run.model_cfg, scores, sorted(scores))  # wrong shapes fail before loading
-    start = time.time()
-    source_parallel = replace(cfg.parallel, pp_layout=None)
-    model = build_gpt_model(run.model_cfg, ctx, source_parallel, run.padded_vocab, init="none")
-    ckpt.load_checkpoint(rd.checkpoint_root(cfg.load), model, ctx)
+    model = load_source(run, cfg, ctx)
+    return trim_model(model, run, cfg, prune, ctx, new_cfg, scores=scores, pp_layout=pp_layout,
+                      eval_samples=eval_samples, eval_micro_batch_size=eval_micro_batch_size)
+
+
+def trim_model(model, run, cfg: CommonConfig, prune: PruneConfig, ctx: ParallelContext, new_cfg: ModelConfig, *,
+               scores: Optional[Dict[str, torch.Tensor]], pp_layout: Optional[List[int]], eval_samples: int,
+               eval_micro_batch_size: int, extra_summary: Optional[dict] = None) -> dict:
+    """Plan -> apply -> count -> zero-shot eval -> save, on the loaded source `model` (consumed).
+
+    `new_cfg` is `check_trim_settings`' result (validated once, before any heavy work).
+    """
+    new_cfg = replace(new_cfg, vocab_size=run.model_cfg.vocab_size)  # a Megatron-LM source takes it from data
     params_before = count_model_parameters(model, ctx)
     plan = make_plan(prune, run.model_cfg, new_cfg, scores=scores, model=model, ctx=ctx, seed=cfg.seed)
     trim_start = time.time()
-    result = apply_plan(model, plan, run.model_cfg, ctx, source_parallel, run.padded_vocab, pp_layout)
+    result = apply_plan(model, plan, run.model_cfg, ctx, source_parallel(cfg), run.padded_vocab, pp_layout)
     trim_seconds = time.time() - trim_start
     del model
     params_after = count_model_parameters(result.model, ctx)
@@ -137,9 +162,11 @@ def trim_stage(cfg: CommonConfig, prune: PruneConfig, ctx: ParallelContext, *,
     summary = {"params_before": params_before, "params_after": params_after, "val_loss": None, "ppl": None,
                "method": plan.method, "trim_seconds": round(trim_seconds, 2)}
     if eval_samples:
-        batches = run.valid_batches(eval_micro_batch_size, ctx)
+        eval_start = time.time()
+        batches = run.valid_batches(eval_micro_batch_size, ctx, eval_samples)
         val = evaluate_loss([result.model], batches, ctx, len(batches), eval_micro_batch_size, new_cfg.seq_length)
-        summary.update(val_loss=val["val_loss"], ppl=val["ppl"])
-    summary["seconds"] = round(time.time() - start, 1)
+        summary.update(val_loss=val["val_loss"], ppl=val["ppl"], eval_seconds=round(time.time() - eval_start, 2))
+    summary.update(extra_summary or {})
+    summary["seconds"] = clock.elapsed()
     save_trimmed(cfg.save, result, plan, run.padded_vocab, run.tokenizer_path, ctx, summary)
     return summary

@@ -29,6 +29,7 @@ from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.prune import TrimTarget
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model.params import parameter_count
+from minitron_megatron.runtime.parallel_rules import pipeline_problems, tensor_parallel_problems
 
 WIDTH_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers")
 
@@ -127,21 +128,8 @@ def _attention_problems(old: ModelConfig, new: ModelConfig) -> List[str]:
 
 
 def _parallel_problems(new: ModelConfig, tp: int, pp: int, pp_layout, padded_vocab) -> List[str]:
-    problems = [f"parallel.tp={tp} does not divide the pruned {name}={getattr(new, name)}"
-                for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size")
-                if getattr(new, name) % tp]
-    if padded_vocab is not None and padded_vocab % tp:
-        problems.append(f"parallel.tp={tp} does not divide the padded vocab {padded_vocab}")
-    layers = new.num_layers
-    if pp_layout is not None:
-        if len(pp_layout) != pp or sum(pp_layout) != layers or min(pp_layout) < 1:
-            problems.append(f"parallel.pp_layout={list(pp_layout)} must list {pp} positive layer counts "
-                            f"summing to the pruned num_layers={layers}")
-        elif len(set(pp_layout[1:-1])) > 1:
-            problems.append(f"parallel.pp_layout={list(pp_layout)}: the middle stages must hold equal layer counts")
-    elif layers < pp:
-        problems.append(f"the pruned num_layers={layers} is fewer than parallel.pp={pp} pipeline stages")
-    return problems
+    return (tensor_parallel_problems(new, tp, padded_vocab, subject="the pruned ")
+            + pipeline_problems(new.num_layers, pp, pp_layout, subject="the pruned "))
 
 
 def resolve_budget(old: ModelConfig, new: ModelConfig, budget: float, tp: int,

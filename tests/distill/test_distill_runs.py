@@ -18,9 +18,10 @@ from tests.commands import SMALL, run_command, summary
 
 STUDENT_ARCH = ["model.num_layers=2", "model.hidden_size=48", "model.ffn_hidden_size=96"]
 DISTILL = [
-    "device=cpu", "distill.train.micro_batch_size=4", "distill.train.global_batch_size=8",
-    "distill.train.eval_samples=16", "distill.train.log_interval=1", "distill.train.optim.warmup_steps=1",
-    "distill.train.steps=4", "distill.train.eval_interval=4", "distill.train.save_interval=2",
+    "device=cpu", "distill.micro_batch_size=4", "distill.global_batch_size=8",
+    "distill.eval_samples=16", "distill.log_interval=1", "distill.optim.warmup_steps=1",
+    "distill.steps=4", "distill.eval_interval=4", "distill.save_interval=2",
+    "evaluate.samples=16", "evaluate.micro_batch_size=4",  # the summary's val_loss, as `evaluate` measures it
 ]
 INTERMEDIATE = ["distill.intermediate_loss=cosine", "distill.embedding_loss=true"]
 COMPONENTS = ("loss", "kd_loss", "lm_loss", "is_loss")
@@ -70,7 +71,7 @@ def test_identical_student_has_zero_losses(tmp_path, pair):
     teacher = pair[0].split("=", 1)[1]
     shutil.copytree(teacher, tmp_path / "copy", ignore=shutil.ignore_patterns("summary.json"))
     out = summary(distill(pair[0], f"student.load={tmp_path / 'copy'}", *INTERMEDIATE,
-                          "distill.train.steps=1", f"save={tmp_path / 'run'}"))
+                          "distill.steps=1", f"save={tmp_path / 'run'}"))
     first = steps(tmp_path / "run")[1]
     assert first["kd_loss"] == 0.0 and abs(first["is_loss"]) < 1e-5, first
     assert out["kd_loss"] < 1e-6 and out["is_loss"] < 1e-5 and out["val_loss"] > 0
@@ -107,7 +108,7 @@ def test_stop_and_resume_gives_the_same_later_losses(intermediate_run, pair, tmp
     order restarting, the teacher leaking into the student's checkpoint."""
     save, ref = intermediate_run
     split = tmp_path / "split"
-    stopped = summary(distill(*pair, *INTERMEDIATE, "distill.train.exit_after_steps=2", f"save={split}"))
+    stopped = summary(distill(*pair, *INTERMEDIATE, "distill.exit_after_steps=2", f"save={split}"))
     assert stopped == {"stopped_at": 2, "steps": 4, "resumable": True}
     resumed = summary(distill(*pair, *INTERMEDIATE, f"save={split}"))
     assert_same_curve(save, split, rel=1e-6)
@@ -119,8 +120,8 @@ def test_divergence_stops_with_last_good_checkpoint(pair, tmp_path):
     """Catches a NaN/Inf run that keeps going or saves poisoned weights: it stops with a
     non-zero exit naming the diverged component, the last committed checkpoint intact."""
     save = tmp_path / "run"
-    proc = distill(*pair, "distill.train.optim.lr=1e30", "distill.train.save_interval=1",
-                   "distill.train.eval_interval=100", f"save={save}", check=False)
+    proc = distill(*pair, "distill.optim.lr=1e30", "distill.save_interval=1",
+                   "distill.eval_interval=100", f"save={save}", check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     report = summary(proc)
     assert report["diverged"] in ("kd_loss", "lm_loss", "loss", "grad_norm")

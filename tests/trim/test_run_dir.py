@@ -38,7 +38,7 @@ def _trim_worker(rank, world, root):
     from minitron_megatron.config.prune import PruneConfig, TrimTarget
     from minitron_megatron.errors import ConfigError
     from minitron_megatron.runtime import init_runtime
-    from minitron_megatron.train.evaluate import evaluate_run
+    from minitron_megatron.recipes.evaluate import evaluate_run
     from minitron_megatron.trim import trim_stage
 
     root = Path(root)

@@ -13,14 +13,12 @@ def evaluate_run(cfg: EvaluateCommand, ctx: ParallelContext) -> dict:
     """Load `cfg.load` at this TP/PP and score `evaluate.samples` validation samples."""
     if not cfg.load:
         raise ConfigError("load is required: the run directory to evaluate, e.g. load=runs/teacher")
+    problems = setup.evaluate_problems(cfg.evaluate, ctx)
+    if problems:
+        raise ConfigError(problems)
     mbs = cfg.evaluate.micro_batch_size
-    if cfg.evaluate.samples < mbs * ctx.dp_size:
-        raise ConfigError(
-            f"evaluate.samples={cfg.evaluate.samples} must be >= evaluate.micro_batch_size x DP size "
-            f"({mbs * ctx.dp_size})"
-        )
     run = setup.prepare_run(cfg, ctx, num_train_samples=1, num_valid_samples=cfg.evaluate.samples)
-    model = setup.build_model(run, cfg, ctx)
+    model = setup.build_model(run, cfg, ctx, init="none")
     ckpt.load_checkpoint(rd.checkpoint_root(cfg.load), model, ctx)
     batches = run.valid_batches(mbs, ctx)
     result = evaluate_loss([model], batches, ctx, len(batches), mbs, run.model_cfg.seq_length)
