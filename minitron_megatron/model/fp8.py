@@ -68,7 +68,8 @@ class Fp8Gemm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_local] -> [..., out_local] in x's dtype."""
         lead = x.shape[:-1]
-        x_fp8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]), self.scaling, self.amax_group)  # [M, in_local], [M, 1]
+        # [M, in_local] and [M, 1]
+        x_fp8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]), self.scaling, self.amax_group)
         out = torch._scaled_mm(x_fp8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                out_dtype=x.dtype)  # [M, out_local]
         return out.view(*lead, out.shape[-1])
