@@ -110,3 +110,16 @@ def test_cpu_support_ends_with_the_runtime():
         from megatron.core.tensor_parallel import random as mrandom
 
         assert not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, cpu_support.CpuRNGStatesTracker)
+
+
+def test_cpu_support_runs_on_a_cuda_host(monkeypatch):
+    """Catches enable() refusing a machine that has CUDA: `device=cpu` (the CPU suite) must run
+    there beside the gpu tier. The host's CUDA is simulated: only `is_available` is asked."""
+    assert not cpu_support.is_enabled()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cpu_support.enable()
+    try:
+        assert torch.zeros(2, device="cuda").device.type == "cpu"
+    finally:
+        cpu_support.disable()
+    assert not cpu_support.is_enabled()
