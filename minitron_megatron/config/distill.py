@@ -12,6 +12,10 @@ class ModelSource:
     """A run directory (model.yaml + checkpoint/)."""
     params_dtype: Optional[str] = None
     """Override the run's dtype (e.g. bfloat16 for a frozen teacher on GPU); None keeps it."""
+    precision: Optional[str] = None
+    """Teacher only: fp8 (bf16 with FP8 GEMMs in its transformer linears: weights e4m3 per
+    output channel, activations per token; half the bf16 weight memory), bf16 or fp32,
+    applied after loading; None runs the teacher in its run's (or params_dtype's) dtype."""
 
 
 @dataclass

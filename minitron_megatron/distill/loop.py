@@ -30,6 +30,7 @@ GUARDED = ("kd_loss", "lm_loss", "is_loss", "loss", "grad_norm")
 def build_distillation_model(inputs: DistillInputs, cfg: DistillCommand, ctx: ParallelContext) -> DistillationModel:
     """Student (weights loaded later: from student.load, or from save= on resume) and the
     loaded, frozen teacher, this rank's pipeline stage of each."""
+    from minitron_megatron.distill.teacher import apply_teacher_precision
     from minitron_megatron.model import build_gpt_model, count_model_parameters
 
     run = inputs.run
@@ -40,6 +41,7 @@ def build_distillation_model(inputs: DistillInputs, cfg: DistillCommand, ctx: Pa
     # spec's torch norms stay float32, so cast every parameter to the teacher's dtype here.
     teacher = teacher.to(teacher.config.params_dtype)
     ckpt.load_checkpoint(rd.checkpoint_root(inputs.teacher.path), teacher, ctx)
+    teacher = apply_teacher_precision(teacher, cfg.teacher.precision)
     projection = None
     if inputs.use_projection:
         projection = build_projection(run.model_cfg.hidden_size, inputs.teacher.cfg.hidden_size,

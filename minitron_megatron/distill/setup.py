@@ -15,6 +15,7 @@ from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.distill.intermediate import IS_KINDS, layer_map_problems, resolve_layer_map
 from minitron_megatron.distill.losses import IMPLS, KINDS
+from minitron_megatron.distill.teacher import PRECISIONS
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model import validate_model
 from minitron_megatron.model.build import DTYPES
@@ -78,6 +79,12 @@ def _settings_problems(cfg: DistillCommand, ctx: ParallelContext) -> List[str]:
     d = cfg.distill
     problems = loop_problems(d, "distill", cfg.save, "runs/student", ctx)
     problems += evaluate_problems(cfg.evaluate, ctx)
+    if cfg.teacher.precision is not None and cfg.teacher.precision not in PRECISIONS:
+        problems.append(f"teacher.precision={cfg.teacher.precision!r} is not one of {list(PRECISIONS)} "
+                        "(or null: the teacher run's own dtype)")
+    if cfg.student.precision is not None:
+        problems.append(f"student.precision={cfg.student.precision!r}: only the frozen teacher takes a precision; "
+                        "set the student's dtype with student.params_dtype")
     if d.logit_loss not in KINDS:
         problems.append(f"distill.logit_loss={d.logit_loss!r} is not one of {list(KINDS)}")
     if d.kd_impl not in IMPLS:

@@ -70,7 +70,12 @@ def validate_model(cfg: ModelConfig, parallel: ParallelConfig) -> None:
 
 
 def transformer_config(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelConfig):
-    """The Megatron `TransformerConfig` for `cfg` at the context's TP/PP sizes."""
+    """The Megatron `TransformerConfig` for `cfg` at the context's TP/PP sizes.
+
+    Only `ctx.device.type` decides CPU vs GPU settings (initialisation path, fused kernels):
+    nothing here touches CUDA, so a context that says cuda gives exactly the GPU run's config
+    on a CPU machine, and tests check it against Megatron's asserts there.
+    """
     from megatron.core.activations import squared_relu
     from megatron.core.transformer import TransformerConfig
 
@@ -108,14 +113,44 @@ def transformer_config(cfg: ModelConfig, ctx: ParallelContext, parallel: Paralle
         # CPU init draws the full weight from one generator and splits it, so weights
         # are the same at every TP size: that is what makes TP=2 == TP=1 testable.
         use_cpu_initialization=on_cpu,
-        # Fusions need apex/TE/CUDA kernels; plain torch ops on CPU.
-        bias_activation_fusion=not on_cpu and cfg.add_bias_linear,
-        masked_softmax_fusion=not on_cpu,
+        # Plain torch ops on CPU. On CUDA a fusion is enabled only where its kernel exists:
+        # Megatron reads these flags as "use the kernel", it does not check for one.
+        # Bias-activation and bias-dropout fusions are Megatron's own jit (torch.compile) code.
+        bias_activation_fusion=not on_cpu and cfg.add_bias_linear and cfg.activation in ("silu", "gelu"),
+        masked_softmax_fusion=not on_cpu and _softmax_kernels_importable(),
         bias_dropout_fusion=not on_cpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        persist_layer_norm=not on_cpu,
+        persist_layer_norm=not on_cpu and _persistent_norm_usable(cfg),
     )
+
+
+SOFTMAX_KERNELS = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda", "scaled_softmax_cuda")
+"""Megatron's fused softmax imports these compiled extensions at forward time (causal,
+masked and unmasked paths); the pip megatron-core ships none of them."""
+
+
+def _softmax_kernels_importable() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in SOFTMAX_KERNELS)
+
+
+def _persistent_norm_usable(cfg: ModelConfig) -> bool:
+    """`persist_layer_norm` only selects apex's persistent kernel inside Megatron's
+    FusedLayerNorm; WrappedTorchNorm (the local spec's norm without apex, and always for
+    RMSNorm) asserts against the flag. So: only when every norm the model builds is a
+    FusedLayerNorm and apex's kernel imports."""
+    from megatron.core.fusions import fused_layer_norm
+
+    if not fused_layer_norm.HAVE_PERSIST_LAYER_NORM:
+        return False
+    from megatron.core.transformer import transformer_block
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    layer = layer_spec(cfg).submodules
+    norms = {layer.input_layernorm, layer.pre_mlp_layernorm, transformer_block.LayerNormImpl} - {IdentityOp}
+    return norms == {fused_layer_norm.FusedLayerNorm}
 
 
 def layer_spec(cfg: ModelConfig):
@@ -166,8 +201,10 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
     if init != "random":
         config = replace(config, init_method=_no_init, output_layer_init_method=_no_init,
                          embedding_init_method=_no_init)
-    cpu_init = config.use_cpu_initialization
-    config.use_cpu_initialization = cpu_init or init == "meta"  # explicit-device paths would allocate
+    build_flags = _meta_build_flags(cfg) if init == "meta" else {}
+    saved = {name: getattr(config, name) for name in build_flags}
+    for name, value in build_flags.items():
+        setattr(config, name, value)
     with torch.device("meta") if init == "meta" else contextlib.nullcontext():
         model = GPTModel(
             config=config,
@@ -181,5 +218,22 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
             rotary_percent=cfg.rotary_percent,
             rotary_base=cfg.rotary_base,
         )
-    config.use_cpu_initialization = cpu_init  # every module shares this config object
+    for name, value in saved.items():  # every module shares this config object: the run's flags again
+        setattr(config, name, value)
     return model if init == "meta" else model.to(ctx.device)
+
+
+def _meta_build_flags(cfg: ModelConfig) -> dict:
+    """Config flags that put a build's parameters on the meta device.
+
+    Transformer Engine modules allocate on the device their config names: `init_model_with_meta_device`
+    gives "meta", but only without `use_cpu_initialization` (checked first, it gives "cpu": a full
+    host copy). Megatron's own layers (the local spec; embedding and output layer in both) have
+    no meta switch: with CPU init they allocate without a device, so the meta context applies;
+    without it they name the GPU. So the TE spec keeps the run's CPU-init flag (False on CUDA:
+    its embedding and output layer are then allocated on the GPU, as in Megatron-LM's own meta
+    init), and the local spec builds with CPU init.
+    """
+    if cfg.transformer_impl == "transformer_engine":
+        return {"init_model_with_meta_device": True}
+    return {"init_model_with_meta_device": True, "use_cpu_initialization": True}

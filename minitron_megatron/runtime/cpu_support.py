@@ -13,7 +13,9 @@ Megatron-core assumes CUDA in a handful of places on the GPT path we use
    gradient clipping (found on 0.16.1, not in ENVIRONMENT.md's list).
 
 `enable()` redirects exactly these to the CPU, and is called by `init_runtime`
-only when the run's device is the CPU. Nothing here changes numerics: with it,
+only when the run's device is the CPU (also on a machine that has CUDA: the CPU
+suite can run beside GPU tests); `disable()`, called by `destroy_runtime`, undoes
+every patch, so nothing outlives the runtime. Nothing here changes numerics: with it,
 `GPTModel` (local spec, `use_cpu_initialization=True`, float32) trains at TP, PP
 and DP > 1 over gloo. It is meant for small models; real runs use GPUs.
 """
@@ -25,7 +27,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
-_enabled = False
+_active = None  # the _Patches of the enabled runtime, or None
 
 
 def _is_cuda_device(device) -> bool:
@@ -141,22 +143,59 @@ def import_megatron_eagerly() -> None:
         torch.compile = original
 
 
+class _Patches:
+    """What `enable()` replaced, kept so that `disable()` can put it back."""
+
+    def __init__(self):
+        from megatron.core.tensor_parallel import random as mrandom
+
+        self.current_device = torch.cuda.current_device
+        self.synchronize = torch.cuda.synchronize
+        self.tracker = (mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED)
+        self.mode = _CudaToCpuMode()
+
+    def restore(self) -> None:
+        from megatron.core.tensor_parallel import random as mrandom
+
+        stack = torch.overrides._get_current_function_mode_stack()
+        if not stack or stack[-1] is not self.mode:
+            # Popping would remove someone else's mode (e.g. an open `with torch.device(...)`).
+            raise RuntimeError("cpu_support.disable(): another TorchFunctionMode was entered after "
+                               "enable() and is still active; exit it first")
+        self.mode.__exit__(None, None, None)
+        torch.cuda.current_device = self.current_device
+        torch.cuda.synchronize = self.synchronize
+        mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = self.tracker
+
+
 def enable() -> None:
-    """Redirect Megatron-core's CUDA assumptions to the CPU (idempotent)."""
-    global _enabled
-    if _enabled:
+    """Redirect Megatron-core's CUDA assumptions to the CPU until `disable()` (idempotent).
+
+    Works on a machine with CUDA too: a `device=cpu` run there keeps every tensor on the CPU.
+    """
+    global _active
+    if _active is not None:
         return
-    if torch.cuda.is_available():
-        raise RuntimeError("cpu_support.enable() is for CPU runs; this machine has CUDA")
     import_megatron_eagerly()
+    patches = _Patches()
     torch.cuda.current_device = lambda: _CPU
     torch.cuda.synchronize = lambda device=None: None
-    # Entered for the life of the process: the schedules and optimizer create these
-    # tensors from many call sites, including user forward-step functions.
-    _CudaToCpuMode().__enter__()
+    # Entered for the life of the runtime, not around calls: the schedules and optimizer
+    # create these tensors from many call sites, including user forward-step functions.
+    patches.mode.__enter__()
     install_rng_tracker()
-    _enabled = True
+    _active = patches
+
+
+def disable() -> None:
+    """Undo `enable()`: CUDA calls, device kwargs and Megatron's RNG tracker are torch's and
+    Megatron's own again (idempotent; a no-op when not enabled)."""
+    global _active
+    if _active is None:
+        return
+    _active.restore()
+    _active = None
 
 
 def is_enabled() -> bool:
-    return _enabled
+    return _active is not None

@@ -108,6 +108,7 @@ def init_runtime(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 123
         cpu_support.silence_accelerator_warnings()
         cpu_support.enable()
     else:
+        cpu_support.disable()  # a CUDA runtime after a CPU one in the same process
         # Modulo: sites that bind one GPU per task expose a single device to each rank.
         local_device = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(local_device)
@@ -150,3 +151,4 @@ def destroy_runtime() -> None:
         mps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    cpu_support.disable()  # the CPU redirections live as long as the runtime, not the process

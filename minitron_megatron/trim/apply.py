@@ -104,7 +104,7 @@ def _copy_layers(old_model, new_model, plan: TrimPlan, old_cfg: ModelConfig, hid
             if dst == src:
                 _fill(new_local[j], tensors, copy=not release)
             else:
-                dist.send(torch.cat([t.reshape(-1) for t in tensors]), pp_ranks[dst])
+                _send_layer(tensors, pp_ranks[dst])
             if release:
                 _release(old_local[i])
         elif ctx.pp_rank == dst:
@@ -152,12 +152,33 @@ def _assign(root: torch.nn.Module, name: str, t: torch.Tensor, copy: bool = Fals
     module._parameters[leaf] = new
 
 
+def _dtype_groups(dtypes: List[torch.dtype]) -> Dict[torch.dtype, List[int]]:
+    """Parameter positions per dtype, in order of first appearance (the same on both sides:
+    old and new layers have the same parameters). A bf16 layer of the local spec keeps its
+    torch norms in float32, so one concatenated buffer would promote the layer to float32."""
+    groups: Dict[torch.dtype, List[int]] = {}
+    for i, dtype in enumerate(dtypes):
+        groups.setdefault(dtype, []).append(i)
+    return groups
+
+
+def _send_layer(tensors: List[torch.Tensor], dst_rank: int) -> None:
+    """One packed buffer per dtype (one message for a single-dtype layer)."""
+    for positions in _dtype_groups([t.dtype for t in tensors]).values():
+        dist.send(torch.cat([tensors[i].reshape(-1) for i in positions]), dst_rank)
+
+
 def _recv_layer(layer, src_rank: int, device) -> List[torch.Tensor]:
-    """One packed buffer per layer: a single message, sized by the receiving layer's shapes."""
+    """The layer's tensors from `_send_layer`, sized and typed by the receiving layer's parameters."""
     params = list(layer.parameters())
-    buf = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=device)
-    dist.recv(buf, src_rank)
-    return [chunk.view(p.shape) for chunk, p in zip(buf.split([p.numel() for p in params]), params)]
+    out: List[Optional[torch.Tensor]] = [None] * len(params)
+    for dtype, positions in _dtype_groups([p.dtype for p in params]).items():
+        sizes = [params[i].numel() for i in positions]
+        buf = torch.empty(sum(sizes), dtype=dtype, device=device)
+        dist.recv(buf, src_rank)
+        for i, chunk in zip(positions, buf.split(sizes)):
+            out[i] = chunk.view(params[i].shape)
+    return out
 
 
 def _release(module) -> None:

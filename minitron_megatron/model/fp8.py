@@ -1,0 +1,139 @@
+"""FP8 (e4m3) GEMMs for the linear layers of a frozen GPTModel (local spec, no Transformer Engine).
+
+Megatron's ColumnParallelLinear / RowParallelLinear `forward` does all TP communication
+(copy-to / gather-from the TP region for column, reduce for row, the bias placement) around
+one local GEMM, `self._forward_impl(input, weight, bias, ...)`. Only that GEMM is replaced,
+per instance, so every collective stays Megatron's own.
+
+Quantisation: weights once, per output channel (a row of the [out, in] weight), scale =
+row amax / 448; activations per token (default) or per tensor, at every call. A row-parallel
+layer's weight and input are split along `in` over TP, so their amaxes are max-reduced over the
+layer's TP group (once for the weight; per call an [M, 1] all-reduce, tiny beside the layer's
+[M, h] output all-reduce): scales, and so results, do not depend on the TP size. Without it
+each shard's rounding differs, and TP=2 differs from TP=1 by as much as FP8 from bf16.
+
+`torch._scaled_mm`, as checked on torch 2.13 CPU: both operands float8_e4m3fn, the second
+column-major (the `.t()` of a row-major [out, in] weight), float32 scales that are either
+both singletons (tensorwise) or [M, 1] and [1, N] (rowwise); a mix is rejected, so per-tensor
+activation scales are expanded to [M, 1]. out_dtype bf16, fp16 or fp32. On CUDA (not run
+here) rowwise scaling also wants bf16 output and dimensions that are multiples of 16.
+Forward only: `_scaled_mm` has no backward here, which a frozen teacher never needs.
+"""
+
+import functools
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+SCALINGS = ("token", "tensor")
+LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+_MIN_AMAX = 1e-12  # an all-zero row or token gets a harmless scale, not a division by zero
+
+
+def quantize_rows(x: torch.Tensor, scaling: str = "token",
+                  amax_group: Optional[dist.ProcessGroup] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (FP8 [M, K], float32 scales [M, 1]) with x ~= fp8 * scale.
+
+    "token": one scale per row; "tensor": one for all rows (repeated, see the module docstring).
+    With `amax_group`, x is this rank's slice of K and the amax is that of the whole K.
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"activation scaling {scaling!r} is not one of {list(SCALINGS)}")
+    x = x.float()
+    amax = x.abs().amax(dim=-1, keepdim=True) if scaling == "token" else x.abs().amax().reshape(1, 1)
+    if amax_group is not None and dist.get_world_size(amax_group) > 1:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=amax_group)
+    scale = (amax.clamp(min=_MIN_AMAX) / FP8_MAX).expand(x.shape[0], 1).contiguous()  # [M, 1]
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Fp8Gemm(torch.nn.Module):
+    """One linear's local GEMM in FP8: y = x @ W.T for this rank's weight shard."""
+
+    def __init__(self, weight: torch.Tensor, scaling: str = "token",
+                 amax_group: Optional[dist.ProcessGroup] = None):
+        super().__init__()
+        if scaling not in SCALINGS:
+            raise ValueError(f"activation scaling {scaling!r} is not one of {list(SCALINGS)}")
+        self.scaling, self.amax_group = scaling, amax_group
+        # [out/tp, in] (column) or [out, in/tp] (row, with its TP group: whole-row amaxes)
+        w_fp8, scale = quantize_rows(weight.detach(), "token", amax_group)
+        # Not persistent: the frozen teacher is never checkpointed, and its checkpoint is bf16/fp32.
+        self.register_buffer("weight_fp8", w_fp8, persistent=False)
+        self.register_buffer("weight_scale", scale.t().contiguous(), persistent=False)  # [1, out_local]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_local] -> [..., out_local] in x's dtype."""
+        lead = x.shape[:-1]
+        # [M, in_local] and [M, 1]
+        x_fp8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]), self.scaling, self.amax_group)
+        out = torch._scaled_mm(x_fp8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                               out_dtype=x.dtype)  # [M, out_local]
+        return out.view(*lead, out.shape[-1])
+
+    def _apply(self, fn, recurse=True):
+        """Follow device moves only: a dtype cast of the whole model (`.bfloat16()`, Megatron-LM's
+        Float16Module) must not turn FP8 data and float32 scales into bf16. The target device
+        is read off `fn` applied to an empty probe."""
+        device = fn(torch.empty(0, device=self.weight_fp8.device)).device
+        self.weight_fp8 = self.weight_fp8.to(device)
+        self.weight_scale = self.weight_scale.to(device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight_fp8.shape)}, scaling={self.scaling}"
+
+
+def _fp8_forward_impl(gemm: Fp8Gemm, input, weight, bias, gradient_accumulation_fusion=False,
+                      allreduce_dgrad=False, sequence_parallel=False, tp_group=None, **_unused):
+    """Megatron's `linear_with_frozen_weight` (same signature and sequence-parallel gather, bias
+    added after the GEMM) with the matmul in FP8. `weight` is Megatron's bf16 one: unused."""
+    if sequence_parallel:
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
+    out = gemm(input)
+    return out + bias if bias is not None else out
+
+
+def convert_linear(linear, scaling: str = "token", weight: Optional[torch.Tensor] = None) -> Fp8Gemm:
+    """Give one Column/RowParallelLinear an FP8 local GEMM, in place; frees its own weight.
+
+    `weight` is for a linear without one of its own (a tied output layer uses the embedding's).
+    """
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    if not isinstance(linear, (ColumnParallelLinear, RowParallelLinear)):
+        raise TypeError(f"{type(linear).__name__} is not a Megatron Column/RowParallelLinear (TE layers "
+                        "have their own FP8 path: use Transformer Engine's recipes)")
+    own = linear.weight is not None
+    source = linear.weight if own else weight
+    row_parallel = isinstance(linear, RowParallelLinear)
+    gemm = Fp8Gemm(source, scaling, amax_group=linear.tp_group if row_parallel else None)
+    linear.fp8_gemm = gemm  # a submodule, so `.to(device)` moves it
+    linear._forward_impl = functools.partial(_fp8_forward_impl, gemm)  # shadows the class method
+    if own:  # the bf16 copy would keep the memory FP8 is for; Megatron's forward still reads .weight
+        linear.weight = torch.nn.Parameter(source.new_empty(0), requires_grad=False)
+    return gemm
+
+
+def convert_to_fp8(model, scaling: str = "token", output_layer: bool = False) -> List[str]:
+    """FP8 GEMMs for every transformer linear of a frozen GPTModel shard (and, with
+    `output_layer`, the logits GEMM); returns the converted module names.
+
+    Collective over each layer's TP group (row-parallel weight scales), so every TP rank calls it.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in LINEARS:
+            convert_linear(module, scaling)
+            names.append(name)
+    if output_layer and getattr(model, "post_process", False):
+        tied = model.output_layer.weight is None
+        weight = model.shared_embedding_or_output_weight() if tied else None
+        convert_linear(model.output_layer, scaling, weight=weight)
+        names.append("output_layer")
+    return names
