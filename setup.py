@@ -27,7 +27,7 @@ setup(
         "wandb",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "hydra-submitit-launcher"],  # the launcher YAML is composed against its schema
         "triton": ["triton"],
         "slurm": ["hydra-submitit-launcher", "submitit"],
         # Transformer Engine and apex are optional accelerators, used when importable;

@@ -77,7 +77,21 @@ def test_real_family_parameter_counts(model):
     validate_model(cfg, ParallelConfig(tp=4, pp=4))  # Qwen2.5-7B: 28 heads in 4 groups, so not TP=8
 
 
-def test_launcher_config_composes_without_plugin():
-    for launcher in LAUNCHERS:
-        text = (CONF / "hydra" / "launcher" / f"{launcher}.yaml").read_text()
-        assert OmegaConf.create(text)
+def _compose_hydra(command, overrides=()):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=command, overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_launcher_config_composes_against_the_plugin_schema(launcher):
+    """Catches a misspelt or missing launcher key. Our YAML takes the plugin's place under
+    the same name (so Hydra does not check it against the plugin's schema itself): its keys
+    must be exactly the schema's, and merging into the schema must type-check."""
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+    cfg = _compose_hydra("train", [f"hydra/launcher={launcher}"]).hydra.launcher
+    schema = OmegaConf.structured(SlurmQueueConf)
+    assert set(cfg) == set(schema)
+    merged = OmegaConf.merge(schema, OmegaConf.to_container(cfg))
+    assert merged.tasks_per_node == merged.gpus_per_node and merged._target_.endswith("SlurmLauncher")

@@ -1,6 +1,6 @@
 """`distill` settings: knowledge distillation of a pruned student from its teacher."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 from minitron_megatron.config.train import TrainConfig

@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 
+DEPTH_METRICS = ("block_importance", "loss_drop", "contiguous")
+"""Layer rankings importance can compute (`prune.importance.depth_metrics`) and trimming can
+rank by (`prune.depth_metric`)."""
+
+
 @dataclass
 class ImportanceConfig:
     calibration_samples: int = 1024

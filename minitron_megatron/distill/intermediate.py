@@ -33,6 +33,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from minitron_megatron.model import modules
+
 IS_KINDS = ("cosine", "mse")
 EMBEDDING = "embedding"  # capture key of the embedding output
 
@@ -87,9 +89,9 @@ def capture_hidden_states(gpt_model, layers: Sequence[int], embedding: bool):
         return hook
 
     for index in sorted(set(layers)):
-        handles.append(gpt_model.decoder.layers[index].register_forward_hook(keep(index)))
+        handles.append(modules.decoder_layer(gpt_model, index).register_forward_hook(keep(index)))
     if embedding:
-        handles.append(gpt_model.embedding.register_forward_hook(keep(EMBEDDING)))
+        handles.append(modules.embedding(gpt_model).register_forward_hook(keep(EMBEDDING)))
     try:
         yield store
     finally:

@@ -41,22 +41,14 @@ def calibration_pass(model_chunks: List[torch.nn.Module], batches: List[dict], c
                      micro_batch_size: int, seq_length: int,
                      after_microbatch: Optional[Callable[[], None]] = None) -> None:
     """One forward-only pass over `batches` (this DP rank's microbatches) in eval mode."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from minitron_megatron.train.step import run_schedule
 
     modes = [chunk.training for chunk in model_chunks]
     for chunk in model_chunks:
         chunk.eval()
     try:
-        get_forward_backward_func()(
-            forward_step_func=calibration_forward_step(ctx.device, after_microbatch),
-            data_iterator=iter(batches),
-            model=model_chunks,
-            num_microbatches=len(batches),
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            decoder_seq_length=seq_length,
-            forward_only=True,
-        )
+        run_schedule(calibration_forward_step(ctx.device, after_microbatch), iter(batches), model_chunks,
+                     len(batches), micro_batch_size, seq_length, forward_only=True)
     finally:
         for chunk, mode in zip(model_chunks, modes):
             chunk.train(mode)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.importance.aggregation import WidthStat, head_token_norms, seq_finish, seq_moments
-from minitron_megatron.model.probes import ModelProbes
+from minitron_megatron.model.probes import HEAD_SITE, NEURON_SITE, ModelProbes
 from minitron_megatron.runtime.context import ParallelContext
 
 
@@ -115,8 +115,8 @@ class ImportanceCollector:
         A module that exists but is bypassed (e.g. a fused MLP implementation that never
         calls linear_fc2) would otherwise leave silent zero scores.
         """
-        sites = {**{f"layer{i}.self_attention.linear_proj": s for i, s in self.heads.items()},
-                 **{f"layer{i}.mlp.linear_fc2": s for i, s in self.neurons.items()}, **self.channels}
+        sites = {**{f"layer{i}.{HEAD_SITE}": s for i, s in self.heads.items()},
+                 **{f"layer{i}.{NEURON_SITE}": s for i, s in self.neurons.items()}, **self.channels}
         missed = [f"{name} ({stat.calls}/{microbatches})" for name, stat in sites.items()
                   if stat.calls != microbatches]
         if missed:

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from minitron_megatron.config.model import ModelConfig
-from minitron_megatron.config.prune import ImportanceConfig
+from minitron_megatron.config.prune import DEPTH_METRICS, ImportanceConfig
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.importance.aggregation import AGGREGATIONS
 from minitron_megatron.importance.calibration import calibration_pass
@@ -24,7 +24,6 @@ from minitron_megatron.importance.reduce import broadcast_scores, group_scores, 
 from minitron_megatron.model.probes import find_probes
 from minitron_megatron.runtime.context import ParallelContext
 
-DEPTH_METRICS = ("block_importance", "loss_drop", "contiguous")
 LOSS_METRICS = ("loss_drop", "contiguous")
 FORMAT_VERSION = 1
 

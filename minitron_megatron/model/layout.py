@@ -20,14 +20,12 @@ The TP dim and stride are read from each parameter's `partition_dim` / `partitio
 """
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 
 from minitron_megatron.config.model import ModelConfig
-from minitron_megatron.config.parallel import ParallelConfig
-from minitron_megatron.runtime.context import ParallelContext
 
 AXIS_QKV = "qkv"
 """Column-parallel rows; units = query groups of (heads_per_group + 2) * head_dim rows."""

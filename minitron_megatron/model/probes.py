@@ -39,6 +39,12 @@ def _first_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+HEAD_SITE = "self_attention.linear_proj"
+"""The module whose input holds the per-head attention outputs (named in messages)."""
+NEURON_SITE = "mlp.linear_fc2"
+"""The module whose input holds the MLP neurons' activations."""
+
+
 @dataclass
 class InputProbe:
     """Statistics of the input of `module` (e.g. linear_proj, linear_fc2)."""

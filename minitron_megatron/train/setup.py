@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 from minitron_megatron.checkpoint import run_dir as rd
-from minitron_megatron.checkpoint.megatron_lm import is_megatron_lm_dir, padded_vocab_of
+from minitron_megatron.checkpoint.megatron_lm import is_megatron_lm_dir
 from minitron_megatron.config.commands import CommonConfig, EvaluateConfig
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.train import OptimConfig
 from minitron_megatron.data import MicroBatchIterator, build_gpt_datasets, calibration_batches, load_tokenizer, prepare_data
 from minitron_megatron.errors import ConfigError
+from minitron_megatron.model.modules import padded_vocab_in_checkpoint
 from minitron_megatron.model import build_gpt_model, count_model_parameters, padded_vocab_size, resolve_vocab, validate_model
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.runtime.parallel_rules import vocab_problems
@@ -69,7 +70,7 @@ def resolve_model(cfg: CommonConfig, tokenizer_path: str, tokenizer_vocab: int, 
     """(model config, padded vocab): from `load`'s model.yaml if given, else from `model`."""
     if cfg.load and is_megatron_lm_dir(cfg.load):
         rd.check_loadable(cfg.load)  # architecture from `model=`, padded vocab from the checkpoint
-        model_cfg, padded = resolve_vocab(cfg.model, tokenizer_vocab), padded_vocab_of(cfg.load)
+        model_cfg, padded = resolve_vocab(cfg.model, tokenizer_vocab), padded_vocab_in_checkpoint(cfg.load)
         if padded < model_cfg.vocab_size or padded % tp:
             raise ConfigError(f"load={cfg.load}: its padded vocab {padded} does not fit model.vocab_size="
                               f"{model_cfg.vocab_size} at parallel.tp={tp}")

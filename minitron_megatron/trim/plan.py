@@ -13,9 +13,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from minitron_megatron.config.model import ModelConfig
+from minitron_megatron.config.prune import DEPTH_METRICS
 from minitron_megatron.errors import ConfigError
 
-DEPTH_METRICS = ("block_importance", "loss_drop", "contiguous")
 
 
 @dataclass

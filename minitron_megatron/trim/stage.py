@@ -97,11 +97,12 @@ def _setting_problems(cfg: CommonConfig, prune: PruneConfig, ctx: ParallelContex
 
 def source_model(cfg: CommonConfig):
     """(model config, padded vocab) of `cfg.load`, without data or a model."""
-    from minitron_megatron.checkpoint.megatron_lm import is_megatron_lm_dir, padded_vocab_of
+    from minitron_megatron.checkpoint.megatron_lm import is_megatron_lm_dir
+    from minitron_megatron.model.modules import padded_vocab_in_checkpoint
 
     rd.check_loadable(cfg.load)
     if is_megatron_lm_dir(cfg.load):
-        return cfg.model, padded_vocab_of(cfg.load)
+        return cfg.model, padded_vocab_in_checkpoint(cfg.load)
     model_cfg, padded, _ = rd.read_model_yaml(cfg.load)
     return model_cfg, padded
 

@@ -1,0 +1,44 @@
+"""Where Megatron-core's GPTModel keeps the parts other packages reach into.
+
+Only `model/` knows Megatron's module and parameter names; the rest of the library
+asks here for "layer i", "the embedding", "the final norm" or the checkpoint keys of
+the vocabulary-sized tensors.
+"""
+
+from pathlib import Path
+
+import torch
+
+from minitron_megatron.errors import ConfigError
+
+VOCAB_WEIGHT_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+"""Checkpoint keys whose first (global) dimension is the padded vocabulary."""
+
+
+def decoder_layer(gpt_model, index: int) -> torch.nn.Module:
+    """Transformer layer `index` of this rank's pipeline stage (local numbering)."""
+    return gpt_model.decoder.layers[index]
+
+
+def embedding(gpt_model) -> torch.nn.Module:
+    return gpt_model.embedding
+
+
+def final_norm(gpt_model) -> torch.nn.Module:
+    return gpt_model.decoder.final_layernorm
+
+
+def padded_vocab_in_checkpoint(root) -> int:
+    """Rows of the word embedding (or output layer) stored in a Megatron dist checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    from minitron_megatron.checkpoint.dist import TRACKER, _committed_dir, latest_iteration
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise ConfigError(f"load={root}: no {TRACKER}, so no committed checkpoint")
+    metadata = dist_checkpointing.load_tensors_metadata(str(_committed_dir(Path(root), iteration)))
+    for key in VOCAB_WEIGHT_KEYS:
+        if key in metadata:
+            return int(metadata[key].global_shape[0])
+    raise ConfigError(f"load={root}: no GPT embedding in the checkpoint (keys: {sorted(metadata)[:5]}...)")
