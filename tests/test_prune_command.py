@@ -2,9 +2,11 @@
 
 import json
 import math
+from pathlib import Path
 
 from minitron_megatron.checkpoint import run_dir as rd
 from tests.commands import SMALL, run_command, summary
+from tests.dist_utils import run_distributed
 
 PRUNE = ["prune.importance.calibration_samples=16", "prune.importance.depth_samples=16",
          "prune.importance.micro_batch_size=4", "evaluate.samples=16", "evaluate.micro_batch_size=4", "device=cpu"]
@@ -39,3 +41,63 @@ def test_impossible_target_lists_every_problem_and_writes_nothing(tmp_path):
     assert proc.returncode == 2
     assert "hidden_size=999" in proc.stderr and "num_attention_heads=3" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _count_calls(module, name: str, counts: dict) -> None:
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        counts[name] = counts.get(name, 0) + 1
+        return original(*args, **kwargs)
+
+    setattr(module, name, counted)
+
+
+def _prune_once_worker(rank, world, root):
+    """Every stage of `prune` in one process, counting checkpoint reads, dataset builds
+    and target validations."""
+    from megatron.core import dist_checkpointing
+
+    from minitron_megatron.checkpoint import dist as ckpt
+    from minitron_megatron.config.commands import EvaluateConfig, PruneCommand
+    from minitron_megatron.config.prune import ImportanceConfig, PruneConfig, TrimTarget
+    from minitron_megatron.recipes.prune import prune
+    from minitron_megatron.runtime import init_runtime
+    from minitron_megatron.train import setup
+    from minitron_megatron.trim import stage
+    from tests.model_utils import make_run_dir
+
+    root = Path(root)
+    ctx = init_runtime(device="cpu", seed=3)
+    make_run_dir(root / "teacher", ctx)
+    counts = {}
+    _count_calls(ckpt, "load_checkpoint", counts)
+    _count_calls(dist_checkpointing, "load", counts)
+    _count_calls(setup, "build_gpt_datasets", counts)
+    _count_calls(stage, "validate_target", counts)
+    icfg = ImportanceConfig(calibration_samples=8, depth_samples=8, micro_batch_size=4)
+    target = TrimTarget(hidden_size=48, ffn_hidden_size=96, num_layers=3)
+    evaluate = EvaluateConfig(samples=8, micro_batch_size=4)
+
+    def run(save, **prune_settings):
+        counts.clear()
+        cfg = PruneCommand(load=str(root / "teacher"), save=str(root / save), device="cpu", evaluate=evaluate,
+                           prune=PruneConfig(target=target, importance=icfg, **prune_settings))
+        return prune(cfg, ctx), dict(counts)
+
+    full, counted = run("all")
+    assert counted == {"load_checkpoint": 1, "load": 1, "build_gpt_datasets": 1, "validate_target": 1}, counted
+    _, counted = run("scores", stage="importance")
+    assert counted == {"load_checkpoint": 1, "load": 1, "build_gpt_datasets": 1}, counted
+    split, counted = run("split", stage="trim", scores=str(root / "scores"))
+    assert counted == {"load_checkpoint": 1, "load": 1, "build_gpt_datasets": 1, "validate_target": 1}, counted
+    assert split["val_loss"] == full["val_loss"] and split["params_after"] == full["params_after"]
+    assert json.loads((root / "split" / "trim_plan.json").read_text()) == \
+        json.loads((root / "all" / "trim_plan.json").read_text())
+
+
+def test_prune_reads_the_checkpoint_once_per_stage(tmp_path):
+    """Catches `prune` reading the checkpoint (15B: minutes and a second model in memory),
+    building the datasets or validating the target more than once; and a stage=importance
+    + stage=trim pair that prunes differently from stage=all."""
+    run_distributed(_prune_once_worker, 1, str(tmp_path))

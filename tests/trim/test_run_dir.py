@@ -6,30 +6,10 @@ from pathlib import Path
 
 from tests.commands import run_command, summary
 from tests.dist_utils import run_distributed
+from tests.model_utils import make_run_dir as _make_teacher
 
 SAMPLES, MBS = 16, 4
 EVAL = ["device=cpu", f"evaluate.samples={SAMPLES}", f"evaluate.micro_batch_size={MBS}"]
-
-
-def _make_teacher(run_dir: Path, ctx) -> None:
-    """A run dir as `train` writes it (model.yaml + tokenizer + checkpoint), without training:
-    trimming and reloading must agree whatever the weights are."""
-    from minitron_megatron.checkpoint import run_dir as rd
-    from minitron_megatron.checkpoint.dist import save_checkpoint
-    from minitron_megatron.config.data import DataConfig
-    from minitron_megatron.config.model import ModelConfig
-    from minitron_megatron.config.parallel import ParallelConfig
-    from minitron_megatron.data import load_tokenizer, prepare_data
-    from minitron_megatron.model import build_gpt_model, padded_vocab_size
-
-    sources = prepare_data(DataConfig())
-    cfg = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=192, kv_channels=16, seq_length=64,
-                      vocab_size=load_tokenizer(sources.tokenizer_model).vocab_size)
-    padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
-    model = build_gpt_model(cfg, ctx, ParallelConfig(tp=ctx.tp_size), padded)
-    if ctx.is_main:
-        rd.write_model_yaml(run_dir, cfg, padded, sources.tokenizer_model)
-    save_checkpoint(rd.checkpoint_root(run_dir), 1, model, ctx)
 
 
 def _trim_worker(rank, world, root):
