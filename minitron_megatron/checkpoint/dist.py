@@ -80,8 +80,12 @@ def _rng_state(ctx: ParallelContext):
 
 
 def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer=None, scheduler=None,
-                    extra: Optional[dict] = None, keep_last: int = 1) -> Path:
-    """Collectively save; the tracker file is the commit point, written after every rank is done."""
+                    extra: Optional[dict] = None, keep_last: int = 1, args=None) -> Path:
+    """Collectively save; the tracker file is the commit point, written after every rank is done.
+
+    `args`: Megatron-LM's argument namespace (`checkpoint.megatron_lm.checkpoint_args`), saved
+    under "args" so Megatron-LM's `load_checkpoint` checks and resumes from our checkpoints.
+    """
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -97,6 +101,8 @@ def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer
         state["rng_state"] = _rng_state(ctx)
     if extra:
         state["minitron"] = extra
+    if args is not None:
+        state["args"] = args
     dist_checkpointing.save(state, str(tmp))
     fault_point("checkpoint.write")
     ctx.barrier()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from minitron_megatron.checkpoint import dist as ckpt
 from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.checkpoint.megatron_lm import checkpoint_args
 from minitron_megatron.config.commands import DistillCommand
 from minitron_megatron.distill.intermediate import build_projection
 from minitron_megatron.distill.model import DistillationModel
@@ -60,7 +61,7 @@ def distill(cfg: DistillCommand, ctx: ParallelContext) -> dict:
     t, save, run = cfg.distill, Path(cfg.save), inputs.run
     model = build_distillation_model(inputs, cfg, ctx)
     ddp = wrap_ddp(model, model.config)
-    optimizer, scheduler = build_optimizer([ddp], t.optim, model.config, t.steps)
+    optimizer, scheduler = build_optimizer([ddp], t.optim, model.config, t.steps, global_batch_size=t.global_batch_size)
     loss = DistillLoss(cfg.distill, has_state_loss=bool(inputs.layer_pairs))
     seq, mbs = run.model_cfg.seq_length, t.micro_batch_size
 
@@ -81,6 +82,10 @@ def distill(cfg: DistillCommand, ctx: ParallelContext) -> dict:
         summary=lambda final, metrics: _summary(final, metrics, run.params),
         final_eval=(cfg.evaluate.samples, cfg.evaluate.micro_batch_size),
         seq_length=seq,
+        checkpoint_args=lambda state: checkpoint_args(run.model_cfg, run.padded_vocab, ctx.tp_size, ctx.pp_size,
+                                                      global_batch_size=t.global_batch_size,
+                                                      consumed_train_samples=state.consumed_samples,
+                                                      iteration=state.step),
         guarded=GUARDED,
     )
     return run_training(job, ctx)

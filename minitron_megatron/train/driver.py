@@ -82,6 +82,8 @@ class TrainingJob:
     """Tokens per sample, for `tokens_seen`."""
     guarded: Sequence[str] = ("loss",)
     """Metrics checked for NaN/Inf after every step, most specific first."""
+    checkpoint_args: Optional[Callable[["LoopState"], Any]] = None
+    """Megatron-LM's `args` namespace for a checkpoint at this state (checkpoint/megatron_lm.py)."""
 
 
 def loop_problems(cfg: TrainConfig, setting: str, save: Optional[str], example: str,
@@ -175,5 +177,6 @@ def _guard(job: TrainingJob, metrics: Dict[str, float], step: int) -> None:
 
 def _save(job: TrainingJob, state: LoopState, ctx: ParallelContext) -> None:
     extra = {f"{job.name}_state": {"step": state.step, "consumed_samples": state.consumed_samples}}
+    args = job.checkpoint_args(state) if job.checkpoint_args else None
     ckpt.save_checkpoint(rd.checkpoint_root(job.save), state.step, job.model, ctx, job.optimizer,
-                         job.scheduler, extra)
+                         job.scheduler, extra, args=args)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from minitron_megatron.checkpoint import dist as ckpt
 from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.checkpoint.megatron_lm import checkpoint_args
 from minitron_megatron.config.commands import TrainCommand
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.runtime.context import ParallelContext
@@ -31,7 +32,7 @@ def pretrain(cfg: TrainCommand, ctx: ParallelContext) -> dict:
     t, save = cfg.train, Path(cfg.save)
     run = setup.prepare_run(cfg, ctx, num_train_samples=t.steps * t.global_batch_size,
                             num_valid_samples=max(t.eval_samples, cfg.evaluate.samples))
-    model, ddp, optimizer, scheduler = setup.trainable_model(run, cfg, ctx, t.optim, t.steps)
+    model, ddp, optimizer, scheduler = setup.trainable_model(run, cfg, ctx, t.optim, t.steps, t.global_batch_size)
     seq, mbs = run.model_cfg.seq_length, t.micro_batch_size
 
     def evaluate(num_samples: int, micro_batch_size: int) -> dict:
@@ -54,5 +55,9 @@ def pretrain(cfg: TrainCommand, ctx: ParallelContext) -> dict:
                                         "train_loss": metrics.get("loss"), "params": run.params},
         final_eval=(cfg.evaluate.samples, cfg.evaluate.micro_batch_size),
         seq_length=seq,
+        checkpoint_args=lambda state: checkpoint_args(run.model_cfg, run.padded_vocab, ctx.tp_size, ctx.pp_size,
+                                                      global_batch_size=t.global_batch_size,
+                                                      consumed_train_samples=state.consumed_samples,
+                                                      iteration=state.step),
     )
     return run_training(job, ctx)

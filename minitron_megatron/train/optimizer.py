@@ -15,8 +15,14 @@ def wrap_ddp(model, tconfig) -> "DistributedDataParallel":  # noqa: F821
     return DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
 
 
-def build_optimizer(model_chunks: List, optim: OptimConfig, tconfig, total_steps: int) -> Tuple:
-    """(MegatronOptimizer, OptimizerParamScheduler) with warm-up then cosine decay."""
+def build_optimizer(model_chunks: List, optim: OptimConfig, tconfig, total_steps: int, *,
+                    global_batch_size: int) -> Tuple:
+    """(MegatronOptimizer, OptimizerParamScheduler) with warm-up then cosine decay.
+
+    The scheduler counts SAMPLES, as Megatron-LM's training loop does (it calls
+    `step(increment=global_batch_size)`), so a Megatron-LM resume of our checkpoint runs
+    the schedule at the right speed; `train_step` advances it by one global batch.
+    """
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -36,17 +42,18 @@ def build_optimizer(model_chunks: List, optim: OptimConfig, tconfig, total_steps
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
     warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+    samples = max(total_steps, 1) * global_batch_size
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=optim.lr,
         min_lr=optim.min_lr,
-        lr_warmup_steps=warmup,
-        lr_decay_steps=max(total_steps, 1),
+        lr_warmup_steps=warmup * global_batch_size,
+        lr_decay_steps=samples,
         lr_decay_style="cosine",
         start_wd=optim.weight_decay,
         end_wd=optim.weight_decay,
-        wd_incr_steps=max(total_steps, 1),
+        wd_incr_steps=samples,
         wd_incr_style="constant",
     )
     # What Megatron-LM's training loop sets: DP grad all-reduce (and tied-embedding

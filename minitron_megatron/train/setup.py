@@ -110,13 +110,14 @@ def build_model(run: RunInputs, cfg: CommonConfig, ctx: ParallelContext, init: s
     return model
 
 
-def trainable_model(run: RunInputs, cfg: CommonConfig, ctx: ParallelContext, optim: OptimConfig, steps: int):
+def trainable_model(run: RunInputs, cfg: CommonConfig, ctx: ParallelContext, optim: OptimConfig, steps: int,
+                    global_batch_size: int):
     """(model, DDP-wrapped model, optimizer, LR scheduler)."""
     from minitron_megatron.train.optimizer import build_optimizer, wrap_ddp
 
     model = build_model(run, cfg, ctx)
     ddp = wrap_ddp(model, model.config)
-    optimizer, scheduler = build_optimizer([ddp], optim, model.config, steps)
+    optimizer, scheduler = build_optimizer([ddp], optim, model.config, steps, global_batch_size=global_batch_size)
     return model, ddp, optimizer, scheduler
 
 

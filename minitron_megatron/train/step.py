@@ -96,7 +96,7 @@ def train_step(model_chunks, optimizer, scheduler, data_iterator, ctx: ParallelC
     outputs = run_schedule(forward_step_func or lm_forward_step(ctx.device), data_iterator, model_chunks,
                            num_microbatches, micro_batch_size, seq_length, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
+    scheduler.step(increment=num_microbatches * micro_batch_size * ctx.dp_size)  # samples, as Megatron-LM
     return {
         **reported_means(outputs, metric_names or {"lm loss": "loss"}, ctx),
         "grad_norm": float(grad_norm) if grad_norm is not None else None,  # None: clipping off

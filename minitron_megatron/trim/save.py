@@ -15,6 +15,7 @@ from typing import Optional
 
 from minitron_megatron.checkpoint import dist as ckpt
 from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.checkpoint.megatron_lm import checkpoint_args
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.runtime.faults import fault_point
 from minitron_megatron.trim.apply import TrimResult
@@ -33,8 +34,9 @@ def save_trimmed(run_dir, result: TrimResult, plan: TrimPlan, padded_vocab: int,
         rd.write_model_yaml(run_dir, result.model_cfg, padded_vocab, tokenizer_path)
         rd.atomic_write_text(run_dir / PLAN_JSON, plan.to_json() + "\n")
     ctx.barrier()
+    args = checkpoint_args(result.model_cfg, padded_vocab, ctx.tp_size, ctx.pp_size, iteration=CHECKPOINT_ITERATION)
     ckpt.save_checkpoint(rd.checkpoint_root(run_dir), CHECKPOINT_ITERATION, result.model, ctx,
-                         extra={"trim": {"method": plan.method, "source": plan.source}})
+                         extra={"trim": {"method": plan.method, "source": plan.source}}, args=args)
     fault_point("trim.save")
     if ctx.is_main:
         rd.write_summary(run_dir, summary)

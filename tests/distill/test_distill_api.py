@@ -46,7 +46,7 @@ def _provider_worker(rank, world, tmp_path):
 
     # One Megatron optimizer step through the schedule: only the student moves.
     ddp = wrap_ddp(model, model.config)
-    optimizer, scheduler = build_optimizer([ddp], OptimConfig(warmup_steps=0), model.config, 10)
+    optimizer, scheduler = build_optimizer([ddp], OptimConfig(warmup_steps=0), model.config, 10, global_batch_size=2)
     loss = distillation_loss_func(kd)
     gen = torch.Generator().manual_seed(0)
     tokens, labels = torch.randint(0, 250, (2, 2, 32), generator=gen)

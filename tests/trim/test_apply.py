@@ -107,7 +107,8 @@ def _pp_case(case, ctx, ckpt_root):
            "layers_here": [m.layer_number for m in result.model.decoder.layers],
            "loss": evaluate_loss([result.model], batches(case.model), ctx, 2, 2, seq)["val_loss"]}
     ddp = wrap_ddp(result.model, result.model.config)
-    optimizer, scheduler = build_optimizer([ddp], OptimConfig(lr=1e-2, warmup_steps=0), result.model.config, 2)
+    optimizer, scheduler = build_optimizer([ddp], OptimConfig(lr=1e-2, warmup_steps=0), result.model.config, 2,
+                                           global_batch_size=4)
     train_step([ddp], optimizer, scheduler, iter(batches(case.model)), ctx, 2, 2, seq)
     out["loss_after_step"] = evaluate_loss([ddp], batches(case.model), ctx, 2, 2, seq)["val_loss"]
     return out

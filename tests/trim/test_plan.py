@@ -139,7 +139,7 @@ def test_unit_view_round_trip_and_move_counts():
 def test_megatron_lm_args_describe_the_pruned_model():
     """Catches Megatron-LM args that would rebuild a different model: head dim derived from
     hidden/heads, GQA flags missing, a vocab padding that misses the checkpoint's rows."""
-    from minitron_megatron.trim.megatron_lm import pretrain_gpt_args
+    from minitron_megatron.checkpoint.megatron_lm import pretrain_gpt_args
 
     new = validate_target(GQA, TrimTarget(hidden_size=48, num_attention_heads=4, num_query_groups=2, num_layers=3))
     args = pretrain_gpt_args(new, 256, "runs/pruned", tp=2)
