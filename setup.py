@@ -21,13 +21,15 @@ setup(
         "einops",
         "numpy",
         "safetensors",
+        "tokenizers",  # Hugging Face tokenizers (data/tokenizer.HFTokenizer; converted models)
         "tqdm",
         "matplotlib",
         "tensorboard",
         "wandb",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # transformers is the reference the convert tests compare with (tiny models built locally).
+        "test": ["pytest>=8", "transformers>=5", "tokenizers"],
         "triton": ["triton"],
         "slurm": ["hydra-submitit-launcher", "submitit"],
         # Transformer Engine and apex are optional accelerators, used when importable;

@@ -79,12 +79,25 @@ def _rope_fields(hf: dict, problems: List[str]) -> dict:
     return fields
 
 
+def _window(hf: dict, family: Family) -> Optional[int]:
+    """The attention window config.json asks for, or None (full causal attention)."""
+    if family is QWEN2 and not hf.get("use_sliding_window", False):
+        return None
+    return hf.get("sliding_window") if family in (MISTRAL, QWEN2) else None
+
+
+def default_seq_length(hf: dict, family: Family) -> int:
+    """max_position_embeddings, capped at the sliding window (Mistral-7B-v0.1: 32768 -> 4096):
+    up to the window, causal attention is exactly sliding-window attention."""
+    window = _window(hf, family)
+    seq = int(hf.get("max_position_embeddings", 4096))
+    return min(seq, window) if window else seq
+
+
 def _attention_window_problems(hf: dict, family: Family, seq_length: int) -> List[str]:
     """Sliding windows are refused unless no sequence of `seq_length` tokens can reach them."""
-    window = hf.get("sliding_window")
-    if family is QWEN2 and not hf.get("use_sliding_window", False):
-        return []
-    if family in (MISTRAL, QWEN2) and window is not None and window < seq_length:
+    window = _window(hf, family)
+    if window is not None and window < seq_length:
         return [f"config.json sliding_window={window} < seq_length={seq_length}: sliding-window attention is "
                 f"not supported; convert with convert.seq_length<={window} (then causal attention is exact)"]
     return []
@@ -104,7 +117,7 @@ def model_config_from_hf(hf: dict, name: str, seq_length: Optional[int] = None,
     family = family_of(hf)
     problems: List[str] = []
     heads = hf["num_attention_heads"]
-    seq = int(seq_length or hf.get("max_position_embeddings", 4096))
+    seq = int(seq_length or default_seq_length(hf, family))
     if hf.get("hidden_act", family.hidden_act) != family.hidden_act:
         problems.append(f"config.json hidden_act={hf['hidden_act']!r}: {family.architecture} is converted "
                         f"with {family.hidden_act!r} only")
