@@ -18,39 +18,45 @@ SINGLE = "model.safetensors"
 
 
 class HFReader:
-    """The tensors of a HF checkpoint directory (single file or sharded with an index)."""
+    """The tensors of a HF checkpoint directory (single file or sharded with an index).
+
+    Files are opened per read and closed right after: safetensors maps them, and mapped
+    pages count as resident memory until unmapped, so a reader that kept its files open
+    would end up holding the whole checkpoint even though each read is a slice.
+    """
 
     def __init__(self, hf_dir) -> None:
         self.dir = Path(hf_dir)
-        self._handles: Dict[str, object] = {}
         if (self.dir / INDEX).is_file():
             self.weight_map: Dict[str, str] = json.loads((self.dir / INDEX).read_text())["weight_map"]
         elif (self.dir / SINGLE).is_file():
-            self.weight_map = {name: SINGLE for name in self._open(SINGLE).keys()}
+            with self._open(SINGLE) as handle:
+                self.weight_map = {name: SINGLE for name in handle.keys()}
         else:
             raise FileNotFoundError(f"{self.dir}: neither {INDEX} nor {SINGLE} (safetensors weights are needed)")
 
     def _open(self, file: str):
         from safetensors import safe_open
 
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.dir / file), framework="pt")
-        return self._handles[file]
+        return safe_open(str(self.dir / file), framework="pt")
 
     def names(self) -> List[str]:
         return list(self.weight_map)
 
-    def shape(self, name: str) -> Tuple[int, ...]:
-        return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
-
-    def dtype(self, name: str) -> str:
-        return self._open(self.weight_map[name]).get_slice(name).get_dtype()
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Every tensor's shape, from the file headers only (one open per file)."""
+        out = {}
+        for file in sorted(set(self.weight_map.values())):
+            with self._open(file) as handle:
+                out.update({n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()
+                            if self.weight_map.get(n) == file})
+        return out
 
     def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Rows (dim 0) or columns (dim 1) [start, stop) of tensor `name`; nothing else is read."""
-        part = self._open(self.weight_map[name]).get_slice(name)
         index = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
-        return part[index]
+        with self._open(self.weight_map[name]) as handle:
+            return handle.get_slice(name)[index]
 
 
 class ShardWriter:

@@ -87,8 +87,12 @@ def _tokenizer(hf_dir: Path) -> Tuple[str, int]:
 
 def tensor_problems(reader: HFReader, cfg: ModelConfig, family: Family) -> List[str]:
     """Missing, unexpected and wrongly shaped tensors (shapes read from file headers only)."""
+    absent = sorted({f for f in reader.weight_map.values() if not (reader.dir / f).is_file()})
+    if absent:
+        return [f"from_hf: the safetensors index names files that are missing: {_few(absent)}"]
     expected = tm.expected_hf_shapes(cfg, family)
     present = set(reader.names())
+    shapes = reader.shapes()
     problems = []
     missing = [n for n in expected if n not in present]
     extra = sorted(present - set(expected))
@@ -97,9 +101,9 @@ def tensor_problems(reader: HFReader, cfg: ModelConfig, family: Family) -> List[
     if extra:
         problems.append(f"from_hf: {len(extra)} tensors that config.json does not explain: {_few(extra)}")
     for name, shape in expected.items():
-        if name in present and reader.shape(name) != shape:
-            problems.append(f"from_hf: tensor {name} has shape {list(reader.shape(name))}, config.json implies "
-                            f"{list(shape)}")
+        if name in present and shapes.get(name) != shape:
+            problems.append(f"from_hf: tensor {name} has shape {list(shapes.get(name, ()))}, config.json "
+                            f"implies {list(shape)}")
     return problems
 
 

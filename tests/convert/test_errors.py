@@ -81,7 +81,7 @@ def test_sliding_window_that_bites_is_refused(hf_models, tmp_path):
 def test_missing_and_extra_tensors(hf_models, tmp_path):
     def edit(index):
         index["weight_map"].pop("model.layers.1.mlp.up_proj.weight")
-        index["weight_map"]["model.layers.1.self_attn.rotary_emb.inv_freq"] = "model-00001-of-00004.safetensors"
+        index["weight_map"]["model.layers.1.self_attn.rotary_emb.inv_freq"] = index["weight_map"]["lm_head.weight"]
 
     bad = _copy(hf_models["llama"], tmp_path / "hf", index=edit)
     msg = _import_error(bad, tmp_path)
