@@ -23,9 +23,9 @@ class ConvertConfig:
     architecture: Optional[str] = None
     """Export: HF architecture to write (e.g. MistralForCausalLM); None: the imported one, else
     the one the run dir's features imply (Nemotron, Qwen2 or Llama)."""
-    max_shard_size_mb: int = 2000
-    """Export: safetensors files hold at most about this many MB each. Also the export's
-    buffer per writing rank: peak memory is the rank's model shard plus about this much."""
+    max_shard_size_mb: int = 5000
+    """Export: safetensors files hold at most about this many MB each (tensors are streamed
+    into them: this is not a memory buffer)."""
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 The run dir is loaded at the context's TP/PP (each rank holds only its shard).
 Parameters are then streamed one at a time: TP shards are gathered on TP rank 0 of
-each stage, split into HF tensors and buffered into safetensors files of bounded
-size, which every stage writes in parallel. Rank 0 then names the files, writes the
+each stage, split into HF tensors and written straight into safetensors files of
+bounded size (nothing buffered), which every stage writes in parallel. Rank 0 then names the files, writes the
 index, config.json, generation_config.json and the tokenizer files, and renames the
 temporary directory into place: a crash never leaves a directory that looks complete.
 """
@@ -25,7 +25,7 @@ from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.convert import tensor_map as tm
 from minitron_megatron.convert.families import FAMILIES, Family, family_for_model, hf_config_from_model
-from minitron_megatron.convert.hf_io import ShardWriter, finalize_shards, optional_json
+from minitron_megatron.convert.hf_io import StreamingShardWriter, finalize_shards, optional_json
 from minitron_megatron.convert.importer import HF_CONFIG, _check_target
 from minitron_megatron.data.tokenizer import HFTokenizer, load_tokenizer, write_hf_tokenizer
 from minitron_megatron.errors import ConfigError
@@ -97,26 +97,35 @@ def export_hf(load: str, to_hf: str, options: ConvertConfig, parallel: ParallelC
 
 
 def _stream_tensors(model, plan: ExportPlan, ctx: ParallelContext, tmp: Path, max_bytes: int):
-    """Gather each parameter on TP rank 0 of this stage and buffer its HF tensors; file list."""
+    """Gather each parameter on TP rank 0 of this stage and write its HF tensors; file list."""
     if ctx.dp_rank != 0:
         return []  # other replicas hold the same weights
-    writer = ShardWriter(tmp, f"stage{ctx.pp_rank:03d}", max_bytes) if ctx.tp_rank == 0 else None
     offset = tm.layer_offset_of(model)
-    tied = plan.model_cfg.share_embeddings_and_output_weights
-    for name, param in model.named_parameters():
-        if tied and name == "output_layer.weight":
-            continue  # the last stage's copy of the tied embedding
-        shards = _gather_tp(param.data, ctx)
-        if writer is None:
-            continue
-        source = tm.source_for(name, plan.model_cfg, plan.family, offset)
-        for hf_name, tensor in source.split(tm.unshard(shards, param)).items():
-            writer.add(hf_name, tensor.clone())  # clone: never keep the gathered full tensor alive via views
+    # Megatron's torch norms stay float32 in a bf16/fp16 model; HF files hold one dtype
+    # (config.json's torch_dtype), and casting the imported values back is exact.
+    dtype = getattr(torch, plan.model_cfg.params_dtype)
+    params = [(name, param, tm.source_for(name, plan.model_cfg, plan.family, offset))
+              for name, param in model.named_parameters()
+              if not (plan.model_cfg.share_embeddings_and_output_weights and name == "output_layer.weight")]
+    writer = None
+    if ctx.tp_rank == 0:
+        layout = [(hf_name, tuple(t.shape), dtype) for _, param, source in params
+                  for hf_name, t in source.split(_meta_full(param, ctx.tp_size)).items()]
+        writer = StreamingShardWriter(tmp, f"stage{ctx.pp_rank:03d}", max_bytes, layout)
+    for name, param, source in params:
+        shards = _gather_tp(param.data, ctx)  # the last stage's tied embedding copy is skipped above
+        if writer is not None:
+            for hf_name, tensor in source.split(tm.unshard(shards, param)).items():
+                writer.add(hf_name, tensor.to(dtype))
         del shards
     if writer is None:
         return []
-    writer.flush()
+    writer.close()
     return writer.files
+
+
+def _meta_full(param, tp_size: int) -> torch.Tensor:
+    return torch.empty(tm.full_shape(param, tp_size), dtype=param.dtype, device="meta")
 
 
 def _gather_tp(shard: torch.Tensor, ctx: ParallelContext):

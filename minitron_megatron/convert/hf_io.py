@@ -2,11 +2,12 @@
 
 Reading uses `safe_open(...).get_slice`, so a rank materialises only the rows or
 columns it asks for (safetensors maps the file; nothing else is read). Writing
-keeps at most `max_shard_bytes` of tensors before flushing a file, and names
-files only at the end, when their number is known.
+streams each tensor into its file as it is produced, and names files only at the
+end, when their number is known.
 """
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -59,32 +60,71 @@ class HFReader:
             return handle.get_slice(name)[index]
 
 
-class ShardWriter:
-    """Streams tensors into safetensors files of at most ~max_shard_bytes each."""
+_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
-    def __init__(self, out_dir, prefix: str, max_shard_bytes: int) -> None:
-        self.dir, self.prefix, self.max_bytes = Path(out_dir), prefix, max_shard_bytes
-        self.pending: Dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+
+class StreamingShardWriter:
+    """Writes tensors straight into safetensors files as they arrive: nothing is buffered.
+
+    Why not `safetensors.torch.save_file`: it takes a dict of every tensor of a file, so a
+    5 GB shard costs 5 GB of memory on top of the model. The safetensors layout (u64
+    header size, JSON header with byte offsets, then the raw bytes in offset order) needs
+    only names, dtypes and shapes up front, which an export knows before it gathers
+    anything; `layout` lists them in the order `add` will be called.
+    """
+
+    def __init__(self, out_dir, prefix: str, max_shard_bytes: int,
+                 layout: List[Tuple[str, Tuple[int, ...], torch.dtype]]) -> None:
+        self.dir, self.prefix = Path(out_dir), prefix
+        self.plan = _group(layout, max_shard_bytes)  # [[(name, shape, dtype, bytes)] per file]
         self.files: List[Tuple[str, List[str], int]] = []
-        """(file name, tensor names, bytes) of every file written so far."""
+        """(file name, tensor names, bytes) of every file written."""
+        self._file, self._handle, self._position = -1, None, 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.detach().contiguous().cpu()
-        self.pending_bytes += size
+        if self._handle is None or self._position == len(self.plan[self._file]):
+            self._next_file()
+        expected, shape, dtype, _ = self.plan[self._file][self._position]
+        if (name, tuple(tensor.shape), tensor.dtype) != (expected, tuple(shape), dtype):
+            raise AssertionError(f"export wrote {name} {tuple(tensor.shape)} {tensor.dtype}; layout says "
+                                 f"{expected} {tuple(shape)} {dtype}")
+        self._handle.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._position += 1
 
-    def flush(self) -> None:
-        from safetensors.torch import save_file
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._file + 1 != len(self.plan) or (self.plan and self._position != len(self.plan[-1])):
+            raise AssertionError("export ended before writing every tensor of its layout")
 
-        if not self.pending:
-            return
-        name = f"{self.prefix}-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(self.dir / name), metadata={"format": "pt"})
-        self.files.append((name, list(self.pending), self.pending_bytes))
-        self.pending, self.pending_bytes = {}, 0
+    def _next_file(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        self._file, self._position = self._file + 1, 0
+        entries = self.plan[self._file]
+        name = f"{self.prefix}-{self._file:05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for tensor, shape, dtype, size in entries:
+            header[tensor] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # 8-byte aligned data, as safetensors itself writes
+        self._handle = open(self.dir / name, "wb")
+        self._handle.write(len(text).to_bytes(8, "little") + text)
+        self.files.append((name, [e[0] for e in entries], offset))
+
+
+def _group(layout, max_bytes: int):
+    files, current, size = [], [], 0
+    for name, shape, dtype in layout:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if current and size + nbytes > max_bytes:
+            files.append(current)
+            current, size = [], 0
+        current.append((name, tuple(shape), dtype, nbytes))
+        size += nbytes
+    return files + ([current] if current else [])
 
 
 def finalize_shards(out_dir, files: List[Tuple[str, List[str], int]]) -> Dict[str, str]:

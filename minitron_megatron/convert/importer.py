@@ -118,7 +118,7 @@ def load_hf_weights(model, plan: ImportPlan, ctx: ParallelContext) -> int:
     read = 0
     for name, param in model.named_parameters():
         source = tm.source_for(name, plan.model_cfg, plan.family, offset)
-        shard = tm.read_shard(source, reader.read, param, tm.full_shape(source, param, ctx.tp_size),
+        shard = tm.read_shard(source, reader.read, param, tm.full_shape(param, ctx.tp_size),
                               ctx.tp_rank, ctx.tp_size)
         if tuple(shard.shape) != tuple(param.shape):
             raise AssertionError(f"{name}: read {tuple(shard.shape)} for a shard of {tuple(param.shape)}")

@@ -216,7 +216,7 @@ def read_shard(source, read: Reader, param: torch.Tensor, full_shape: Tuple[int,
     return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
 
 
-def full_shape(source, param: torch.Tensor, tp_size: int) -> Tuple[int, ...]:
+def full_shape(param: torch.Tensor, tp_size: int) -> Tuple[int, ...]:
     """The TP=1 shape of `param` from its local shard."""
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):

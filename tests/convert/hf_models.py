@@ -99,5 +99,11 @@ def build_all(root: Path) -> dict:
         tokenizer.save_pretrained(str(out))
         torch.save(reference_logits(model, tokens), out / "reference_logits.pt")
         dirs[name] = out
+    # bf16 as released checkpoints are: Megatron keeps torch norms in float32 inside a bf16
+    # model, so the export must cast back to the file dtype (exactly).
+    bf16 = AutoModelForCausalLM.from_pretrained(str(dirs["nemotron"]), dtype=torch.bfloat16)
+    bf16.save_pretrained(str(root / "nemotron-bf16"), max_shard_size="100KB")
+    tokenizer.save_pretrained(str(root / "nemotron-bf16"))
+    dirs["nemotron-bf16"] = root / "nemotron-bf16"
     (root / "families.json").write_text(json.dumps({k: str(v) for k, v in dirs.items()}))
     return dirs

@@ -16,7 +16,7 @@ from tests.convert.hf_models import family_configs, reference_logits
 from tests.convert.workers import EXPORT_AT, LAYOUTS, convert_everything
 from tests.dist_utils import run_distributed
 
-FAMILIES = sorted(family_configs())
+FAMILIES = sorted(family_configs())  # float32; "nemotron-bf16" is the bf16 round trip
 ATOL = 1e-4
 
 
@@ -75,6 +75,17 @@ def test_export_reproduces_every_tensor_and_loads(converted, hf_models, family):
         torch.testing.assert_close(reference_logits(model.eval(), tokens), ref, rtol=0, atol=0)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             assert (out / name).read_bytes() == (hf_models[family] / name).read_bytes()
+
+
+def test_bf16_round_trip_is_bit_exact(converted, hf_models):
+    """Catches an export that writes Megatron's float32 torch-norm weights of a bf16 model as
+    float32, or any lossy cast on the way in or out."""
+    original, exported = _tensors(hf_models["nemotron-bf16"]), _tensors(converted / "out-bf16")
+    assert sorted(original) == sorted(exported)
+    for name, tensor in original.items():
+        assert tensor.dtype == torch.bfloat16 and exported[name].dtype == torch.bfloat16, name
+        assert torch.equal(exported[name], tensor), name
+    assert json.loads((converted / "out-bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def test_pruned_shaped_run_dir_exports_to_transformers(converted):

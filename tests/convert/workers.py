@@ -104,6 +104,11 @@ def convert_everything(rank, world, root, families):
                 summaries[f"export {family} {source}@{layout}"] = convert(
                     ConvertCommand(load=str(root / f"{family}-{source}"), to_hf=str(root / f"out-{family}-{source}"),
                                    parallel=parallel, convert=ConvertConfig(max_shard_size_mb=1)), ctx)
+        if layout == "pp2":  # a bf16 checkpoint, imported at PP=2 and exported at TP=2
+            convert(ConvertCommand(from_hf=str(root / "hf" / "nemotron-bf16"), save=str(root / "bf16-pp2"),
+                                   parallel=parallel), ctx)
+        if layout == "tp2":
+            convert(ConvertCommand(load=str(root / "bf16-pp2"), to_hf=str(root / "out-bf16"), parallel=parallel), ctx)
         if layout == "tp1":
             make_pruned_like_run(root / "pruned", str(root / f"{families[0]}-tp1" / "tokenizer.model"), ctx)
         if layout == "tp2":
