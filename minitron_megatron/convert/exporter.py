@@ -26,7 +26,7 @@ from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.convert import tensor_map as tm
 from minitron_megatron.convert.families import FAMILIES, Family, family_for_model, hf_config_from_model
 from minitron_megatron.convert.hf_io import StreamingShardWriter, finalize_shards, optional_json
-from minitron_megatron.convert.importer import HF_CONFIG, _check_target
+from minitron_megatron.convert.importer import HF_CONFIG, _check_target, assign_parameter
 from minitron_megatron.data.tokenizer import HFTokenizer, load_tokenizer, write_hf_tokenizer
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model import validate_model
@@ -68,7 +68,12 @@ def export_hf(load: str, to_hf: str, options: ConvertConfig, parallel: ParallelC
 
     start = time.time()
     plan = plan_export(load, to_hf, options, parallel)
-    model = build_gpt_model(plan.model_cfg, ctx, parallel, plan.padded_vocab, init="none")
+    # Meta build + empty storage: the checkpoint overwrites every value, so Megatron's CPU init
+    # (every weight plus a float32 master copy per layer) would be pure memory overhead.
+    model = build_gpt_model(plan.model_cfg, ctx, parallel, plan.padded_vocab, init="meta")
+    for name, param in list(model.named_parameters()):
+        if param.is_meta:
+            assign_parameter(model, name, torch.empty(param.shape, dtype=param.dtype, device=ctx.device))
     load_checkpoint(rd.checkpoint_root(plan.run_dir), model, None)
     params = count_model_parameters(model, ctx)
     tmp = plan.out_dir.parent / f".{plan.out_dir.name}.tmp"

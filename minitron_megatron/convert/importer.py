@@ -122,9 +122,26 @@ def load_hf_weights(model, plan: ImportPlan, ctx: ParallelContext) -> int:
                               ctx.tp_rank, ctx.tp_size)
         if tuple(shard.shape) != tuple(param.shape):
             raise AssertionError(f"{name}: read {tuple(shard.shape)} for a shard of {tuple(param.shape)}")
-        param.data.copy_(shard)
+        if param.is_meta:  # built on the meta device: the shard read becomes the parameter
+            assign_parameter(model, name, shard.to(param.dtype))
+        else:
+            param.data.copy_(shard)
         read += shard.numel()
     return read
+
+
+def assign_parameter(model, name: str, tensor) -> None:
+    """Replace the meta parameter `name` by `tensor`, keeping Megatron's attributes on it
+    (tensor_model_parallel, partition_dim, partition_stride, ...). A meta tensor's storage
+    cannot be swapped for a real one, so a new Parameter takes the old one's place."""
+    import torch
+
+    prefix, _, leaf = name.rpartition(".")
+    module = model.get_submodule(prefix) if prefix else model
+    old = module._parameters[leaf]
+    new = torch.nn.Parameter(tensor.contiguous(), requires_grad=old.requires_grad)
+    new.__dict__.update(old.__dict__)
+    module._parameters[leaf] = new
 
 
 def import_hf(from_hf: str, save: str, options: ConvertConfig, parallel: ParallelConfig,
@@ -134,7 +151,9 @@ def import_hf(from_hf: str, save: str, options: ConvertConfig, parallel: Paralle
 
     start = time.time()
     plan = plan_import(from_hf, save, options, parallel)
-    model = build_gpt_model(plan.model_cfg, ctx, parallel, plan.padded_vocab, init="none")
+    # Meta build: Megatron's CPU init would first allocate every weight (plus a float32 master
+    # copy per layer) only for us to overwrite it; measured +0.9 GiB over a 1.65 GiB model.
+    model = build_gpt_model(plan.model_cfg, ctx, parallel, plan.padded_vocab, init="meta")
     load_hf_weights(model, plan, ctx)
     params = count_model_parameters(model, ctx)
     _write_run_dir(plan, model, ctx)
