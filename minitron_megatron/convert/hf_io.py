@@ -1,7 +1,7 @@
 """Sharded safetensors checkpoints in the Hugging Face layout: slice reads and streamed writes.
 
 Reading uses `safe_open(...).get_slice`, so a rank materialises only the rows or
-columns it asks for (safetensors maps the file; nothing else is read). Writing
+columns it asks for (safetensors maps the file; only the pages touched are read). Writing
 streams each tensor into its file as it is produced, and names files only at the
 end, when their number is known.
 """
@@ -54,10 +54,15 @@ class HFReader:
         return out
 
     def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        """Rows (dim 0) or columns (dim 1) [start, stop) of tensor `name`; nothing else is read."""
+        """Rows (dim 0) or columns (dim 1) [start, stop) of tensor `name`, in memory of their own.
+
+        The clone matters: safetensors 0.8 returns the slice as a view of the whole (mapped)
+        tensor, so a kept slice would pin the full tensor, and Megatron's checkpoint writer
+        clones every view it is given (a second copy at save time).
+        """
         index = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
         with self._open(self.weight_map[name]) as handle:
-            return handle.get_slice(name)[index]
+            return handle.get_slice(name)[index].clone(memory_format=torch.contiguous_format)
 
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}

@@ -101,6 +101,8 @@ def test_pruned_shaped_run_dir_exports_to_transformers(converted):
     got = reference_logits(model.eval(), torch.load(converted / "hf" / "tokens.pt"))
     megatron = torch.load(converted / "logits-pruned.pt")
     assert (got - megatron).abs().max().item() <= ATOL
+    at_dp2, at_tp2 = _tensors(converted / "out-pruned-dp2"), _tensors(out)  # exported at TP=1 x DP=2 / TP=2
+    assert sorted(at_dp2) == sorted(at_tp2) and all(torch.equal(at_dp2[n], at_tp2[n]) for n in at_tp2)
 
 
 def test_rope_scaling_is_visible_in_the_reference(hf_models):

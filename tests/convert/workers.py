@@ -111,6 +111,8 @@ def convert_everything(rank, world, root, families):
             convert(ConvertCommand(load=str(root / "bf16-pp2"), to_hf=str(root / "out-bf16"), parallel=parallel), ctx)
         if layout == "tp1":
             make_pruned_like_run(root / "pruned", str(root / f"{families[0]}-tp1" / "tokenizer.model"), ctx)
+            convert(ConvertCommand(load=str(root / "pruned"), to_hf=str(root / "out-pruned-dp2"), parallel=parallel),
+                    ctx)  # two data-parallel replicas: only one may write
         if layout == "tp2":
             _save_if_writer(ctx, run_dir_logits(root / "pruned", ctx, tokens), root / "logits-pruned.pt")
             summaries["export pruned"] = convert(
