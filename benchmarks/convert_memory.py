@@ -198,7 +198,8 @@ def main() -> None:
     for phase in ("import", "export"):
         r = out[phase]
         print(f"{phase:<7} {r['seconds']:>8.2f} s  peak RSS {r['peak_rss_gib']:.3f} GiB  "
-              f"peak - start {r['peak_over_start_gib']:.3f} GiB = {r['peak_over_start_per_checkpoint']:.3f} x checkpoint")
+              f"peak - start {r['peak_over_start_gib']:.3f} GiB = "
+              f"{r['peak_over_start_per_checkpoint']:.3f} x checkpoint")
     print(json.dumps(out), flush=True)
 
 

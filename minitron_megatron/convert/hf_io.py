@@ -54,15 +54,15 @@ class HFReader:
         return out
 
     def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        """Rows (dim 0) or columns (dim 1) [start, stop) of tensor `name`, in memory of their own.
+        """Rows (dim 0) or columns (dim 1) [start, stop) of tensor `name`.
 
-        The clone matters: safetensors 0.8 returns the slice as a view of the whole (mapped)
-        tensor, so a kept slice would pin the full tensor, and Megatron's checkpoint writer
-        clones every view it is given (a second copy at save time).
+        safetensors 0.8 returns the slice as a view of the whole tensor in the mapped file:
+        copy it where it must live and drop it (a kept view pins the mapping, and Megatron's
+        checkpoint writer would clone it at save time). Only the pages touched are read.
         """
         index = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
         with self._open(self.weight_map[name]) as handle:
-            return handle.get_slice(name)[index].clone(memory_format=torch.contiguous_format)
+            return handle.get_slice(name)[index]
 
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -111,7 +111,8 @@ class StreamingShardWriter:
         name = f"{self.prefix}-{self._file:05d}.safetensors"
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for tensor, shape, dtype, size in entries:
-            header[tensor] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[tensor] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
+                              "data_offsets": [offset, offset + size]}
             offset += size
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # 8-byte aligned data, as safetensors itself writes

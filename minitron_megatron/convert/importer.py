@@ -6,6 +6,7 @@ rank before anything is built or written, so bad input leaves no files behind.
 """
 
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ def plan_import(from_hf: str, save: str, options: ConvertConfig, parallel: Paral
     hf_dir = Path(from_hf or "")
     if not from_hf or not (hf_dir / "config.json").is_file():
         raise ConfigError(f"from_hf={from_hf}: no config.json there (a Hugging Face model directory is needed)")
-    _check_target(save, "save")
+    _check_target(save, "save", unfinished_ok=True)
     hf = read_config(hf_dir)
     family = family_of(hf)
     cfg = model_config_from_hf(hf, name=hf_dir.name, seq_length=options.seq_length, params_dtype=options.dtype)
@@ -63,12 +64,21 @@ def plan_import(from_hf: str, save: str, options: ConvertConfig, parallel: Paral
     return ImportPlan(hf_dir, Path(save), hf, family, cfg, padded, bundle)
 
 
-def _check_target(path: str, setting: str) -> None:
+_OWN_FILES = {rd.MODEL_YAML, rd.TOKENIZER, HF_CONFIG, rd.CHECKPOINT}
+
+
+def _check_target(path: str, setting: str, unfinished_ok: bool = False) -> None:
+    """The target must be new or empty; `unfinished_ok` also admits an import that crashed
+    (our files only, no summary.json), which is then written again from scratch."""
     if not path:
         raise ConfigError(f"{setting} is not set: name the directory to write")
     target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ConfigError(f"{setting}={path} already exists and is not empty; choose a new directory")
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    names = {p.name for p in target.iterdir() if not p.name.startswith(".")} if target.is_dir() else None
+    if unfinished_ok and names is not None and names <= _OWN_FILES:
+        return
+    raise ConfigError(f"{setting}={path} already exists and is not empty; choose a new directory")
 
 
 def _tokenizer(hf_dir: Path) -> Tuple[str, int]:
@@ -112,21 +122,23 @@ def _few(names: List[str], limit: int = 6) -> str:
 
 
 def load_hf_weights(model, plan: ImportPlan, ctx: ParallelContext) -> int:
-    """Fill this rank's parameters from the HF files; returns the number of values read."""
+    """Fill this rank's parameters from the HF files; returns the number of values read.
+
+    A parameter still on the meta device gets fresh storage that the HF slices are copied
+    into directly, so memory is the shard itself: no read buffer, no concatenated copy.
+    """
+    import torch
+
     reader = HFReader(plan.hf_dir)
     offset = tm.layer_offset_of(model)
     read = 0
-    for name, param in model.named_parameters():
+    for name, param in list(model.named_parameters()):
         source = tm.source_for(name, plan.model_cfg, plan.family, offset)
-        shard = tm.read_shard(source, reader.read, param, tm.full_shape(param, ctx.tp_size),
-                              ctx.tp_rank, ctx.tp_size)
-        if tuple(shard.shape) != tuple(param.shape):
-            raise AssertionError(f"{name}: read {tuple(shard.shape)} for a shard of {tuple(param.shape)}")
-        if param.is_meta:  # built on the meta device: the shard read becomes the parameter
-            assign_parameter(model, name, shard.to(param.dtype))
-        else:
-            param.data.copy_(shard)
-        read += shard.numel()
+        target = torch.empty(param.shape, dtype=param.dtype) if param.is_meta else param.data
+        tm.fill_shard(source, reader.read, target, param, ctx.tp_rank, ctx.tp_size)
+        if param.is_meta:
+            assign_parameter(model, name, target)
+        read += target.numel()
     return read
 
 
@@ -169,7 +181,8 @@ def import_hf(from_hf: str, save: str, options: ConvertConfig, parallel: Paralle
 def _write_run_dir(plan: ImportPlan, model, ctx: ParallelContext) -> None:
     run_dir = plan.save
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(run_dir, ignore_errors=True)  # new, empty or an unfinished import (plan_import)
+        run_dir.mkdir(parents=True)
         tokenizer = run_dir / rd.TOKENIZER  # the run-dir name of any tokenizer; the content is sniffed
         rd.atomic_write_text(tokenizer, plan.tokenizer_bundle)
         rd.atomic_write_text(run_dir / HF_CONFIG, json.dumps(plan.hf_config, indent=2) + "\n")

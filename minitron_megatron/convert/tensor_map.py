@@ -1,9 +1,9 @@
 """Megatron GPTModel parameters <-> Hugging Face tensors, and their TP shards.
 
 Each Megatron parameter is described by a `Source`: how its full (TP=1) tensor is
-made of HF tensors. A Source reads any contiguous range of the full tensor along
-its TP dim from the HF files (so a rank reads only its slice), and splits a full
-tensor back into HF tensors. Which range a rank holds comes from the parameter's
+made of HF tensors. A Source fills any contiguous range of the full tensor along
+its TP dim from the HF files, in place (so a rank reads only its slice, into the
+parameter's own storage), and splits a full tensor back into HF tensors. Which range a rank holds comes from the parameter's
 own `partition_dim` / `partition_stride` (Megatron's attributes), never from names.
 
 Layouts (megatron/core/transformer/attention.py, mlp.py, tensor_parallel/layers.py):
@@ -26,7 +26,8 @@ from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.convert.families import NEMOTRON, Family
 
 Reader = Callable[[str, int, int, int], torch.Tensor]
-"""read(hf_name, dim, start, stop) -> that slice of the HF tensor."""
+"""read(hf_name, dim, start, stop) -> that slice of the HF tensor (a view of the mapped file:
+sources copy it straight into the parameter, so no intermediate copy is ever made)."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,8 @@ class Plain:
     def names(self) -> List[str]:
         return [self.name]
 
-    def read(self, read: Reader, dim: int, start: int, stop: int) -> torch.Tensor:
-        return read(self.name, dim, start, stop)
+    def read_into(self, read: Reader, dim: int, start: int, stop: int, out: torch.Tensor) -> None:
+        out.copy_(read(self.name, dim, start, stop))
 
     def split(self, full: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {self.name: full}
@@ -55,10 +56,11 @@ class Vocab:
     def names(self) -> List[str]:
         return [self.name]
 
-    def read(self, read: Reader, dim: int, start: int, stop: int) -> torch.Tensor:
-        real = read(self.name, 0, min(start, self.vocab_size), min(stop, self.vocab_size))  # [rows, h]
-        pad = real.new_zeros((stop - start - real.shape[0], *real.shape[1:]))
-        return torch.cat([real, pad]) if pad.shape[0] else real
+    def read_into(self, read: Reader, dim: int, start: int, stop: int, out: torch.Tensor) -> None:
+        real = max(0, min(stop, self.vocab_size) - start)  # rows of this range inside the HF vocab
+        if real:
+            out[:real].copy_(read(self.name, 0, start, start + real))  # [rows, h]
+        out[real:].zero_()
 
     def split(self, full: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {self.name: full[: self.vocab_size]}
@@ -77,16 +79,16 @@ class QKV:
     def names(self) -> List[str]:
         return [self.q, self.k, self.v]
 
-    def read(self, read: Reader, dim: int, start: int, stop: int) -> torch.Tensor:
+    def read_into(self, read: Reader, dim: int, start: int, stop: int, out: torch.Tensor) -> None:
         n, d = self.heads_per_group, self.head_dim
         group_rows = (n + 2) * d
         assert dim == 0 and start % group_rows == 0 and stop % group_rows == 0, "TP splits whole query groups"
         g0, g1 = start // group_rows, stop // group_rows
-        q = read(self.q, 0, g0 * n * d, g1 * n * d)  # [groups*n*d, (h)]
-        k, v = read(self.k, 0, g0 * d, g1 * d), read(self.v, 0, g0 * d, g1 * d)  # [groups*d, (h)]
-        rest = q.shape[1:]
-        blocks = [q.reshape(g1 - g0, n * d, *rest), k.reshape(g1 - g0, d, *rest), v.reshape(g1 - g0, d, *rest)]
-        return torch.cat(blocks, dim=1).reshape(stop - start, *rest)
+        rest = out.shape[1:]
+        groups = out.view(g1 - g0, group_rows, *rest)  # [ng_local, (n+2)*d, (h)]
+        groups[:, : n * d].copy_(read(self.q, 0, g0 * n * d, g1 * n * d).reshape(g1 - g0, n * d, *rest))
+        groups[:, n * d: (n + 1) * d].copy_(read(self.k, 0, g0 * d, g1 * d).reshape(g1 - g0, d, *rest))
+        groups[:, (n + 1) * d:].copy_(read(self.v, 0, g0 * d, g1 * d).reshape(g1 - g0, d, *rest))
 
     def split(self, full: torch.Tensor) -> Dict[str, torch.Tensor]:
         n, d = self.heads_per_group, self.head_dim
@@ -107,14 +109,14 @@ class GLU:
     def names(self) -> List[str]:
         return [self.gate, self.up]
 
-    def read(self, read: Reader, dim: int, start: int, stop: int) -> torch.Tensor:
+    def read_into(self, read: Reader, dim: int, start: int, stop: int, out: torch.Tensor) -> None:
         assert dim == 0
-        parts = []
-        if start < self.ffn:
-            parts.append(read(self.gate, 0, start, min(stop, self.ffn)))
-        if stop > self.ffn:
-            parts.append(read(self.up, 0, max(start, self.ffn) - self.ffn, stop - self.ffn))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        if start < self.ffn:  # gate rows of this range
+            end = min(stop, self.ffn)
+            out[: end - start].copy_(read(self.gate, 0, start, end))
+        if stop > self.ffn:  # up rows of this range
+            begin = max(start, self.ffn)
+            out[begin - start:].copy_(read(self.up, 0, begin - self.ffn, stop - self.ffn))
 
     def split(self, full: torch.Tensor) -> Dict[str, torch.Tensor]:
         gate, up = full.chunk(2, dim=0)
@@ -177,7 +179,8 @@ def expected_hf_shapes(cfg: ModelConfig, family: Family) -> Dict[str, Tuple[int,
     cfg = cfg.resolved()
     h, d, ffn = cfg.hidden_size, cfg.kv_channels, cfg.ffn_hidden_size
     q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), **{f"model.norm.{k}": (h,) for k in _norm_kinds(family)}}
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    shapes.update({f"model.norm.{k}": (h,) for k in _norm_kinds(family)})
     if not cfg.share_embeddings_and_output_weights:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
@@ -205,15 +208,17 @@ def shard_ranges(size: int, tp_rank: int, tp_size: int, stride: int) -> List[Tup
     return [(j * block + tp_rank * chunk, j * block + (tp_rank + 1) * chunk) for j in range(stride)]
 
 
-def read_shard(source, read: Reader, param: torch.Tensor, full_shape: Tuple[int, ...], tp_rank: int,
-               tp_size: int) -> torch.Tensor:
-    """This rank's shard of `param` read from HF tensors (only the rows/columns it holds)."""
+def fill_shard(source, read: Reader, out: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> None:
+    """Fill `out` (this rank's shard of `param`) from the HF tensors: only the rows/columns it holds."""
     if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        dim = 0
-        return source.read(read, dim, 0, full_shape[dim])
+        source.read_into(read, 0, 0, out.shape[0], out)
+        return
     dim, stride = param.partition_dim, int(getattr(param, "partition_stride", 1))
-    parts = [source.read(read, dim, a, b) for a, b in shard_ranges(full_shape[dim], tp_rank, tp_size, stride)]
-    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+    full = full_shape(param, tp_size)
+    offset = 0
+    for a, b in shard_ranges(full[dim], tp_rank, tp_size, stride):
+        source.read_into(read, dim, a, b, out.narrow(dim, offset, b - a))
+        offset += b - a
 
 
 def full_shape(param: torch.Tensor, tp_size: int) -> Tuple[int, ...]:

@@ -106,6 +106,9 @@ def test_bad_dtype_and_existing_target(hf_models, tmp_path):
     with pytest.raises(ConfigError, match="save=.* already exists"):
         convert(cmd, _ctx())
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["keep.txt"]
+    (tmp_path / "run" / "keep.txt").unlink()
+    (tmp_path / "run" / "model.yaml").write_text("crashed import: no summary.json")
+    plan_import(str(hf_models["nemotron"]), str(tmp_path / "run"), ConvertConfig(), ParallelConfig())  # may redo
 
 
 def test_direction_and_export_errors(tmp_path):

@@ -111,9 +111,9 @@ def test_rope_scaling_is_visible_in_the_reference(hf_models):
     from transformers import AutoModelForCausalLM
 
     config = json.loads((hf_models["llama"] / "config.json").read_text())
+    theta = config["rope_parameters"]["rope_theta"]
     plain = AutoModelForCausalLM.from_pretrained(str(hf_models["llama"]), attn_implementation="eager",
-                                                 rope_parameters={"rope_type": "default",
-                                                                  "rope_theta": config["rope_parameters"]["rope_theta"]})
+                                                 rope_parameters={"rope_type": "default", "rope_theta": theta})
     tokens = torch.load(hf_models["llama"].parent / "tokens.pt")
     ref = torch.load(hf_models["llama"] / "reference_logits.pt")
     assert (reference_logits(plain.eval(), tokens) - ref).abs().max().item() > 100 * ATOL
