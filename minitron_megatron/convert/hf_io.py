@@ -93,7 +93,8 @@ class StreamingShardWriter:
         if (name, tuple(tensor.shape), tensor.dtype) != (expected, tuple(shape), dtype):
             raise AssertionError(f"export wrote {name} {tuple(tensor.shape)} {tensor.dtype}; layout says "
                                  f"{expected} {tuple(shape)} {dtype}")
-        self._handle.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+        self._handle.write(memoryview(data.numpy()))  # the tensor's own bytes: no copy
         self._position += 1
 
     def close(self) -> None:

@@ -105,6 +105,23 @@ def test_pruned_shaped_run_dir_exports_to_transformers(converted):
     assert sorted(at_dp2) == sorted(at_tp2) and all(torch.equal(at_dp2[n], at_tp2[n]) for n in at_tp2)
 
 
+def test_trimmed_nemotron_exports_to_transformers(converted):
+    """Catches a gap between the trimmer's run dirs and export: the pruned model.yaml (head_dim
+    16 != 48 / 2, 2 layers) and the tokenizer the trimmer copied must give a HF Nemotron that
+    transformers loads cleanly and that computes the pruned Megatron model's logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = converted / "out-trimmed"
+    model, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True,
+                                                       attn_implementation="eager")
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert (model.config.architectures, model.config.hidden_size, model.config.num_hidden_layers,
+            model.config.num_attention_heads, model.config.head_dim) == (["NemotronForCausalLM"], 48, 2, 2, 16)
+    got = reference_logits(model.eval(), torch.load(converted / "hf" / "tokens.pt"))
+    assert (got - torch.load(converted / "logits-trimmed.pt")).abs().max().item() <= ATOL
+    assert AutoTokenizer.from_pretrained(str(out)).eos_token == "</s>"
+
+
 def test_rope_scaling_is_visible_in_the_reference(hf_models):
     """The logits tests can fail: without llama3 scaling the tiny Llama's logits move by far more
     than the tolerance, so a converter that dropped rope scaling would be caught."""

@@ -74,6 +74,27 @@ def make_pruned_like_run(run_dir: Path, tokenizer: str, ctx) -> None:
     save_checkpoint(rd.checkpoint_root(run_dir), 1, model, ctx)
 
 
+def trim_run(src: Path, dst: Path, ctx) -> None:
+    """Prune an imported run dir with the real trimmer (random scores): hidden 64 -> 48, 2 of 4
+    heads, ffn 96 -> 64, 3 -> 2 layers, so head_dim 16 != 48 / 2."""
+    from minitron_megatron.checkpoint import run_dir as rd
+    from minitron_megatron.checkpoint.dist import load_checkpoint
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.config.prune import TrimTarget
+    from minitron_megatron.model import build_gpt_model
+    from minitron_megatron.trim import apply_plan, plan_from_scores, random_scores, save_trimmed, validate_target
+
+    cfg, padded, tokenizer = rd.read_model_yaml(src)
+    parallel = ParallelConfig(tp=ctx.tp_size, pp=ctx.pp_size)
+    model = build_gpt_model(cfg, ctx, parallel, padded, init="none")
+    load_checkpoint(rd.checkpoint_root(src), model, None)
+    target = TrimTarget(hidden_size=48, ffn_hidden_size=64, num_attention_heads=2, num_layers=2)
+    new_cfg = validate_target(cfg, target, ctx.tp_size, ctx.pp_size, padded_vocab=padded)
+    plan = plan_from_scores(cfg, new_cfg, random_scores(cfg, seed=0), depth_metric="block_importance")
+    result = apply_plan(model, plan, cfg, ctx, parallel, padded)
+    save_trimmed(dst, result, plan, padded, tokenizer, ctx, summary={"trimmed": True})
+
+
 def convert_everything(rank, world, root, families):
     """Import every family at TP=1, PP=2 and TP=2, take each run dir's logits, and export every
     run dir at a different layout than it was imported at; plus a pruned-shaped run dir."""
@@ -115,6 +136,11 @@ def convert_everything(rank, world, root, families):
                     ctx)  # two data-parallel replicas: only one may write
         if layout == "tp2":
             _save_if_writer(ctx, run_dir_logits(root / "pruned", ctx, tokens), root / "logits-pruned.pt")
+            if "nemotron" in families:  # layernorm1p, partial rotary, squared ReLU through the trimmer
+                trim_run(root / "nemotron-tp2", root / "trimmed", ctx)
+                _save_if_writer(ctx, run_dir_logits(root / "trimmed", ctx, tokens), root / "logits-trimmed.pt")
+                summaries["export trimmed"] = convert(
+                    ConvertCommand(load=str(root / "trimmed"), to_hf=str(root / "out-trimmed"), parallel=parallel), ctx)
             summaries["export pruned"] = convert(
                 ConvertCommand(load=str(root / "pruned"), to_hf=str(root / "out-pruned"), parallel=parallel), ctx)
     if rank == 0:
