@@ -117,3 +117,26 @@ def test_direction_and_export_errors(tmp_path):
     with pytest.raises(ConfigError, match="load=.*directory not found"):
         convert(ConvertCommand(load=str(tmp_path / "nope"), to_hf=str(tmp_path / "out")), _ctx())
     assert not (tmp_path / "out").exists()
+
+
+def test_single_file_checkpoint_and_tensor_shapes(hf_models, tmp_path):
+    """An unsharded model.safetensors (no index) is read like a sharded one, and a tensor whose
+    shape disagrees with config.json is named."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = hf_models["qwen2"]
+    single = tmp_path / "single"
+    single.mkdir()
+    tensors = {}
+    for file in sorted(src.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            tensors.update({n: f.get_tensor(n) for n in f.keys()})
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, single / name)
+    save_file(tensors, str(single / "model.safetensors"))
+    plan = plan_import(str(single), str(tmp_path / "run"), ConvertConfig(), ParallelConfig(tp=2))
+    assert plan.model_cfg.share_embeddings_and_output_weights and plan.model_cfg.add_qkv_bias
+    tensors["model.layers.0.self_attn.k_proj.bias"] = tensors["model.layers.0.self_attn.k_proj.bias"][:8]
+    save_file(tensors, str(single / "model.safetensors"))
+    assert "tensor model.layers.0.self_attn.k_proj.bias has shape [8]" in _import_error(single, tmp_path)
