@@ -21,13 +21,16 @@ setup(
         "einops",
         "numpy",
         "safetensors",
+        "tokenizers",  # Hugging Face tokenizers (data/tokenizer.HFTokenizer; converted models)
         "tqdm",
         "matplotlib",
         "tensorboard",
         "wandb",
     ],
     extras_require={
-        "test": ["pytest>=8", "hydra-submitit-launcher"],  # the launcher YAML is composed against its schema
+        # transformers is the reference the convert tests compare with (tiny models built locally);
+        # the submitit plugin's schema checks conf/hydra/launcher/submitit_slurm.yaml.
+        "test": ["pytest>=8", "transformers>=5", "tokenizers", "hydra-submitit-launcher"],
         "triton": ["triton"],
         "slurm": ["hydra-submitit-launcher", "submitit"],
         # Transformer Engine and apex are optional accelerators, used when importable;

@@ -26,6 +26,9 @@ class ModelConfig:
     normalization: str = "RMSNorm"
     """RMSNorm or LayerNorm."""
     layernorm_epsilon: float = 1e-5
+    layernorm_zero_centered_gamma: bool = False
+    """Norm weights are stored as gamma - 1 and applied as (1 + weight): Megatron's
+    `layernorm_zero_centered_gamma`, Nemotron's "layernorm1p"."""
     gated_linear_unit: bool = True
     """SwiGLU/GeGLU when true (fc1 holds [gate; up])."""
     activation: str = "silu"
@@ -33,7 +36,15 @@ class ModelConfig:
     position_embedding_type: str = "rope"
     """rope or learned_absolute."""
     rotary_base: int = 10000
+    """RoPE theta (HF `rope_theta`)."""
     rotary_percent: float = 1.0
+    """Fraction of each head's dims that RoPE rotates (HF `partial_rotary_factor`)."""
+    rope_scaling: bool = False
+    """Llama-3.x frequency scaling of RoPE (HF `rope_type: llama3`). Megatron-core 0.16.1
+    fixes low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192;
+    only the factor is free."""
+    rope_scaling_factor: float = 8.0
+    """HF `rope_scaling.factor` (used only when rope_scaling is true)."""
     share_embeddings_and_output_weights: bool = False
     add_bias_linear: bool = False
     add_qkv_bias: bool = False

@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer with Megatron's tokenizer interface, and its trainer.
+"""SentencePiece and Hugging Face tokenizers with Megatron's tokenizer interface.
 
 `GPTDataset` needs `vocab_size`, `eod` and `unique_identifiers` (part of its
 index-cache key); `pad` is deliberately absent, so Megatron pads samples with
@@ -7,9 +7,11 @@ its own -1 id and masks them out of the loss.
 
 import hashlib
 import io
+import json
 import logging
 import os
-from typing import Dict, Iterable, List, Sequence
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import sentencepiece
 
@@ -89,11 +91,128 @@ class SentencePieceTokenizer(_MegatronTokenizer):
         return f"SentencePieceTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str) -> SentencePieceTokenizer:
-    """Load a sentencepiece `.model` file as a Megatron tokenizer."""
+# ---- Hugging Face tokenizers ------------------------------------------------------------------
+
+HF_BUNDLE_FORMAT = "minitron-hf-tokenizer/1"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "added_tokens.json", "chat_template.jinja", "chat_template.json")
+"""The text files of a HF tokenizer a bundle keeps (tokenizer.json is required)."""
+
+
+def bundle_hf_tokenizer(hf_dir) -> str:
+    """One JSON text holding a HF tokenizer's files verbatim.
+
+    Why one file: a run dir's tokenizer is a single file that later stages copy (as
+    `tokenizer.model`) and digest; tokenizer.json alone does not say which token is
+    EOS/BOS (tokenizer_config.json does), so both must travel together.
+    """
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{hf_dir}/tokenizer.json not found (a Hugging Face fast tokenizer is needed)")
+    files = {name: (hf_dir / name).read_text(encoding="utf-8") for name in HF_TOKENIZER_FILES
+             if (hf_dir / name).is_file()}
+    return json.dumps({"format": HF_BUNDLE_FORMAT, "files": files})
+
+
+def hf_tokenizer_files(path) -> Dict[str, str]:
+    """{file name: text} of a bundle, or of a plain tokenizer.json and its sibling config files."""
+    text = Path(path).read_text(encoding="utf-8")
+    body = json.loads(text)
+    if body.get("format") == HF_BUNDLE_FORMAT:
+        return dict(body["files"])
+    files = {"tokenizer.json": text}
+    for name in HF_TOKENIZER_FILES[1:]:
+        sibling = Path(path).parent / name
+        if sibling.is_file():
+            files[name] = sibling.read_text(encoding="utf-8")
+    return files
+
+
+def write_hf_tokenizer(path, out_dir) -> List[str]:
+    """Write a bundle's (or plain tokenizer.json's) files into `out_dir`, byte for byte."""
+    written = []
+    for name, text in hf_tokenizer_files(path).items():
+        (Path(out_dir) / name).write_text(text, encoding="utf-8")
+        written.append(name)
+    return written
+
+
+def _token_text(token: Union[None, str, dict]) -> Optional[str]:
+    """tokenizer_config.json writes special tokens as strings or as AddedToken dicts."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+class HFTokenizer(_MegatronTokenizer):
+    """A Hugging Face fast tokenizer, with Megatron-LM's HuggingFaceTokenizer semantics:
+    `tokenize` applies the tokenizer's post-processor (so Llama 3 documents start with
+    <|begin_of_text|>), `eod` is the EOS token, `vocab_size` counts added tokens."""
+
+    def __init__(self, path: str) -> None:
+        import tokenizers
+
+        files = hf_tokenizer_files(path)
+        digest = hashlib.md5(Path(path).read_bytes(), usedforsecurity=False).hexdigest()
+        super().__init__(os.path.abspath(path), md5=digest)
+        self.path = os.path.abspath(path)
+        self.tokenizer = tokenizers.Tokenizer.from_str(files["tokenizer.json"])
+        config = json.loads(files.get("tokenizer_config.json", "{}"))
+        special = json.loads(files.get("special_tokens_map.json", "{}"))
+        self.eos_token = _token_text(config.get("eos_token") or special.get("eos_token"))
+        self.bos_token = _token_text(config.get("bos_token") or special.get("bos_token"))
+        if self.eos_token is None or self.tokenizer.token_to_id(self.eos_token) is None:
+            raise ValueError(f"{path}: the tokenizer names no EOS token in its vocabulary "
+                             f"(eos_token={self.eos_token!r}); Megatron needs it as the EOD")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab(self) -> Dict[str, int]:
+        return self.tokenizer.get_vocab(with_added_tokens=True)
+
+    @property
+    def inv_vocab(self) -> Dict[int, str]:
+        return {i: piece for piece, i in self.vocab.items()}
+
+    def tokenize(self, text: str) -> List[int]:
+        return self.tokenizer.encode(text).ids
+
+    def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def eod(self) -> int:
+        return self.tokenizer.token_to_id(self.eos_token)
+
+    @property
+    def eos(self) -> int:
+        return self.eod
+
+    @property
+    def bos(self) -> Optional[int]:
+        return None if self.bos_token is None else self.tokenizer.token_to_id(self.bos_token)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def _is_json(path: str) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(1) == b"{"
+
+
+def load_tokenizer(path: str):
+    """Load a tokenizer file as a Megatron tokenizer: a sentencepiece `.model`, a HF
+    `tokenizer.json` (with its sibling tokenizer_config.json) or a run dir's HF bundle."""
     if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer model {path!r} not found (a sentencepiece .model file)")
-    return SentencePieceTokenizer(path)
+        raise FileNotFoundError(f"tokenizer model {path!r} not found (a sentencepiece .model file, a Hugging Face "
+                                "tokenizer.json or a run directory's tokenizer)")
+    # Sniffed, not by extension: a run dir keeps any tokenizer under the name tokenizer.model.
+    return HFTokenizer(path) if _is_json(path) else SentencePieceTokenizer(path)
 
 
 def train_sentencepiece(lines: Iterable[str], vocab_size: int, output_path: str) -> None:

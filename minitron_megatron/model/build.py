@@ -94,6 +94,7 @@ def transformer_config(cfg: ModelConfig, ctx: ParallelContext, parallel: Paralle
         kv_channels=cfg.kv_channels,
         normalization=cfg.normalization,
         layernorm_epsilon=cfg.layernorm_epsilon,
+        layernorm_zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
         gated_linear_unit=cfg.gated_linear_unit,
         activation_func=activation,
         add_bias_linear=cfg.add_bias_linear,
@@ -192,6 +193,8 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
 
     from megatron.core.models.gpt import GPTModel
 
+    from minitron_megatron.model.norms import with_zero_centered_gamma
+
     cfg = cfg.resolved()
     if init not in INITS:
         raise ValueError(f"init={init!r} is not one of {list(INITS)}")
@@ -208,7 +211,10 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
     with torch.device("meta") if init == "meta" else contextlib.nullcontext():
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(cfg),
+            # Megatron's torch norms refuse zero-centred gamma (only TE/apex have it): see model/norms.py.
+            transformer_layer_spec=(with_zero_centered_gamma(layer_spec(cfg), config, ctx.pp_rank)
+                                    if cfg.layernorm_zero_centered_gamma and cfg.transformer_impl == "local"
+                                    else layer_spec(cfg)),
             vocab_size=padded_vocab,
             max_sequence_length=cfg.seq_length,
             pre_process=ctx.is_first_stage,
@@ -217,6 +223,8 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
             position_embedding_type=cfg.position_embedding_type,
             rotary_percent=cfg.rotary_percent,
             rotary_base=cfg.rotary_base,
+            rope_scaling=cfg.rope_scaling,
+            rope_scaling_factor=cfg.rope_scaling_factor,
         )
     for name, value in saved.items():  # every module shares this config object: the run's flags again
         setattr(config, name, value)

@@ -1,0 +1,14 @@
+"""Hugging Face <-> run directory conversion (Llama incl. 3.1, Mistral, Qwen2, Nemotron).
+
+`convert(cfg, ctx)` is the command's stage; `import_hf` / `export_hf` are the two
+directions. Weights stream: every rank reads only the slices of the HF tensors
+it holds, and export writes bounded safetensors files per pipeline stage.
+"""
+
+from minitron_megatron.convert.exporter import export_hf, plan_export
+from minitron_megatron.convert.families import FAMILIES, family_for_model, hf_config_from_model, model_config_from_hf
+from minitron_megatron.convert.importer import import_hf, plan_import
+from minitron_megatron.convert.stage import convert
+
+__all__ = ["FAMILIES", "convert", "export_hf", "family_for_model", "hf_config_from_model", "import_hf",
+           "model_config_from_hf", "plan_export", "plan_import"]

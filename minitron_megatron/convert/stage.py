@@ -1,0 +1,25 @@
+"""The convert command's stage: `convert(cfg, ctx)` picks the direction and returns the JSON summary."""
+
+from typing import Dict
+
+from minitron_megatron.config.convert import ConvertCommand
+from minitron_megatron.errors import ConfigError
+from minitron_megatron.runtime.context import ParallelContext
+
+
+def convert(cfg: ConvertCommand, ctx: ParallelContext) -> Dict:
+    """`from_hf` + `save`: import a HF directory; `load` + `to_hf`: export a run dir."""
+    if bool(cfg.from_hf) == bool(cfg.to_hf):
+        raise ConfigError("convert needs exactly one of from_hf=HF_DIR (with save=RUN) or to_hf=HF_DIR "
+                          "(with load=RUN)")
+    if cfg.from_hf:
+        from minitron_megatron.convert.importer import import_hf
+
+        if cfg.load:
+            raise ConfigError("from_hf and load are exclusive: an import reads only from_hf")
+        return import_hf(cfg.from_hf, cfg.save, cfg.convert, cfg.parallel, ctx)
+    from minitron_megatron.convert.exporter import export_hf
+
+    if not cfg.load:
+        raise ConfigError("to_hf needs load=RUN: the run directory to export")
+    return export_hf(cfg.load, cfg.to_hf, cfg.convert, cfg.parallel, ctx)

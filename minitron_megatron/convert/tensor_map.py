@@ -1,0 +1,244 @@
+"""Megatron GPTModel parameters <-> Hugging Face tensors, and their TP shards.
+
+Each Megatron parameter is described by a `Source`: how its full (TP=1) tensor is
+made of HF tensors. A Source fills any contiguous range of the full tensor along
+its TP dim from the HF files, in place (so a rank reads only its slice, into the
+parameter's own storage), and splits a full tensor back into HF tensors. Which range a rank holds comes from the parameter's
+own `partition_dim` / `partition_stride` (Megatron's attributes), never from names.
+
+Layouts (megatron/core/transformer/attention.py, mlp.py, tensor_parallel/layers.py):
+- `linear_qkv` rows are interleaved per query group: `[q_1 .. q_n, k, v]` x head_dim,
+  `# [ng*(np/ng+2)*hn, h]`; TP splits whole groups, so a rank's rows are contiguous.
+- GLU `linear_fc1` is `[gate; up]` with partition_stride 2: rank r holds
+  `[gate_r; up_r]`, `# [2*ffn/tp, h]`.
+- embedding / output layer are vocab-parallel over the *padded* vocab
+  `# [V_pad/tp, h]`; rows past the HF vocab are zero padding.
+- `linear_proj` / `linear_fc2` are row-parallel: TP splits their columns (dim 1).
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from minitron_megatron.config.model import ModelConfig
+from minitron_megatron.convert.families import NEMOTRON, Family
+
+Reader = Callable[[str, int, int, int], torch.Tensor]
+"""read(hf_name, dim, start, stop) -> that slice of the HF tensor (a view of the mapped file:
+sources copy it straight into the parameter, so no intermediate copy is ever made)."""
+
+
+@dataclass(frozen=True)
+class Plain:
+    """Full tensor == one HF tensor."""
+
+    name: str
+
+    def names(self) -> List[str]:
+        return [self.name]
+
+    def read_into(self, read: Reader, dim: int, start: int, stop: int, out: torch.Tensor) -> None:
+        out.copy_(read(self.name, dim, start, stop))
+
+    def split(self, full: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {self.name: full}
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Embedding or output rows: the HF vocab, then zero rows up to the padded vocab."""
+
+    name: str
+    vocab_size: int
+
+    def names(self) -> List[str]:
+        return [self.name]
+
+    def read_into(self, read: Reader, dim: int, start: int, stop: int, out: torch.Tensor) -> None:
+        real = max(0, min(stop, self.vocab_size) - start)  # rows of this range inside the HF vocab
+        if real:
+            out[:real].copy_(read(self.name, 0, start, start + real))  # [rows, h]
+        out[real:].zero_()
+
+    def split(self, full: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {self.name: full[: self.vocab_size]}
+
+
+@dataclass(frozen=True)
+class QKV:
+    """`[q_1..q_n, k, v]` per query group from HF's separate q, k, v (weights or biases)."""
+
+    q: str
+    k: str
+    v: str
+    heads_per_group: int
+    head_dim: int
+
+    def names(self) -> List[str]:
+        return [self.q, self.k, self.v]
+
+    def read_into(self, read: Reader, dim: int, start: int, stop: int, out: torch.Tensor) -> None:
+        n, d = self.heads_per_group, self.head_dim
+        group_rows = (n + 2) * d
+        assert dim == 0 and start % group_rows == 0 and stop % group_rows == 0, "TP splits whole query groups"
+        g0, g1 = start // group_rows, stop // group_rows
+        rest = out.shape[1:]
+        groups = out.view(g1 - g0, group_rows, *rest)  # [ng_local, (n+2)*d, (h)]
+        groups[:, : n * d].copy_(read(self.q, 0, g0 * n * d, g1 * n * d).reshape(g1 - g0, n * d, *rest))
+        groups[:, n * d: (n + 1) * d].copy_(read(self.k, 0, g0 * d, g1 * d).reshape(g1 - g0, d, *rest))
+        groups[:, (n + 1) * d:].copy_(read(self.v, 0, g0 * d, g1 * d).reshape(g1 - g0, d, *rest))
+
+    def split(self, full: torch.Tensor) -> Dict[str, torch.Tensor]:
+        n, d = self.heads_per_group, self.head_dim
+        rest = full.shape[1:]
+        grouped = full.reshape(-1, (n + 2) * d, *rest)  # [ng, (n+2)*d, (h)]
+        q, k, v = grouped.split([n * d, d, d], dim=1)
+        return {self.q: q.reshape(-1, *rest), self.k: k.reshape(-1, *rest), self.v: v.reshape(-1, *rest)}
+
+
+@dataclass(frozen=True)
+class GLU:
+    """`[gate; up]` along dim 0 from HF's gate_proj and up_proj."""
+
+    gate: str
+    up: str
+    ffn: int
+
+    def names(self) -> List[str]:
+        return [self.gate, self.up]
+
+    def read_into(self, read: Reader, dim: int, start: int, stop: int, out: torch.Tensor) -> None:
+        assert dim == 0
+        if start < self.ffn:  # gate rows of this range
+            end = min(stop, self.ffn)
+            out[: end - start].copy_(read(self.gate, 0, start, end))
+        if stop > self.ffn:  # up rows of this range
+            begin = max(start, self.ffn)
+            out[begin - start:].copy_(read(self.up, 0, begin - self.ffn, stop - self.ffn))
+
+    def split(self, full: torch.Tensor) -> Dict[str, torch.Tensor]:
+        gate, up = full.chunk(2, dim=0)
+        return {self.gate: gate, self.up: up}
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def source_for(name: str, cfg: ModelConfig, family: Family, layer_offset: int = 0):
+    """The Source of Megatron parameter `name` (local layer numbers + this stage's `layer_offset`)."""
+    cfg = cfg.resolved()
+    norm = ["weight", "bias"] if family is NEMOTRON else ["weight"]
+    if name == "embedding.word_embeddings.weight":
+        return Vocab("model.embed_tokens.weight", cfg.vocab_size)
+    if name == "output_layer.weight":
+        tied = cfg.share_embeddings_and_output_weights
+        return Vocab("model.embed_tokens.weight" if tied else "lm_head.weight", cfg.vocab_size)
+    if name.startswith("decoder.final_layernorm."):
+        return _norm(f"model.norm.", name.rsplit(".", 1)[1], norm)
+    match = _LAYER.match(name)
+    if not match:
+        raise KeyError(name)
+    hf = f"model.layers.{int(match.group(1)) + layer_offset}."
+    suffix = match.group(2)
+    attn, mlp = hf + "self_attn.", hf + "mlp."
+    table = {
+        "self_attention.linear_qkv.weight": lambda: _qkv(attn, "weight", cfg),
+        "self_attention.linear_qkv.bias": lambda: _qkv(attn, "bias", cfg),
+        "self_attention.linear_proj.weight": lambda: Plain(attn + "o_proj.weight"),
+        "mlp.linear_fc1.weight": lambda: (GLU(mlp + "gate_proj.weight", mlp + "up_proj.weight", cfg.ffn_hidden_size)
+                                          if cfg.gated_linear_unit else Plain(mlp + "up_proj.weight")),
+        "mlp.linear_fc2.weight": lambda: Plain(mlp + "down_proj.weight"),
+    }
+    if suffix in table:
+        return table[suffix]()
+    # Local spec: separate norm modules; Transformer Engine spec: fused into the linears.
+    for prefix, hf_norm in (("input_layernorm.", "input_layernorm."),
+                            ("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
+                            ("pre_mlp_layernorm.", "post_attention_layernorm."),
+                            ("mlp.linear_fc1.layer_norm_", "post_attention_layernorm.")):
+        if suffix.startswith(prefix):
+            return _norm(hf + hf_norm, suffix[len(prefix):], norm)
+    raise KeyError(name)
+
+
+def _norm(prefix: str, kind: str, allowed: List[str]) -> Plain:
+    if kind not in allowed:
+        raise KeyError(prefix + kind)
+    return Plain(prefix + kind)
+
+
+def _qkv(attn: str, kind: str, cfg: ModelConfig) -> QKV:
+    per_group = cfg.num_attention_heads // cfg.num_query_groups
+    return QKV(f"{attn}q_proj.{kind}", f"{attn}k_proj.{kind}", f"{attn}v_proj.{kind}", per_group, cfg.kv_channels)
+
+
+def expected_hf_shapes(cfg: ModelConfig, family: Family) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor a HF checkpoint of `cfg` holds, with its shape (tied models have no lm_head)."""
+    cfg = cfg.resolved()
+    h, d, ffn = cfg.hidden_size, cfg.kv_channels, cfg.ffn_hidden_size
+    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    shapes.update({f"model.norm.{k}": (h,) for k in _norm_kinds(family)})
+    if not cfg.share_embeddings_and_output_weights:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q)})
+        if cfg.add_qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        mlp = ("gate", "up") if cfg.gated_linear_unit else ("up",)
+        shapes.update({p + f"mlp.{x}_proj.weight": (ffn, h) for x in mlp})
+        shapes[p + "mlp.down_proj.weight"] = (h, ffn)
+        shapes.update({p + f"{n}.{k}": (h,) for n in ("input_layernorm", "post_attention_layernorm")
+                       for k in _norm_kinds(family)})
+    return shapes
+
+
+def _norm_kinds(family: Family) -> Tuple[str, ...]:
+    return ("weight", "bias") if family is NEMOTRON else ("weight",)
+
+
+def shard_ranges(size: int, tp_rank: int, tp_size: int, stride: int) -> List[Tuple[int, int]]:
+    """This rank's ranges of the full TP dim: chunk `tp_rank` of each of the `stride` blocks."""
+    block, chunk = size // stride, size // (stride * tp_size)
+    return [(j * block + tp_rank * chunk, j * block + (tp_rank + 1) * chunk) for j in range(stride)]
+
+
+def fill_shard(source, read: Reader, out: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> None:
+    """Fill `out` (this rank's shard of `param`) from the HF tensors: only the rows/columns it holds."""
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        source.read_into(read, 0, 0, out.shape[0], out)
+        return
+    dim, stride = param.partition_dim, int(getattr(param, "partition_stride", 1))
+    full = full_shape(param, tp_size)
+    offset = 0
+    for a, b in shard_ranges(full[dim], tp_rank, tp_size, stride):
+        source.read_into(read, dim, a, b, out.narrow(dim, offset, b - a))
+        offset += b - a
+
+
+def full_shape(param: torch.Tensor, tp_size: int) -> Tuple[int, ...]:
+    """The TP=1 shape of `param` from its local shard."""
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp_size
+    return tuple(shape)
+
+
+def unshard(shards: List[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    """The full tensor from every TP rank's shard (rank order), per partition_dim/stride."""
+    if len(shards) == 1 or not getattr(param, "tensor_model_parallel", False):
+        return shards[0]
+    dim, stride = param.partition_dim, int(getattr(param, "partition_stride", 1))
+    chunks = [s.chunk(stride, dim=dim) for s in shards]
+    return torch.cat([chunks[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
+
+
+def layer_offset_of(model) -> int:
+    """Global index of this stage's first layer (Megatron numbers layers from 1)."""
+    layers = list(model.decoder.layers)
+    return layers[0].layer_number - 1 if layers else 0

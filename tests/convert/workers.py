@@ -1,0 +1,147 @@
+"""Bodies of the multi-rank convert tests (module level: spawned processes unpickle them)."""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+LAYOUTS = {"tp1": (1, 1), "pp2": (1, 2), "tp2": (2, 1)}
+"""Import layouts (tp, pp); 2 processes each (TP=1 runs as DP=2)."""
+EXPORT_AT = {"tp1": "pp2", "pp2": "tp2"}
+"""Run dir imported at key -> the layout it is exported at (always a different one)."""
+
+
+def run_dir_logits(run_dir, ctx, tokens: torch.Tensor):
+    """Logits [b, s, vocab] of a run dir loaded from its checkpoint at ctx's TP/PP, on the
+    last stage's TP rank 0 of DP rank 0 (None elsewhere)."""
+    from minitron_megatron.checkpoint import run_dir as rd
+    from minitron_megatron.checkpoint.dist import load_checkpoint
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.model import build_gpt_model
+
+    cfg, padded, _ = rd.read_model_yaml(run_dir)
+    model = build_gpt_model(cfg, ctx, ParallelConfig(tp=ctx.tp_size, pp=ctx.pp_size), padded, init="none")
+    load_checkpoint(rd.checkpoint_root(run_dir), model, None)
+    model.eval()
+    logits = _forward(model, ctx, tokens, cfg.hidden_size)
+    return None if logits is None else logits[..., : cfg.vocab_size]
+
+
+def _forward(model, ctx, tokens, hidden):
+    """Megatron's GPTModel forward across pipeline stages (hidden states sent stage to stage)."""
+    b, s = tokens.shape
+    position_ids = torch.arange(s).expand(b, -1)
+    with torch.no_grad():
+        if not ctx.is_first_stage:
+            recv = torch.empty(s, b, hidden)  # [s, b, h]
+            dist.recv(recv, src=dist.get_global_rank(ctx.pp_group, ctx.pp_rank - 1))
+            model.set_input_tensor(recv)
+        out = model(tokens, position_ids, None)
+        if not ctx.is_last_stage:
+            dist.send(out.contiguous(), dst=dist.get_global_rank(ctx.pp_group, ctx.pp_rank + 1))
+            return None
+    shards = [torch.empty_like(out) for _ in range(ctx.tp_size)]  # [b, s, V_pad/tp] each
+    dist.all_gather(shards, out.contiguous(), group=ctx.tp_group)
+    return torch.cat(shards, dim=-1)
+
+
+def _save_if_writer(ctx, logits, path):
+    if logits is not None and ctx.tp_rank == 0 and ctx.dp_rank == 0:
+        torch.save(logits, path)
+
+
+def make_pruned_like_run(run_dir: Path, tokenizer: str, ctx) -> None:
+    """A run dir shaped like a pruned one (head_dim 12 != 40/4, ffn 72, 3 layers), random weights."""
+    from minitron_megatron.checkpoint import run_dir as rd
+    from minitron_megatron.checkpoint.dist import save_checkpoint
+    from minitron_megatron.config.model import ModelConfig
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.model import build_gpt_model, padded_vocab_size
+
+    cfg = ModelConfig(name="pruned-like", num_layers=3, hidden_size=40, ffn_hidden_size=72, num_attention_heads=4,
+                      num_query_groups=2, kv_channels=12, seq_length=64, vocab_size=320, rotary_base=500000,
+                      rope_scaling=True, rope_scaling_factor=8.0, layernorm_epsilon=1e-5)
+    padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, ctx.tp_size)
+    model = build_gpt_model(cfg, ctx, ParallelConfig(tp=ctx.tp_size, pp=ctx.pp_size), padded)
+    gen = torch.Generator().manual_seed(5)  # same draw on every rank: replicas stay identical
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen) * 0.1
+            param.copy_(noise + 1.0 if "norm" in name else noise)
+    if ctx.is_main:
+        rd.write_model_yaml(run_dir, cfg, padded, tokenizer)
+    save_checkpoint(rd.checkpoint_root(run_dir), 1, model, ctx)
+
+
+def trim_run(src: Path, dst: Path, ctx) -> None:
+    """Prune an imported run dir with the real trimmer (random scores): hidden 64 -> 48, 2 of 4
+    heads, ffn 96 -> 64, 3 -> 2 layers, so head_dim 16 != 48 / 2."""
+    from minitron_megatron.checkpoint import run_dir as rd
+    from minitron_megatron.checkpoint.dist import load_checkpoint
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.config.prune import TrimTarget
+    from minitron_megatron.model import build_gpt_model
+    from minitron_megatron.trim import apply_plan, plan_from_scores, random_scores, save_trimmed, validate_target
+
+    cfg, padded, tokenizer = rd.read_model_yaml(src)
+    parallel = ParallelConfig(tp=ctx.tp_size, pp=ctx.pp_size)
+    model = build_gpt_model(cfg, ctx, parallel, padded, init="none")
+    load_checkpoint(rd.checkpoint_root(src), model, None)
+    target = TrimTarget(hidden_size=48, ffn_hidden_size=64, num_attention_heads=2, num_layers=2)
+    new_cfg = validate_target(cfg, target, ctx.tp_size, ctx.pp_size, padded_vocab=padded)
+    plan = plan_from_scores(cfg, new_cfg, random_scores(cfg, seed=0), depth_metric="block_importance")
+    result = apply_plan(model, plan, cfg, ctx, parallel, padded)
+    save_trimmed(dst, result, plan, padded, tokenizer, ctx, summary={"trimmed": True})
+
+
+def convert_everything(rank, world, root, families):
+    """Import every family at TP=1, PP=2 and TP=2, take each run dir's logits, and export every
+    run dir at a different layout than it was imported at; plus a pruned-shaped run dir."""
+    from minitron_megatron.config.convert import ConvertCommand, ConvertConfig
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.convert import convert
+    from minitron_megatron.runtime import init_runtime
+
+    root = Path(root)
+    tokens = torch.load(root / "hf" / "tokens.pt")
+    # Megatron builds a tied model's last-stage embedding copy with `weight.data.cuda()`
+    # (LanguageModule.setup_embeddings_and_output_layer), which runtime/cpu_support does not
+    # redirect yet. Same stand-in as the fix proposed there; remove once cpu_support has it.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    summaries = {}
+    for layout, (tp, pp) in LAYOUTS.items():
+        ctx = init_runtime(tp=tp, pp=pp, device="cpu", seed=3)
+        parallel = ParallelConfig(tp=tp, pp=pp)
+        for family in families:
+            run = root / f"{family}-{layout}"
+            summaries[f"import {family} {layout}"] = convert(
+                ConvertCommand(from_hf=str(root / "hf" / family), save=str(run), parallel=parallel), ctx)
+            _save_if_writer(ctx, run_dir_logits(run, ctx, tokens), root / f"logits-{family}-{layout}.pt")
+        for source, target in EXPORT_AT.items():
+            if target != layout:
+                continue
+            for family in families:
+                summaries[f"export {family} {source}@{layout}"] = convert(
+                    ConvertCommand(load=str(root / f"{family}-{source}"), to_hf=str(root / f"out-{family}-{source}"),
+                                   parallel=parallel, convert=ConvertConfig(max_shard_size_mb=1)), ctx)
+        if layout == "pp2":  # a bf16 checkpoint, imported at PP=2 and exported at TP=2
+            convert(ConvertCommand(from_hf=str(root / "hf" / "nemotron-bf16"), save=str(root / "bf16-pp2"),
+                                   parallel=parallel), ctx)
+        if layout == "tp2":
+            convert(ConvertCommand(load=str(root / "bf16-pp2"), to_hf=str(root / "out-bf16"), parallel=parallel), ctx)
+        if layout == "tp1":
+            make_pruned_like_run(root / "pruned", str(root / f"{families[0]}-tp1" / "tokenizer.model"), ctx)
+            convert(ConvertCommand(load=str(root / "pruned"), to_hf=str(root / "out-pruned-dp2"), parallel=parallel),
+                    ctx)  # two data-parallel replicas: only one may write
+        if layout == "tp2":
+            _save_if_writer(ctx, run_dir_logits(root / "pruned", ctx, tokens), root / "logits-pruned.pt")
+            if "nemotron" in families:  # layernorm1p, partial rotary, squared ReLU through the trimmer
+                trim_run(root / "nemotron-tp2", root / "trimmed", ctx)
+                _save_if_writer(ctx, run_dir_logits(root / "trimmed", ctx, tokens), root / "logits-trimmed.pt")
+                summaries["export trimmed"] = convert(
+                    ConvertCommand(load=str(root / "trimmed"), to_hf=str(root / "out-trimmed"), parallel=parallel), ctx)
+            summaries["export pruned"] = convert(
+                ConvertCommand(load=str(root / "pruned"), to_hf=str(root / "out-pruned"), parallel=parallel), ctx)
+    if rank == 0:
+        (root / "summaries.json").write_text(json.dumps(summaries, indent=1))
