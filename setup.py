@@ -43,6 +43,7 @@ setup(
             "minitron-prune=minitron_megatron.cli:prune",
             "minitron-distill=minitron_megatron.cli:distill",
             "minitron-run=minitron_megatron.cli:run",
+            "minitron-convert=minitron_megatron.cli:convert",
             "minitron-preprocess=minitron_megatron.data.preprocess:main",
         ]
     },

@@ -104,7 +104,8 @@ def _write_tokenizer(out: Path) -> None:
 
 
 def worker(a) -> None:
-    from minitron_megatron.config.convert import ConvertCommand, ConvertConfig
+    from minitron_megatron.config.commands import ConvertCommand
+    from minitron_megatron.config.convert import ConvertConfig
     from minitron_megatron.config.parallel import ParallelConfig
     from minitron_megatron.convert import convert
     from minitron_megatron.runtime import init_runtime

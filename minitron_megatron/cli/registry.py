@@ -35,6 +35,12 @@ def _distill():
     return distill
 
 
+def _convert():
+    from minitron_megatron.convert.stage import convert
+
+    return convert
+
+
 def _run():
     from minitron_megatron.recipes.run import run_recipe
 
@@ -58,4 +64,5 @@ COMMANDS: Dict[str, Command] = {
     "prune": Command("prune", C.PruneCommand, _prune),
     "distill": Command("distill", C.DistillCommand, _distill),
     "run": Command("run", C.RunCommand, _run, builds_from_model=True),
+    "convert": Command("convert", C.ConvertCommand, _convert),
 }

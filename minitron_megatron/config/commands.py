@@ -7,6 +7,7 @@ every key is type-checked and a misspelt override fails at start-up.
 from dataclasses import dataclass, field
 from typing import Optional
 
+from minitron_megatron.config.convert import ConvertConfig
 from minitron_megatron.config.data import DataConfig
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.distill import DistillConfig, ModelSource
@@ -89,8 +90,21 @@ class RunCommand(CommonConfig):
     """The final comparison: every model scored on the same validation samples."""
 
 
+@dataclass
+class ConvertCommand(CommonConfig):
+    """Exactly one direction: `from_hf` + `save` (import) or `load` + `to_hf` (export).
+    `model` and `data` of CommonConfig are unused: the architecture comes from config.json
+    or the run dir's model.yaml."""
+
+    from_hf: Optional[str] = None
+    """A HF model directory: config.json, *.safetensors (+ index), tokenizer.json."""
+    to_hf: Optional[str] = None
+    """The HF directory to write from the run dir `load`."""
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+
+
 SCHEMAS = {"train": TrainCommand, "evaluate": EvaluateCommand, "prune": PruneCommand, "distill": DistillCommand,
-           "run": RunCommand}
+           "run": RunCommand, "convert": ConvertCommand}
 
 
 def register_configs() -> None:

@@ -1,4 +1,4 @@
-"""The `convert` command: Hugging Face checkpoint <-> run directory.
+"""`convert.*` settings: Hugging Face checkpoint <-> run directory (the command: ConvertCommand).
 
 ```
 python -m minitron_megatron.convert from_hf=hf/Llama-3.1-8B save=runs/llama8b parallel.tp=2
@@ -6,10 +6,8 @@ python -m minitron_megatron.convert load=runs/pruned to_hf=hf/pruned
 ```
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
-
-from minitron_megatron.config.commands import CommonConfig
 
 
 @dataclass
@@ -26,16 +24,3 @@ class ConvertConfig:
     max_shard_size_mb: int = 5000
     """Export: safetensors files hold at most about this many MB each (tensors are streamed
     into them: this is not a memory buffer)."""
-
-
-@dataclass
-class ConvertCommand(CommonConfig):
-    """Exactly one direction: `from_hf` + `save` (import) or `load` + `to_hf` (export).
-    `model` and `data` of CommonConfig are unused: the architecture comes from config.json
-    or the run dir's model.yaml."""
-
-    from_hf: Optional[str] = None
-    """A HF model directory: config.json, *.safetensors (+ index), tokenizer.json."""
-    to_hf: Optional[str] = None
-    """The HF directory to write from the run dir `load`."""
-    convert: ConvertConfig = field(default_factory=ConvertConfig)

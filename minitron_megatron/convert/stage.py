@@ -2,7 +2,7 @@
 
 from typing import Dict
 
-from minitron_megatron.config.convert import ConvertCommand
+from minitron_megatron.config.commands import ConvertCommand
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.runtime.context import ParallelContext
 

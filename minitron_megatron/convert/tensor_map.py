@@ -18,7 +18,7 @@ Layouts (megatron/core/transformer/attention.py, mlp.py, tensor_parallel/layers.
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -136,7 +136,7 @@ def source_for(name: str, cfg: ModelConfig, family: Family, layer_offset: int = 
         tied = cfg.share_embeddings_and_output_weights
         return Vocab("model.embed_tokens.weight" if tied else "lm_head.weight", cfg.vocab_size)
     if name.startswith("decoder.final_layernorm."):
-        return _norm(f"model.norm.", name.rsplit(".", 1)[1], norm)
+        return _norm("model.norm.", name.rsplit(".", 1)[1], norm)
     match = _LAYER.match(name)
     if not match:
         raise KeyError(name)

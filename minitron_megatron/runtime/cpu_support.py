@@ -6,7 +6,7 @@ Megatron-core assumes CUDA in a handful of places on the GPT path we use
 1. `torch.cuda.current_device()` picks the device of rotary frequencies, pipeline
    p2p buffers and DDP grad buffers;
 2. the CUDA RNG tracker forks the CUDA generator around dropout and seeding;
-3. literal `device="cuda"` factories (schedules' token counters, the optimizer's
+3. literal `device="cuda"` factories and `tensor.cuda()` (schedules' token counters, the optimizer's
    found-inf/scale tensors, gradient clipping);
 4. `torch.cuda.synchronize()` in pipeline p2p;
 5. type-name checks such as `assert grad.type() == "torch.cuda.FloatTensor"` in
@@ -39,12 +39,15 @@ def _is_cuda_device(device) -> bool:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites a CUDA `device=` argument of any torch function to the CPU, and makes
-    the legacy `tensor.type()` name of a CPU tensor read as its CUDA twin (the CPU
-    stands in for the GPU, so type checks written for CUDA pass)."""
+    """Rewrites a CUDA `device=` argument of any torch function to the CPU, makes
+    `tensor.cuda()` a no-op (Megatron builds a tied model's last-stage embedding copy with
+    `weight.data.cuda()`), and makes the legacy `tensor.type()` name of a CPU tensor read
+    as its CUDA twin (the CPU stands in for the GPU, so type checks written for CUDA pass)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name.replace("torch.", "torch.cuda.", 1) if not args[0].is_cuda else name

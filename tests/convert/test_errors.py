@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minitron_megatron.config.convert import ConvertCommand, ConvertConfig
+from minitron_megatron.config.commands import ConvertCommand
+from minitron_megatron.config.convert import ConvertConfig
 from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.convert import convert, plan_import
 from minitron_megatron.errors import ConfigError

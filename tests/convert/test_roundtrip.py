@@ -5,7 +5,6 @@ workers.convert_everything); this process compares with transformers' own result
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest

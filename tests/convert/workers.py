@@ -98,17 +98,14 @@ def trim_run(src: Path, dst: Path, ctx) -> None:
 def convert_everything(rank, world, root, families):
     """Import every family at TP=1, PP=2 and TP=2, take each run dir's logits, and export every
     run dir at a different layout than it was imported at; plus a pruned-shaped run dir."""
-    from minitron_megatron.config.convert import ConvertCommand, ConvertConfig
+    from minitron_megatron.config.commands import ConvertCommand
+    from minitron_megatron.config.convert import ConvertConfig
     from minitron_megatron.config.parallel import ParallelConfig
     from minitron_megatron.convert import convert
     from minitron_megatron.runtime import init_runtime
 
     root = Path(root)
     tokens = torch.load(root / "hf" / "tokens.pt")
-    # Megatron builds a tied model's last-stage embedding copy with `weight.data.cuda()`
-    # (LanguageModule.setup_embeddings_and_output_layer), which runtime/cpu_support does not
-    # redirect yet. Same stand-in as the fix proposed there; remove once cpu_support has it.
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     summaries = {}
     for layout, (tp, pp) in LAYOUTS.items():
         ctx = init_runtime(tp=tp, pp=pp, device="cpu", seed=3)
