@@ -3,7 +3,6 @@
 import ast
 from pathlib import Path
 
-
 from minitron_megatron.cli.registry import COMMANDS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minitron_megatron"
