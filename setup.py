@@ -40,6 +40,7 @@ setup(
             "minitron-prune=minitron_megatron.cli:prune",
             "minitron-distill=minitron_megatron.cli:distill",
             "minitron-run=minitron_megatron.cli:run",
+            "minitron-search=minitron_megatron.cli:search",
             "minitron-preprocess=minitron_megatron.data.preprocess:main",
         ]
     },

@@ -26,3 +26,7 @@ def distill() -> None:
 
 def run() -> None:
     main("run")
+
+
+def search() -> None:
+    main("search")

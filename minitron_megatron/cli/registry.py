@@ -41,6 +41,12 @@ def _run():
     return run_recipe
 
 
+def _search():
+    from minitron_megatron.search.command import search
+
+    return search
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -58,4 +64,5 @@ COMMANDS: Dict[str, Command] = {
     "prune": Command("prune", C.PruneCommand, _prune),
     "distill": Command("distill", C.DistillCommand, _distill),
     "run": Command("run", C.RunCommand, _run, builds_from_model=True),
+    "search": Command("search", C.SearchCommand, _search),
 }
