@@ -51,6 +51,9 @@ class SearchConfig:
     candidate: Optional[int] = None
     """Evaluate only this candidate (0-based, as listed in candidates.json) and stop: one job of a
     Hydra multirun or SLURM array. None: evaluate every unfinished candidate, then rank them all."""
+    list_candidates: bool = False
+    """Print the candidates (index, architecture, exact parameters, skipped or not) and stop, with
+    nothing written: e.g. to size a SLURM array of `search.candidate` jobs."""
     rounds: int = 1
     """Reach the budget in this many prune -> distil rounds, each starting from the previous round's
     best student, with budgets spaced geometrically (budget^(r/rounds) of the teacher)."""

@@ -25,7 +25,7 @@ from minitron_megatron.search.candidate import candidate_dir, check_arch, entry,
 from minitron_megatron.search.plan import Candidate, feasible_architectures, nearest_lines, plan_candidates
 from minitron_megatron.search.rounds import Round, budget_problems, plan_rounds
 from minitron_megatron.search.scores import depth_metrics, ensure_importance
-from minitron_megatron.search.space import space_problems
+from minitron_megatron.search.space import describe, space_problems
 
 
 @dataclass
@@ -48,6 +48,9 @@ def _setting_problems(cfg: SearchCommand, ctx: ParallelContext) -> List[str]:
     if set_target:
         problems.append(f"the search sets prune.target per candidate; unset prune.target.{set_target[0]}"
                         + (f" (and {set_target[1:]})" if len(set_target) > 1 else ""))
+    if cfg.teacher.load:
+        problems.append("teacher.load: the search's teacher is load=; leave teacher.load unset "
+                        "(teacher.precision and teacher.params_dtype still apply)")
     if cfg.prune.stage != "all" or cfg.prune.scores:
         problems.append("prune.stage and prune.scores are the search's own (it scores each round's start "
                         "model into save=); leave them unset")
@@ -119,6 +122,12 @@ def search(cfg: SearchCommand, ctx: ParallelContext) -> dict:
     """Search the architectures of `search.space` within the budget; returns the summary."""
     origin = time.time() - clock.elapsed()  # stages restart the clock for their own run dirs
     teacher, rounds, first = check_search(cfg, ctx)
+    if cfg.search.list_candidates:
+        entries = [entry(c, rounds[0].dir, teacher.params) for c in first]
+        if ctx.is_main:
+            print("\n".join(f"{e['index']}: {describe(e['arch'])}  {e['params']:,} parameters "
+                            f"({e['params_fraction']:.3f})  {e['status']}" for e in entries), flush=True)
+        return {"candidates": entries, "budget": rounds[0].budget, "teacher_params": teacher.params}
     start, round_teacher, results = teacher.path, teacher.path, []
     for rnd in rounds:
         candidates = first if rnd.number == 1 else _plan_later(cfg, ctx, teacher, rnd, start)

@@ -147,6 +147,14 @@ def test_interrupted_search_resumes_without_redoing_finished_work(teacher, tmp_p
     assert {tuple(e["arch"][a] for a in AXES) for e in out["candidates"]} == EXPECTED
 
 
+def test_list_candidates_writes_nothing(teacher, tmp_path):
+    """Catches a listing that differs from what the jobs evaluate, or one that starts work."""
+    out = summary(search(teacher, tmp_path / "out", "search.list_candidates=true"))
+    assert [(e["index"], tuple(e["arch"][a] for a in AXES)) for e in out["candidates"]] == \
+        [(0, (4, 48, 96, 2, 2)), (1, (3, 48, 96, 4, 2))]  # largest first: the jobs' indices
+    assert {e["status"] for e in out["candidates"]} == {"pending"} and not (tmp_path / "out").exists()
+
+
 def test_bad_inputs_exit_2_with_nearest_architectures_and_write_nothing(teacher, tmp_path):
     cfg, padded = teacher_model(teacher)
     total = parameter_count(cfg, padded)
