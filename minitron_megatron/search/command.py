@@ -57,7 +57,7 @@ def _setting_problems(cfg: SearchCommand, ctx: ParallelContext) -> List[str]:
     if cfg.parallel.pp_layout is not None:
         problems.append("parallel.pp_layout describes one model, but candidates differ in depth; leave it "
                         "unset (even pipeline split)")
-    if s.candidate is not None and (s.rounds > 1 or s.round_budgets and len(s.round_budgets) > 1):
+    if s.candidate is not None and (s.rounds > 1 or len(s.round_budgets or []) > 1):
         problems.append("search.candidate=i needs a single round: each round starts from the previous "
                         "round's winner")
     if s.nearest < 0:
@@ -161,8 +161,10 @@ def run_round(cfg: SearchCommand, ctx: ParallelContext, teacher: Teacher, rnd: R
     """Importance once, every (or the selected) candidate, then rank and report the round."""
     s = cfg.search
     selected = candidates if s.candidate is None else [candidates[s.candidate]]
-    pending = [c for c in selected if not c.skipped and not rd.is_complete(candidate_dir(rnd.dir, c.index) / "student")]
-    if pending and cfg.prune.method == "importance":
+    # Scores are needed only to trim: a candidate already pruned (its student unfinished) is not.
+    to_prune = [c for c in selected if not c.skipped and not any(
+        rd.is_complete(candidate_dir(rnd.dir, c.index) / kind) for kind in ("pruned", "student"))]
+    if to_prune and cfg.prune.method == "importance":
         start_layers = rd.read_model_yaml(start)[0].num_layers
         cuts = any(c.arch["num_layers"] < start_layers for c in candidates if not c.skipped)
         ensure_importance(cfg, ctx, rnd.dir, start, depth_metrics(cfg, cuts))

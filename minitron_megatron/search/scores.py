@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List
 
 from minitron_megatron.config.commands import PruneCommand, SearchCommand
+from minitron_megatron.config.prune import ImportanceConfig
 from minitron_megatron.importance.io import has_importance, load_importance
 from minitron_megatron.runtime import clock
 from minitron_megatron.runtime.context import ParallelContext
@@ -26,11 +27,14 @@ def depth_metrics(cfg: SearchCommand, cuts_layers: bool) -> List[str]:
     return needed_depth_metrics(cfg.prune.depth_metric, cuts_layers)
 
 
-def _reusable(round_dir: Path, start: str, metrics: List[str]) -> bool:
+def _reusable(round_dir: Path, start: str, icfg: ImportanceConfig) -> bool:
+    """Scores of the same model, aggregated the same way, with every needed depth metric."""
     if not has_importance(round_dir):
         return False
     scores, meta = load_importance(round_dir)
-    return meta.get("source") == str(start) and all(f"depth.{m}" in scores for m in metrics)
+    same_aggregation = meta.get("aggregation") == {"seq": icfg.seq_agg, "batch": icfg.batch_agg}
+    return (meta.get("source") == str(start) and same_aggregation
+            and all(f"depth.{m}" in scores for m in icfg.depth_metrics))
 
 
 def ensure_importance(cfg: SearchCommand, ctx: ParallelContext, round_dir: Path, start: str,
@@ -39,10 +43,11 @@ def ensure_importance(cfg: SearchCommand, ctx: ParallelContext, round_dir: Path,
     from minitron_megatron.recipes.prune import prune
     from minitron_megatron.search.candidate import common
 
-    if _reusable(round_dir, start, metrics):
+    icfg = replace(cfg.prune.importance, depth_metrics=metrics)
+    if _reusable(round_dir, start, icfg):
         return
     if ctx.is_main:
         print(f"[importance] {start} -> {round_dir} (depth metrics {metrics})", flush=True)
-    p = replace(cfg.prune, stage="importance", importance=replace(cfg.prune.importance, depth_metrics=metrics))
+    p = replace(cfg.prune, stage="importance", importance=icfg)
     clock.restart()
     prune(PruneCommand(**common(cfg, load=str(start), save=str(round_dir)), prune=p, evaluate=cfg.evaluate), ctx)

@@ -158,7 +158,8 @@ def test_list_candidates_writes_nothing(teacher, tmp_path):
 def test_bad_inputs_exit_2_with_nearest_architectures_and_write_nothing(teacher, tmp_path):
     cfg, padded = teacher_model(teacher)
     total = parameter_count(cfg, padded)
-    nearest = f"layers=4 hidden=48 ffn=96 heads=2 groups=2: {parameter_count(replace(cfg, hidden_size=48, ffn_hidden_size=96, num_attention_heads=2), padded):,}"  # noqa: E501
+    size = parameter_count(replace(cfg, hidden_size=48, ffn_hidden_size=96, num_attention_heads=2), padded)
+    nearest = f"layers=4 hidden=48 ffn=96 heads=2 groups=2: {size:,} parameters"
     cases = {
         "empty": (["search.tolerance=0.001", "search.param_budget=0.5"], "no architecture of search.space is within"),
         "too_big": ([f"search.param_budget={total + 1000}", "search.tolerance=0.02"], f"above the teacher's {total:,}"),
