@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List
 
 from minitron_megatron.checkpoint import run_dir as rd
-from minitron_megatron.config.commands import SearchCommand
+from minitron_megatron.config.commands import DistillCommand, SearchCommand
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.prune import TrimTarget
 from minitron_megatron.errors import ConfigError
@@ -37,8 +37,7 @@ class Teacher:
 
 
 def _setting_problems(cfg: SearchCommand, ctx: ParallelContext) -> List[str]:
-    from minitron_megatron.train.driver import loop_problems
-    from minitron_megatron.train.setup import evaluate_problems
+    from minitron_megatron.distill.setup import _settings_problems
 
     s, problems = cfg.search, []
     if not cfg.save:
@@ -64,11 +63,13 @@ def _setting_problems(cfg: SearchCommand, ctx: ParallelContext) -> List[str]:
         problems.append(f"search.nearest={s.nearest} must be >= 0")
     if s.steps < 1:
         problems.append(f"search.steps={s.steps} must be >= 1")
-    problems += evaluate_problems(cfg.evaluate, ctx)
-    loop = replace(cfg.distill, steps=max(s.steps, 1))
-    # The loop settings only: each student dir is checked (and resumed) by distill itself, and
-    # DIR/candidates is never a finished run dir.
-    problems += loop_problems(loop, "distill", str(Path(cfg.save or ".") / "candidates"), "runs/student", ctx)
+    # distill's own setting checks (loop sizes, losses, evaluate.*), now rather than after the
+    # first candidate is pruned. It is a private helper of distill/setup.py: a public
+    # `settings_problems` there would be cleaner. DIR/candidates is never a finished run dir,
+    # so its save= check passes; each student dir is checked (and resumed) by distill itself.
+    d = DistillCommand(save=str(Path(cfg.save or ".") / "candidates"), teacher=cfg.teacher,
+                       distill=replace(cfg.distill, steps=max(s.steps, 1)), evaluate=cfg.evaluate)
+    problems += _settings_problems(d, ctx)
     return problems
 
 

@@ -54,8 +54,10 @@ def save_curves(round_dir: Path, entries: List[dict]) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for e in entries:
         if e["status"] == "done":
             curve = kd_curve(round_dir / e["student"])

@@ -170,6 +170,10 @@ def test_bad_inputs_exit_2_with_nearest_architectures_and_write_nothing(teacher,
         assert message in proc.stderr and "nearest feasible architectures" in proc.stderr, proc.stderr
         assert nearest in proc.stderr, proc.stderr
         assert not (tmp_path / name).exists()
+    # A distillation setting fails before the first candidate is pruned, not after.
+    proc = search(teacher, tmp_path / "kd", "distill.logit_loss=bogus", "prune.target.hidden_size=32", check=False)
+    assert proc.returncode == 2 and "distill.logit_loss='bogus'" in proc.stderr, proc.stderr[-2000:]
+    assert "unset prune.target.hidden_size" in proc.stderr and not (tmp_path / "kd").exists()
 
 
 def test_space_that_tp_cannot_split_fails_before_work(teacher, tmp_path):
