@@ -13,12 +13,13 @@ from typing import List, Optional
 
 @dataclass
 class SearchSpace:
-    """Per-axis values as fractions of the ORIGINAL teacher's sizes (1.0 = unchanged).
+    """Per-axis values as fractions of the ORIGINAL teacher (1.0 = unchanged).
 
     The defaults are the paper's Table 9 (Nemotron-4 15B: 32 layers, 48 heads, hidden
-    6144, ffn 4 x 6144) expressed as fractions, so they scale to any teacher. Sizes are
-    rounded to the nearest integer (layers, heads, groups) or to the nearest multiple of
-    `search.width_multiple` (hidden, ffn); duplicates after rounding count once.
+    6144, ffn 4 x 6144) expressed as fractions, so they scale to any teacher; on that
+    teacher they contain Minitron-8B and Minitron-4B. Sizes are rounded to the nearest
+    integer (layers, heads, groups) or to the nearest multiple of `search.width_multiple`
+    (hidden, ffn); duplicates after rounding count once.
     """
 
     num_layers: List[float] = field(default_factory=lambda: [1.0, 0.96875, 0.9375, 0.90625])
@@ -27,10 +28,13 @@ class SearchSpace:
     """Paper: {24, 32, 48} heads of 48."""
     num_query_groups: List[float] = field(default_factory=lambda: [1.0])
     """The paper keeps the teacher's query groups."""
-    ffn_hidden_size: List[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625])
-    """Paper: MLP expansion {2.5, 3, 3.5, 4} x hidden with a 4x teacher, here of the teacher's ffn."""
-    hidden_size: List[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5, 0.4167])
-    """Paper: embedding 2560-6144 of 6144."""
+    ffn_ratio: List[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625])
+    """The MLP expansion (ffn_hidden_size / hidden_size) as a fraction of the teacher's, applied
+    to each candidate's hidden size (capped at the teacher's ffn). Paper: {2.5, 3, 3.5, 4} x
+    hidden with a 4x teacher."""
+    hidden_size: List[float] = field(default_factory=lambda: [1.0, 0.916667, 0.833333, 0.75, 0.666667,
+                                                              0.583333, 0.5, 0.416667])
+    """Paper: embedding 2560-6144 of 6144 (here in steps of 512 on that teacher)."""
 
 
 ROUND_TEACHERS = ("original", "previous")

@@ -1,7 +1,7 @@
 """`python -m minitron_megatron.search` end to end on the tiny teacher, and its planning rules.
 
 The space below has four architectures of the teacher (layers 4 -> {4, 3}, heads 4 -> {4, 2},
-hidden 64 -> 48, ffn 192 -> 96); a budget of 0.65 +- 2% keeps exactly two of them, one of
+hidden 64 -> 48, MLP expansion 3 -> 2 so ffn 192 -> 96); a budget of 0.65 +- 2% keeps exactly two of them, one of
 which cuts a layer, so the shared scores must serve both width and depth trims.
 """
 
@@ -11,8 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.search import SearchConfig, SearchSpace
 from minitron_megatron.model.params import parameter_count
 from minitron_megatron.runtime.faults import FAULT_EXIT
@@ -21,7 +23,7 @@ from minitron_megatron.search.rounds import round_budgets
 from tests.commands import run_command, summary
 
 SPACE = ["search.space.num_layers=[1.0,0.75]", "search.space.num_attention_heads=[1.0,0.5]",
-         "search.space.num_query_groups=[1.0]", "search.space.ffn_hidden_size=[0.5]",
+         "search.space.num_query_groups=[1.0]", "search.space.ffn_ratio=[0.666667]",
          "search.space.hidden_size=[0.75]"]
 SEARCH = [
     "device=cpu", "evaluate.samples=16", "evaluate.micro_batch_size=4",
@@ -68,7 +70,7 @@ def test_plan_skips_what_tp_cannot_split_and_counts_exactly(teacher):
     cfg, padded = teacher_model(teacher)
     total = parameter_count(cfg, padded)
     space = SearchSpace(num_layers=[1.0], num_attention_heads=[0.5], num_query_groups=[1.0, 0.5],
-                        ffn_hidden_size=[0.5], hidden_size=[0.75])
+                        ffn_ratio=[0.666667], hidden_size=[0.75])
     s = SearchConfig(space=space, tolerance=0.2)
     one = plan_candidates(cfg, cfg, total, int(0.65 * total), s, padded, 1, 1)
     two = plan_candidates(cfg, cfg, total, int(0.65 * total), s, padded, 2, 1)
@@ -78,6 +80,20 @@ def test_plan_skips_what_tp_cannot_split_and_counts_exactly(teacher):
     assert skipped[2] is None and "parallel.tp=2 does not divide the pruned num_query_groups=1" in skipped[1]
     for c in one:
         assert c.params == parameter_count(replace(cfg, **c.arch), padded)
+
+
+def test_default_space_on_nemotron_15b_holds_minitron_8b_and_4b():
+    """The defaults are the paper's Table 9: on its teacher, the budget filter at each published
+    model's exact size keeps that model (catches a space or an expansion axis off the paper's)."""
+    conf = Path(__file__).resolve().parents[2] / "conf" / "model"
+    load = lambda name: ModelConfig(**yaml.safe_load((conf / f"{name}.yaml").read_text())).resolved()  # noqa: E731
+    teacher = load("nemotron4-15b")
+    total = parameter_count(teacher, 256000)
+    for name in ("minitron-8b", "minitron-4b"):
+        student = load(name)
+        arch = {a: getattr(student, a) for a in AXES}
+        found = plan_candidates(teacher, teacher, total, parameter_count(student, 256000), SearchConfig(), 256000, 8, 1)
+        assert arch in [c.arch for c in found] and all(c.skipped is None for c in found), name
 
 
 def test_round_budgets_shrink_geometrically():
@@ -183,7 +199,7 @@ def test_space_that_tp_cannot_split_fails_before_work(teacher, tmp_path):
                                         num_query_groups=1), padded)
     total = parameter_count(cfg, padded)
     space = ["search.space.num_layers=[1.0]", "search.space.num_attention_heads=[0.5]",
-             "search.space.num_query_groups=[1.0,0.5]", "search.space.ffn_hidden_size=[0.5]",
+             "search.space.num_query_groups=[1.0,0.5]", "search.space.ffn_ratio=[0.666667]",
              "search.space.hidden_size=[0.75]"]
     proc = search(teacher, tmp_path / "out", "parallel.tp=2", space=space,
                   budget=[f"search.param_budget={one_group}", "search.tolerance=0.001"], nproc=2, check=False)
@@ -202,10 +218,10 @@ def test_two_rounds_reach_the_target_from_the_previous_student(teacher, tmp_path
     model that is not the target size."""
     save = tmp_path / "rounds"
     space = ["search.space.num_layers=[1.0]", "search.space.num_attention_heads=[1.0]",
-             "search.space.num_query_groups=[1.0]", "search.space.ffn_hidden_size=[0.5]",
+             "search.space.num_query_groups=[1.0]", "search.space.ffn_ratio=[0.666667]",
              "search.space.hidden_size=[1.0,0.75]"]
     out = summary(search(teacher, save, "search.round_teacher=previous", space=space,
-                         budget=["search.round_budgets=[0.9,0.67]", "search.tolerance=0.01"]))
+                         budget=["search.round_budgets=[0.93,0.67]", "search.tolerance=0.01"]))
     cfg, padded = teacher_model(teacher)
     assert [r["best"]["arch"]["hidden_size"] for r in out["rounds"]] == [64, 48]
     final = save / out["best"]["student"]
