@@ -213,6 +213,26 @@ def test_space_that_tp_cannot_split_fails_before_work(teacher, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_tp2_search_reports_what_it_cannot_split_and_matches_tp1(teacher, one_search, tmp_path):
+    """Catches a TP failure that crashes the search (or drops the candidate silently), and
+    candidates pruned or distilled differently at TP=2 than at TP=1."""
+    space = ["search.space.num_layers=[1.0]", "search.space.num_attention_heads=[0.5]",
+             "search.space.num_query_groups=[1.0,0.5]", "search.space.ffn_ratio=[0.666667]",
+             "search.space.hidden_size=[0.75]"]
+    save = tmp_path / "tp2"
+    out = summary(search(teacher, save, "parallel.tp=2", space=space,
+                         budget=["search.param_budget=0.65", "search.tolerance=0.2"], nproc=2))
+    by_groups = {e["arch"]["num_query_groups"]: e for e in out["candidates"]}
+    assert by_groups[1]["status"] == "skipped: parallel.tp=2 does not divide the pruned num_query_groups=1"
+    assert by_groups[1]["val_loss"] is None and by_groups[1]["rank"] is None
+    assert not (save / by_groups[1]["student"]).exists()
+    assert by_groups[1]["status"] in (save / "report.md").read_text()
+    tp1 = next(e for e in one_search[1]["candidates"] if e["arch"] == by_groups[2]["arch"])
+    assert out["best"]["arch"] == tp1["arch"] and by_groups[2]["status"] == "done"
+    for key in ("zero_shot_loss", "val_loss"):
+        assert math.isclose(by_groups[2][key], tp1[key], rel_tol=1e-4), (key, by_groups[2], tp1)
+
+
 def test_two_rounds_reach_the_target_from_the_previous_student(teacher, tmp_path):
     """Catches a round that starts from the teacher instead of the previous winner, and a final
     model that is not the target size."""
