@@ -14,7 +14,7 @@ from typing import List
 from minitron_megatron.checkpoint import run_dir as rd
 from minitron_megatron.config.commands import DistillCommand, SearchCommand
 from minitron_megatron.config.model import ModelConfig
-from minitron_megatron.config.prune import TrimTarget
+from minitron_megatron.config.prune import DEPTH_METRICS, TrimTarget
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model.params import parameter_count
 from minitron_megatron.runtime import clock
@@ -26,6 +26,7 @@ from minitron_megatron.search.plan import Candidate, feasible_architectures, nea
 from minitron_megatron.search.rounds import Round, budget_problems, plan_rounds
 from minitron_megatron.search.scores import depth_metrics, ensure_importance
 from minitron_megatron.search.space import describe, space_problems
+from minitron_megatron.trim.stage import METHODS
 
 
 @dataclass
@@ -47,6 +48,10 @@ def _setting_problems(cfg: SearchCommand, ctx: ParallelContext) -> List[str]:
     if set_target:
         problems.append(f"the search sets prune.target per candidate; unset prune.target.{set_target[0]}"
                         + (f" (and {set_target[1:]})" if len(set_target) > 1 else ""))
+    if cfg.prune.method not in METHODS:
+        problems.append(f"prune.method={cfg.prune.method!r} is not one of {list(METHODS)}")
+    if cfg.prune.depth_metric not in DEPTH_METRICS:
+        problems.append(f"prune.depth_metric={cfg.prune.depth_metric!r} is not one of {list(DEPTH_METRICS)}")
     if cfg.teacher.load:
         problems.append("teacher.load: the search's teacher is load=; leave teacher.load unset "
                         "(teacher.precision and teacher.params_dtype still apply)")
@@ -111,12 +116,24 @@ def check_search(cfg: SearchCommand, ctx: ParallelContext):
             errors.append((f"round {rnd.number}: " if len(rounds) > 1 else "") + str(err))
     if errors:
         raise ConfigError("\n".join(errors))
+    _check_depth_scores(cfg, teacher, plans)
     if s.candidate is not None and not 0 <= s.candidate < len(plans[0]):
         raise ConfigError(f"search.candidate={s.candidate} is not a candidate: there are {len(plans[0])} "
                           f"(0..{len(plans[0]) - 1})")
     for cand in plans[0]:
         check_arch(rounds[0].dir, cand)
     return teacher, rounds, plans[0]
+
+
+def _check_depth_scores(cfg: SearchCommand, teacher: Teacher, plans: List[List[Candidate]]) -> None:
+    """An explicit `prune.importance.depth_metrics` must hold the metric that ranks layers when a
+    candidate has fewer layers (found now, not at that candidate's trim)."""
+    metrics, metric = cfg.prune.importance.depth_metrics, cfg.prune.depth_metric
+    cuts = any(c.arch["num_layers"] < teacher.cfg.num_layers for plan in plans for c in plan)
+    if cuts and metrics is not None and cfg.prune.method == "importance" and metric not in metrics:
+        raise ConfigError(f"prune.importance.depth_metrics={list(metrics)} lacks prune.depth_metric={metric}, "
+                          "which ranks the layers of candidates with fewer layers; add it, or leave "
+                          "depth_metrics unset (null: what the candidates need)")
 
 
 def search(cfg: SearchCommand, ctx: ParallelContext) -> dict:

@@ -187,9 +187,15 @@ def test_bad_inputs_exit_2_with_nearest_architectures_and_write_nothing(teacher,
         assert nearest in proc.stderr, proc.stderr
         assert not (tmp_path / name).exists()
     # A distillation setting fails before the first candidate is pruned, not after.
-    proc = search(teacher, tmp_path / "kd", "distill.logit_loss=bogus", "prune.target.hidden_size=32", check=False)
+    proc = search(teacher, tmp_path / "kd", "distill.logit_loss=bogus", "prune.target.hidden_size=32",
+                  "prune.depth_metric=perplexity", check=False)
     assert proc.returncode == 2 and "distill.logit_loss='bogus'" in proc.stderr, proc.stderr[-2000:]
-    assert "unset prune.target.hidden_size" in proc.stderr and not (tmp_path / "kd").exists()
+    assert "unset prune.target.hidden_size" in proc.stderr and "prune.depth_metric='perplexity'" in proc.stderr
+    assert not (tmp_path / "kd").exists()
+    # Candidate 1 cuts a layer: scores without the metric that ranks layers cannot trim it.
+    proc = search(teacher, tmp_path / "depth", "prune.importance.depth_metrics=[loss_drop]", check=False)
+    assert proc.returncode == 2 and "lacks prune.depth_metric=block_importance" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "depth").exists()
 
 
 def test_space_that_tp_cannot_split_fails_before_work(teacher, tmp_path):
