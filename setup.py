@@ -44,6 +44,7 @@ setup(
             "minitron-distill=minitron_megatron.cli:distill",
             "minitron-run=minitron_megatron.cli:run",
             "minitron-convert=minitron_megatron.cli:convert",
+            "minitron-search=minitron_megatron.cli:search",
             "minitron-preprocess=minitron_megatron.data.preprocess:main",
         ]
     },

@@ -226,16 +226,16 @@ def test_teacher_precision_is_checked_with_the_other_settings(tmp_path):
     """Catches a typo (fp16, "FP8") reaching the build: one message naming the setting and
     the allowed values, collected with the other distill settings."""
     from minitron_megatron.config.commands import DistillCommand
-    from minitron_megatron.distill.setup import _settings_problems
+    from minitron_megatron.distill.setup import settings_problems
     from minitron_megatron.distill.teacher import apply_teacher_precision
     from minitron_megatron.runtime.context import ParallelContext
 
     ctx = ParallelContext(device=torch.device("cpu"), world_size=1, rank=0, tp_size=1, tp_rank=0,
                           pp_size=1, pp_rank=0, dp_size=1, dp_rank=0)
     cfg = DistillCommand(save=str(tmp_path / "out"))
-    assert not any("precision" in p for p in _settings_problems(cfg, ctx))
+    assert not any("precision" in p for p in settings_problems(cfg, ctx))
     cfg.teacher.precision = "fp16"
     assert "teacher.precision='fp16' is not one of ['fp8', 'bf16', 'fp32'] (or null: the teacher run's own " \
-           "dtype)" in _settings_problems(cfg, ctx)
+           "dtype)" in settings_problems(cfg, ctx)
     with pytest.raises(ValueError, match="teacher.precision='fp16'"):
         apply_teacher_precision(torch.nn.Linear(2, 2), "fp16")

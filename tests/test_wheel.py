@@ -40,6 +40,6 @@ def test_wheel_in_a_fresh_venv_composes_every_command_outside_the_checkout(tmp_p
     assert where.stdout.strip().startswith(str(site)), where.stdout
     job = _run([python, "-m", "minitron_megatron.train", "--cfg", "job", "model=llama3.1-8b"], cwd=elsewhere, env=env)
     assert "train:" in job.stdout and "hidden_size: 4096" in job.stdout, job.stdout[-2000:]
-    for name in ("evaluate", "prune", "distill", "run"):  # the console scripts, each with its own YAML
+    for name in ("evaluate", "prune", "distill", "run", "convert", "search"):  # console scripts, own YAMLs
         out = _run([venv / "bin" / f"minitron-{name}", "--cfg", "job"], cwd=elsewhere, env=env).stdout
         assert "model:" in out and "data:" in out, (name, out[-2000:])

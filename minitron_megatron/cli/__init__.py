@@ -30,3 +30,7 @@ def run() -> None:
 
 def convert() -> None:
     main("convert")
+
+
+def search() -> None:
+    main("search")

@@ -47,6 +47,12 @@ def _run():
     return run_recipe
 
 
+def _search():
+    from minitron_megatron.search.command import search
+
+    return search
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -65,4 +71,5 @@ COMMANDS: Dict[str, Command] = {
     "distill": Command("distill", C.DistillCommand, _distill),
     "run": Command("run", C.RunCommand, _run, builds_from_model=True),
     "convert": Command("convert", C.ConvertCommand, _convert),
+    "search": Command("search", C.SearchCommand, _search),
 }

@@ -13,6 +13,7 @@ from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.distill import DistillConfig, ModelSource
 from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.config.prune import PruneConfig
+from minitron_megatron.config.search import SearchConfig
 from minitron_megatron.config.train import TrainConfig
 
 
@@ -103,8 +104,25 @@ class ConvertCommand(CommonConfig):
     convert: ConvertConfig = field(default_factory=ConvertConfig)
 
 
+@dataclass
+class SearchCommand(CommonConfig):
+    """Architecture search: `load` is the teacher; `save` receives importance.*, candidates/<i>/
+    (pruned/ and student/ run dirs), candidates.json, report.md, kd_curves.png and summary.json."""
+
+    search: SearchConfig = field(default_factory=SearchConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """Importance (`prune.importance.*`, computed once per round), `prune.method`, `depth_metric`,
+    `residual_heads`; the search sets `prune.target` per candidate."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Each candidate's light distillation (its step count is `search.steps`)."""
+    teacher: ModelSource = field(default_factory=ModelSource)
+    """Teacher options (`teacher.precision`, `teacher.params_dtype`); the teacher is `load`."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Zero-shot and post-distillation val_loss: the same samples as `evaluate`."""
+
+
 SCHEMAS = {"train": TrainCommand, "evaluate": EvaluateCommand, "prune": PruneCommand, "distill": DistillCommand,
-           "run": RunCommand, "convert": ConvertCommand}
+           "run": RunCommand, "convert": ConvertCommand, "search": SearchCommand}
 
 
 def register_configs() -> None:

@@ -32,8 +32,12 @@ class ImportanceConfig:
     """Aggregation over the batch: mean (of |x|), l2 or var. The paper's best: l2."""
     seq_agg: str = "mean"
     """Aggregation over the sequence, applied first: mean (of |x|), l2 or var. Best: mean."""
-    depth_metrics: List[str] = field(default_factory=lambda: ["block_importance", "loss_drop", "contiguous"])
-    """Which depth statistics to compute (each costs forward passes)."""
+    depth_metrics: Optional[List[str]] = field(default_factory=lambda: list(DEPTH_METRICS))
+    """Which depth statistics to compute. block_importance comes free with the calibration
+    pass; loss_drop and contiguous each cost extra validation passes. The commands' default
+    (`PruneConfig.importance`) is None: what the target needs (see `recipes/prune.py`); a
+    list set by the user is computed as given. This dataclass's own default (every metric)
+    is what a library caller of `estimate_importance` gets."""
     depth_samples: int = 64
     """Validation samples for the loss-based depth metrics."""
     contiguous_k: int = 2
@@ -68,4 +72,6 @@ class PruneConfig:
     scores: Optional[str] = None
     """A run dir whose importance.safetensors to reuse (stage=trim)."""
     target: TrimTarget = field(default_factory=TrimTarget)
-    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    importance: ImportanceConfig = field(default_factory=lambda: ImportanceConfig(depth_metrics=None))
+    """`depth_metrics` None here: a command computes the depth metrics its target needs, so that
+    None (the default) can be told from a list the user set."""

@@ -75,7 +75,8 @@ def teacher_parallel(parallel: ParallelConfig, student: ModelConfig, teacher: Mo
     return replace(parallel, pp_layout=parallel.pp_layout if same_depth else None)
 
 
-def _settings_problems(cfg: DistillCommand, ctx: ParallelContext) -> List[str]:
+def settings_problems(cfg: DistillCommand, ctx: ParallelContext) -> List[str]:
+    """Every problem with the distill command's own settings (no run dirs read)."""
     d = cfg.distill
     problems = loop_problems(d, "distill", cfg.save, "runs/student", ctx)
     problems += evaluate_problems(cfg.evaluate, ctx)
@@ -153,7 +154,7 @@ def _intermediate_problems(cfg: DistillCommand, ctx: ParallelContext, teacher: R
 
 def check_distill(cfg: DistillCommand, ctx: ParallelContext, data_tokenizer: str) -> Tuple[RunModel, RunModel]:
     """(teacher, student) run models once every check passed; else one ConfigError."""
-    problems = _settings_problems(cfg, ctx)
+    problems = settings_problems(cfg, ctx)
     sides = []
     for setting, source in (("teacher.load", cfg.teacher), ("student.load", cfg.student)):
         try:

@@ -4,12 +4,21 @@ Read top to bottom: check every setting -> data (built once) -> build and load t
 model (read once) -> importance scores -> trim -> zero-shot eval -> save.
 `prune.stage=importance` stops after the scores; `prune.stage=trim` reuses the scores
 of `prune.scores=RUN_DIR` (or makes a random/magnitude plan).
+
+Depth metrics are computed only when needed (`prune.importance.depth_metrics=null`, the
+default): a width-only target gets block importance alone (free, from the calibration
+pass), a target that cuts `num_layers` adds `prune.depth_metric`; the loss-based ones
+(loss_drop, contiguous) cost extra validation passes. `stage=importance` computes all of
+them, since its scores may serve any later target. A list the user sets is computed as given.
 """
 
 import time
 from dataclasses import replace
+from typing import List, Optional
 
 from minitron_megatron.config.commands import PruneCommand
+from minitron_megatron.config.model import ModelConfig
+from minitron_megatron.config.prune import DEPTH_METRICS, ImportanceConfig, PruneConfig
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.importance.estimate import validate_importance
 from minitron_megatron.importance.io import load_importance
@@ -23,9 +32,31 @@ from minitron_megatron.trim.stage import check_trim_settings, load_source, sourc
 STAGES = ("all", "importance", "trim")
 
 
+def needed_depth_metrics(depth_metric: str, cuts_layers: bool) -> List[str]:
+    """The depth metrics a target needs: block importance (accumulated during the calibration
+    pass, so nearly free) and, when layers are cut by ranking, the metric that ranks them."""
+    metrics = ["block_importance"]
+    if cuts_layers and depth_metric not in metrics:
+        metrics.append(depth_metric)
+    return metrics
+
+
+def resolve_importance(p: PruneConfig, source_cfg: ModelConfig, new_cfg: Optional[ModelConfig]) -> ImportanceConfig:
+    """`p.importance` with `depth_metrics` resolved: the user's list, or (None) what the
+    target `new_cfg` needs; with no target (stage=importance) every metric."""
+    icfg = p.importance
+    if icfg.depth_metrics is not None:
+        return icfg
+    if new_cfg is None:
+        return replace(icfg, depth_metrics=list(DEPTH_METRICS))
+    cuts_layers = new_cfg.num_layers < source_cfg.num_layers and p.target.drop_layers is None
+    return replace(icfg, depth_metrics=needed_depth_metrics(p.depth_metric, cuts_layers))
+
+
 def _check(cfg: PruneCommand, ctx: ParallelContext):
     """Every problem of every stage, in one ConfigError, before any data or model: returns the
-    pruned architecture (None for stage=importance) and whether importance is computed here."""
+    pruned architecture (None for stage=importance), whether importance is computed here, and
+    the importance settings with their depth metrics resolved."""
     p = cfg.prune
     if p.stage not in STAGES:
         raise ConfigError(f"prune.stage={p.stage!r} is not one of {list(STAGES)}")
@@ -40,20 +71,27 @@ def _check(cfg: PruneCommand, ctx: ParallelContext):
             problems += err.problems
     if p.stage == "trim" and p.method == "importance" and not p.scores:
         problems.append("prune.stage=trim with prune.method=importance needs prune.scores=RUN_DIR")
+    icfg = p.importance
     if scoring:
         try:
-            validate_importance(p.importance, source_model(cfg)[0].num_layers)
+            source_cfg = source_model(cfg)[0]
+            # stage=importance has no target (every metric); a target that failed validation is
+            # judged width-only, so its messages are not followed by ones about metrics.
+            target_cfg = None if p.stage == "importance" else (new_cfg or source_cfg)
+            icfg = resolve_importance(p, source_cfg, target_cfg)
+            validate_importance(icfg, source_cfg.num_layers)
         except ConfigError as err:
             problems += err.problems
     if problems:
         raise ConfigError(problems)
-    return new_cfg, scoring
+    return new_cfg, scoring, icfg
 
 
 def prune(cfg: PruneCommand, ctx: ParallelContext) -> dict:
     """Score and/or trim `cfg.load` into `cfg.save`; returns the summary."""
-    p, icfg = cfg.prune, cfg.prune.importance
-    new_cfg, scoring = _check(cfg, ctx)
+    new_cfg, scoring, icfg = _check(cfg, ctx)
+    cfg = replace(cfg, prune=replace(cfg.prune, importance=icfg))  # never a None list past here
+    p = cfg.prune
     eval_samples = cfg.evaluate.samples if p.stage != "importance" else 0
     depth_samples = icfg.depth_samples if scoring else 0
     # `parallel.pp_layout` describes the pruned model; the source gets the even split.

@@ -1,0 +1,131 @@
+"""A round's outputs: ranks, candidates.json, report.md, kd_curves.png (summary.json, the commit
+point, is written last by the command).
+
+Every file is written atomically.
+Nothing here depends on wall time, so one search and a set of per-candidate jobs plus a
+collecting search write the same candidates.json and report.md.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.search.space import describe
+
+CANDIDATES_JSON = "candidates.json"
+REPORT_MD = "report.md"
+CURVES_PNG = "kd_curves.png"
+
+
+def rank(entries: List[dict]) -> List[dict]:
+    """Adds `rank` (by val_loss after distillation) and `rank_zero_shot` (by the pruned model's
+    loss) to the done entries, 1 = best; ties go to the lower index."""
+    for key, field in (("rank", "val_loss"), ("rank_zero_shot", "zero_shot_loss")):
+        done = sorted((e for e in entries if e["status"] == "done"), key=lambda e: (e[field], e["index"]))
+        for position, e in enumerate(done, start=1):
+            e[key] = position
+        for e in entries:
+            e.setdefault(key, None)
+    return entries
+
+
+def best(entries: List[dict]) -> dict:
+    return next(e for e in entries if e.get("rank") == 1)
+
+
+def kd_curve(student_dir: Path) -> Dict[int, float]:
+    """{step: training KD loss} from a student's train_log.jsonl (the last line per step wins:
+    a resumed run rewrites the steps after its checkpoint)."""
+    path = Path(student_dir) / "train_log.jsonl"
+    curve = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        record = json.loads(line)
+        if record.get("kind") == "step" and "kd_loss" in record:
+            curve[record["step"]] = record["kd_loss"]
+    return curve
+
+
+def save_curves(round_dir: Path, entries: List[dict]) -> Path:
+    """One KD-loss-per-step line per done candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for e in entries:
+        if e["status"] == "done":
+            curve = kd_curve(round_dir / e["student"])
+            ax.plot(list(curve), list(curve.values()), marker=".", label=f"#{e['index']} {describe(e['arch'])}")
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel("KD loss (train)")
+    ax.set_title("candidates' KD loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(round_dir) / CURVES_PNG
+    fd, tmp = tempfile.mkstemp(dir=round_dir, prefix=f".{CURVES_PNG}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _loss(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def markdown(entries: List[dict], meta: dict) -> str:
+    """report.md: the search settings and one table row per candidate."""
+    lines = [f"# Architecture search{meta.get('title', '')}", "",
+             f"Teacher `{meta['teacher']}` ({meta['teacher_params']:,} parameters), pruned from "
+             f"`{meta['start']}`; budget {meta['budget']:,} parameters ({meta['budget'] / meta['teacher_params']:.3f} "
+             f"of the teacher) +- {meta['tolerance']:.0%}; {meta['steps']} distillation steps per candidate; "
+             f"losses on {meta['eval_samples']} validation samples.", "",
+             f"| # | architecture | parameters | fraction | zero-shot loss | rank (zero-shot) | loss after "
+             f"{meta['steps']} steps | rank | status |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        lines.append(f"| {e['index']} | {describe(e['arch'])} | {e['params']:,} | {e['params_fraction']:.3f} | "
+                     f"{_loss(e['zero_shot_loss'])} | {e['rank_zero_shot'] or '-'} | {_loss(e['val_loss'])} | "
+                     f"{e['rank'] or '-'} | {e['status']} |")
+    winner = best(entries)
+    lines += ["", f"**Best:** #{winner['index']} {describe(winner['arch'])}, {winner['params']:,} parameters, "
+                  f"val loss {winner['val_loss']:.4f} after {meta['steps']} steps "
+                  f"(`{winner['student']}`).", "", f"![KD loss per step]({CURVES_PNG})", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(round_dir: Path, entries: List[dict], meta: dict) -> None:
+    """candidates.json, the plot and report.md of one round (rank 0; summary.json is the caller's)."""
+    round_dir = Path(round_dir)
+    rd.atomic_write_text(round_dir / CANDIDATES_JSON, json.dumps(entries, indent=2) + "\n")
+    save_curves(round_dir, entries)
+    rd.atomic_write_text(round_dir / REPORT_MD, markdown(entries, meta))
+
+
+def write_rounds_outputs(save: Path, summary: dict) -> None:
+    """The iterative search's own candidates.json (the last round's) and report.md (one row per
+    round, linking each round's report)."""
+    save = Path(save)
+    rd.atomic_write_text(save / CANDIDATES_JSON, json.dumps(summary["candidates"], indent=2) + "\n")
+    lines = [f"# Iterative architecture search ({len(summary['rounds'])} rounds)", "",
+             f"Teacher: {summary['teacher_params']:,} parameters; {summary['steps']} distillation steps per "
+             "candidate.", "", "| round | budget | best architecture | parameters | loss after distillation | report |",
+             "|---|---|---|---|---|---|"]
+    for r in summary["rounds"]:
+        b = r["best"]
+        lines.append(f"| {r['round']} | {r['budget']:,} | {describe(b['arch'])} | {b['params']:,} | "
+                     f"{_loss(b['val_loss'])} | [rounds/{r['round']}/{REPORT_MD}](rounds/{r['round']}/{REPORT_MD}) |")
+    final = summary["best"]
+    lines += ["", f"**Result:** {describe(final['arch'])}, {final['params']:,} parameters, val loss "
+                  f"{final['val_loss']:.4f} (`{final['student']}`).", ""]
+    rd.atomic_write_text(save / REPORT_MD, "\n".join(lines))
