@@ -11,7 +11,6 @@ from pathlib import Path
 
 from minitron_megatron.checkpoint import dist as ckpt
 from minitron_megatron.checkpoint import run_dir as rd
-from minitron_megatron.checkpoint.megatron_lm import checkpoint_args
 from minitron_megatron.config.commands import DistillCommand
 from minitron_megatron.distill.intermediate import build_projection
 from minitron_megatron.distill.model import DistillationModel
@@ -20,7 +19,7 @@ from minitron_megatron.distill.setup import DistillInputs, prepare_distill
 from minitron_megatron.distill.step import distill_train_step, evaluate_distill
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.train.driver import TrainingDiverged, TrainingJob, run_training
-from minitron_megatron.train.setup import check_same_model, train_batches
+from minitron_megatron.train.setup import check_same_model, megatron_lm_args, train_batches
 
 __all__ = ["TrainingDiverged", "build_distillation_model", "distill"]
 
@@ -82,10 +81,7 @@ def distill(cfg: DistillCommand, ctx: ParallelContext) -> dict:
         summary=lambda final, metrics: _summary(final, metrics, run.params),
         final_eval=(cfg.evaluate.samples, cfg.evaluate.micro_batch_size),
         seq_length=seq,
-        checkpoint_args=lambda state: checkpoint_args(run.model_cfg, run.padded_vocab, ctx.tp_size, ctx.pp_size,
-                                                      global_batch_size=t.global_batch_size,
-                                                      consumed_train_samples=state.consumed_samples,
-                                                      iteration=state.step),
+        checkpoint_args=lambda state: megatron_lm_args(run, t, ctx, state.consumed_samples, state.step),
         guarded=GUARDED,
     )
     return run_training(job, ctx)

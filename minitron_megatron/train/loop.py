@@ -7,7 +7,6 @@ from pathlib import Path
 
 from minitron_megatron.checkpoint import dist as ckpt
 from minitron_megatron.checkpoint import run_dir as rd
-from minitron_megatron.checkpoint.megatron_lm import checkpoint_args
 from minitron_megatron.config.commands import TrainCommand
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.runtime.context import ParallelContext
@@ -55,9 +54,6 @@ def pretrain(cfg: TrainCommand, ctx: ParallelContext) -> dict:
                                         "train_loss": metrics.get("loss"), "params": run.params},
         final_eval=(cfg.evaluate.samples, cfg.evaluate.micro_batch_size),
         seq_length=seq,
-        checkpoint_args=lambda state: checkpoint_args(run.model_cfg, run.padded_vocab, ctx.tp_size, ctx.pp_size,
-                                                      global_batch_size=t.global_batch_size,
-                                                      consumed_train_samples=state.consumed_samples,
-                                                      iteration=state.step),
+        checkpoint_args=lambda state: setup.megatron_lm_args(run, t, ctx, state.consumed_samples, state.step),
     )
     return run_training(job, ctx)

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 from minitron_megatron.checkpoint import run_dir as rd
-from minitron_megatron.checkpoint.megatron_lm import is_megatron_lm_dir
+from minitron_megatron.checkpoint.megatron_lm import checkpoint_args, is_megatron_lm_dir
 from minitron_megatron.config.commands import CommonConfig, EvaluateConfig
 from minitron_megatron.config.model import ModelConfig
-from minitron_megatron.config.train import OptimConfig
+from minitron_megatron.config.train import OptimConfig, TrainConfig
 from minitron_megatron.data import MicroBatchIterator, build_gpt_datasets, calibration_batches, load_tokenizer, prepare_data
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model.modules import padded_vocab_in_checkpoint
@@ -123,3 +123,10 @@ def trainable_model(run: RunInputs, cfg: CommonConfig, ctx: ParallelContext, opt
 
 def train_batches(run: RunInputs, micro_batch_size: int, ctx: ParallelContext, consumed_samples: int) -> Iterator:
     return iter(MicroBatchIterator(run.train_ds, micro_batch_size, ctx.dp_rank, ctx.dp_size, consumed_samples))
+
+
+def megatron_lm_args(run: RunInputs, t: TrainConfig, ctx: ParallelContext, consumed_samples: int, step: int):
+    """The Megatron-LM `args` namespace of a training checkpoint at this step."""
+    return checkpoint_args(run.model_cfg, run.padded_vocab, ctx.tp_size, ctx.pp_size,
+                           global_batch_size=t.global_batch_size, consumed_train_samples=consumed_samples,
+                           iteration=step)
