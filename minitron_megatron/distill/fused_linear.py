@@ -1,0 +1,299 @@
+"""Fused-linear vocab-parallel KD (+ student CE) loss: from hidden states and output weights.
+
+The logits loss of `losses.py` needs both models' `[tokens, V/tp]` logits, which at a
+262k vocabulary are the largest tensors of a distillation step. Here the loss
+starts one step earlier, from each model's final hidden states (after the final
+norm) and its vocab-parallel output weight shard, and walks over chunks of tokens:
+
+    per chunk:  s = h_s W_s^T  [chunk, V_s/tp],  t = h_t W_t^T  [chunk, V/tp]   # the output layers
+                local partials of KD (and CE) -> one all_reduce MAX + one SUM over tp_group
+                KD = T^2 KL, CE = lse(s) - s[label] (the label's logit lives on one rank)
+                with grad: G = dloss/ds for an assumed upstream gradient, then
+                dh_s += G W_s, dW_s += G^T h_s                                   # [chunk, h], [V_s/tp, h]
+
+so no logits tensor of either model exists whole; the extra memory is one chunk's
+logits and float32 scratch, plus the (unavoidable) weight gradient.
+
+Gradients are computed in the forward pass, as Liger-Kernel's fused-linear losses do,
+which saves re-running both output matmuls in backward. Their loss is a scalar;
+ours is per token (the objective masks and weighs tokens later), so the forward
+assumes the upstream gradient `lam * (1, ce_weight)` per token (kd, ce), the usual
+case: a loss mask scaled by 1/num_tokens, with every unmasked token alike. Backward
+takes lam as the most common upstream value, scales the precomputed sums by it,
+and recomputes the logits only of tokens whose upstream differs (masked tokens,
+or any upstream at all), adding their correction. The result is exact for every
+upstream; only the cost depends on it.
+
+CE normalises over the student's whole padded vocabulary (as Megatron's LM loss,
+so "lm loss" stays comparable with `evaluate`); KD over the true vocabulary only.
+Mismatched padding at TP > 1: the teacher's weight rows for this rank's student
+slice are fetched from their owners once (the teacher is frozen) and cached.
+Hidden states must be replicated across TP ranks (with sequence parallelism,
+gather them first with a split backward); the hidden-state gradient is all-reduced
+over `tp_group` here, as Megatron's ColumnParallelLinear does for its input.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from minitron_megatron.distill.losses import (
+    KINDS,
+    TorchChunkMath,
+    VocabLayout,
+    _CHUNK_ELEMENTS,
+    _group_size_rank,
+    _token_slices,
+    add_ce_grad,
+    ce_local_stats,
+    global_kl,
+    resolve_layout,
+)
+
+
+@dataclass(frozen=True)
+class _FusedConfig:
+    tp_group: Optional[dist.ProcessGroup]
+    layout: VocabLayout
+    reverse: bool
+    temperature: float
+    chunk_tokens: int
+    ce_weight: float  # assumed upstream ratio d/dce : d/dkd (see the module docstring)
+    with_ce: bool
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    tp_group: Optional[dist.ProcessGroup],
+    true_vocab_size: int,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    chunk_tokens: Optional[int] = None,
+    ce_weight: float = 0.0,
+    teacher_weight_cache: Optional[dict] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token (T^2 * KL, student CE) from hidden states and vocab-parallel output weights.
+
+    student_hidden: [..., h_s], replicated over TP (gets a gradient, all-reduced over TP);
+    student_weight: [v_s_padded/tp, h_s], this rank's rows (gets a gradient);
+    teacher_hidden: [..., h_t] and teacher_weight: [v_t_padded/tp, h_t] (no gradients);
+    labels: [...] global vocab ids, or None (no CE: the second result is None).
+    kind, temperature, true_vocab_size: as for `losses.kd_logit_loss` (padding ids of
+    either model are excluded from the KD distributions).
+    chunk_tokens: tokens per chunk (default: one float32 [chunk, v_s/tp] buffer ~64 MiB).
+    ce_weight: how the caller weighs CE against KD in its loss; it only decides
+    which tokens backward must recompute (exact for any upstream gradient).
+    teacher_weight_cache: a dict kept by the caller across calls, to fetch the teacher's
+    re-sliced weight only once when padded vocab sizes differ at TP > 1.
+    Returns float32 tensors shaped like `labels` / the leading dims of the hidden states.
+    All TP ranks must call this with the same token count and arguments.
+    """
+    _check_args(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, kind, temperature)
+    lead = student_hidden.shape[:-1]
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])  # [tokens, h_s]
+    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # [tokens, h_t]
+    layout = resolve_layout(tp_group, (h_s.shape[0], student_weight.shape[0]),
+                            (h_s.shape[0], teacher_weight.shape[0]), true_vocab_size, device=h_s.device)
+    w_t = _teacher_rows(teacher_weight.detach(), layout, tp_group, teacher_weight_cache)  # [n_valid, h_t]
+    with_ce = labels is not None
+    flat_labels = labels.reshape(-1) if with_ce else h_s.new_zeros(h_s.shape[0], dtype=torch.long)
+    cfg = _FusedConfig(
+        tp_group=tp_group, layout=layout, reverse=kind == "reverse_kl", temperature=float(temperature),
+        chunk_tokens=chunk_tokens or max(1, min(4096, _CHUNK_ELEMENTS // max(layout.student_local, 1))),
+        ce_weight=float(ce_weight) if with_ce else 0.0, with_ce=with_ce,
+    )
+    kd, ce = _FusedLinearKD.apply(h_s, student_weight, h_t, w_t, flat_labels, cfg)
+    return kd.view(lead), (ce.view(lead) if with_ce else None)
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """Forward: losses and precomputed gradients; backward: scale + per-token corrections."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, cfg: _FusedConfig):
+        ctx.set_materialize_grads(False)  # an unused CE output gets None, not zeros
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = h_s.shape[0]
+        per_token = torch.empty(5, n, dtype=torch.float32, device=h_s.device)  # lse_s, lse_t, kl, lse_ce, ce
+        grad_h = torch.zeros(n, h_s.shape[1], dtype=torch.float32, device=h_s.device) if want_h else None
+        grad_w = torch.zeros_like(w_s, dtype=_acc_dtype(w_s)) if want_w else None
+        math = TorchChunkMath()
+        ones = torch.ones(n, dtype=torch.float32, device=h_s.device)
+        for rows in _token_slices(n, cfg.chunk_tokens):
+            s, t = _chunk_logits(h_s, w_s, h_t, w_t, rows)
+            per_token[:, rows] = _chunk_losses(s, t, labels[rows], cfg, math)
+            if want_h or want_w:
+                g = _logit_grad(s, t, labels[rows], per_token[:, rows], ones[rows], ones[rows] * cfg.ce_weight,
+                                cfg, math)
+                _accumulate(g, h_s, w_s, rows, grad_h, grad_w)
+        ctx.save_for_backward(h_s, w_s, h_t, w_t, labels, per_token)
+        ctx.cfg, ctx.grad_h, ctx.grad_w = cfg, grad_h, grad_w
+        kd = per_token[2] * cfg.temperature**2
+        ce = per_token[4].clone() if cfg.with_ce else per_token.new_zeros(0)
+        return kd, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kd, grad_ce):
+        h_s, w_s, h_t, w_t, labels, per_token = ctx.saved_tensors
+        cfg, grad_h, grad_w = ctx.cfg, ctx.grad_h, ctx.grad_w
+        ctx.grad_h = ctx.grad_w = None  # once_differentiable: free them with the graph
+        g_kd = _upstream(grad_kd, h_s.shape[0], h_s.device)
+        g_ce = _upstream(grad_ce if cfg.with_ce else None, h_s.shape[0], h_s.device)
+        lam = _most_common(g_kd)
+        d_kd, d_ce = g_kd - lam, g_ce - lam * cfg.ce_weight  # what the precomputed sums missed
+        if grad_h is not None:
+            grad_h.mul_(lam)
+        if grad_w is not None:
+            grad_w.mul_(lam)
+        math = TorchChunkMath()
+        fix = torch.nonzero((d_kd != 0) | (d_ce != 0)).view(-1)  # tokens to recompute
+        for part in _token_slices(fix.numel(), cfg.chunk_tokens):
+            rows = fix[part]
+            if rows.numel() == 0:
+                continue
+            s, t = _chunk_logits(h_s, w_s, h_t, w_t, rows)
+            g = _logit_grad(s, t, labels[rows], per_token[:, rows], d_kd[rows], d_ce[rows], cfg, math)
+            _accumulate(g, h_s, w_s, rows, grad_h, grad_w)
+        if grad_h is not None and cfg.layout.tp_size > 1:
+            # Each rank's sum covers its vocab slice only: d loss / d h_s is their sum.
+            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=cfg.tp_group)
+        out_h = grad_h.to(h_s.dtype) if grad_h is not None else None
+        out_w = grad_w.to(w_s.dtype) if grad_w is not None else None
+        return out_h, out_w, None, None, None, None
+
+
+def _chunk_logits(h_s, w_s, h_t, w_t, rows):
+    """Both output layers on one chunk of tokens, in the models' dtype (as Megatron's)."""
+    s = h_s[rows] @ w_s.t()  # [chunk, V_s/tp]
+    t = h_t[rows] @ w_t.t()  # [chunk, n_valid]: the teacher at the student's true-vocab ids
+    return s, t
+
+
+def _chunk_losses(s, t, labels, cfg: _FusedConfig, math: TorchChunkMath) -> torch.Tensor:
+    """[5, chunk] float32: lse_s, lse_t (KD, at temperature T), KL, lse_ce, CE."""
+    n_valid, inv_t = cfg.layout.n_valid, 1.0 / cfg.temperature
+    s_valid = s[:, :n_valid]
+    x, y = (s_valid, t) if cfg.reverse else (t, s_valid)
+    kd_stats = math.local_stats(x, y, inv_t)  # [5, chunk]: m_x, m_y, z_x, z_y, w
+    if cfg.with_ce:
+        ce_stats = ce_local_stats(s, labels, cfg.layout.student_start)  # [3, chunk]: m, z, label logit
+    else:
+        ce_stats = torch.zeros(3, s.shape[0], dtype=torch.float32, device=s.device)
+    m_local = torch.cat([kd_stats[:2], ce_stats[:1]])  # [3, chunk]
+    m = m_local.clone()
+    if cfg.layout.tp_size > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=cfg.tp_group)
+    rescale = torch.exp(m_local - m)  # a rank with no valid ids: exp(-inf) = 0
+    sums = torch.stack([kd_stats[2] * rescale[0], kd_stats[3] * rescale[1], kd_stats[4] * rescale[0],
+                        ce_stats[1] * rescale[2], ce_stats[2]])  # [5, chunk]
+    if cfg.layout.tp_size > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=cfg.tp_group)
+    lse_x, lse_y, kl = global_kl(m[:2], sums[:3])
+    lse_s, lse_t = (lse_x, lse_y) if cfg.reverse else (lse_y, lse_x)
+    lse_ce = m[2] + torch.log(sums[3])
+    return torch.stack([lse_s, lse_t, kl, lse_ce, lse_ce - sums[4]])
+
+
+def _logit_grad(s, t, labels, per_token, coef_kd, coef_ce, cfg: _FusedConfig, math: TorchChunkMath):
+    """d(sum coef_kd * KD + coef_ce * CE) / d s for one chunk: float32 [chunk, V_s/tp]."""
+    n_valid = cfg.layout.n_valid
+    grad = torch.zeros(s.shape, dtype=torch.float32, device=s.device)  # padding ids: KD grad 0
+    lse_s, lse_t, kl, lse_ce = per_token[0], per_token[1], per_token[2], per_token[3]
+    if n_valid > 0:
+        # d(T^2 KL)/d s = T * dKL/d(s/T): student_grad takes coef * T as its scale.
+        math.student_grad(s[:, :n_valid], t, lse_s, lse_t, kl, coef_kd * cfg.temperature,
+                          1.0 / cfg.temperature, cfg.reverse, out=grad[:, :n_valid])
+    if cfg.with_ce and bool((coef_ce != 0).any()):
+        add_ce_grad(grad, s, labels, cfg.layout.student_start, lse_ce, coef_ce)
+    return grad
+
+
+def _accumulate(g, h_s, w_s, rows, grad_h, grad_w) -> None:
+    """grad_h[rows] += g W_s (this rank's partial), grad_w += g^T h_s[rows]."""
+    g = g.to(w_s.dtype)  # [chunk, V_s/tp]; matmuls in the model's dtype, as Megatron's backward
+    if grad_h is not None:
+        grad_h[rows] += (g @ w_s).float()  # [chunk, h_s]
+    if grad_w is not None:
+        grad_w.addmm_(g.t().to(grad_w.dtype), h_s[rows].to(grad_w.dtype))  # [V_s/tp, h_s]
+
+
+def _acc_dtype(w: torch.Tensor) -> torch.dtype:
+    # float32 weights accumulate exactly in float32. bf16/fp16 ones accumulate in their
+    # dtype (one rounding per chunk, as Megatron's per-microbatch wgrad): a float32
+    # [V/tp, h] accumulator would double the largest buffer of this loss.
+    return w.dtype
+
+
+def _upstream(grad: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
+    if grad is None:
+        return torch.zeros(n, dtype=torch.float32, device=device)
+    return grad.reshape(-1).float()
+
+
+def _most_common(values: torch.Tensor) -> torch.Tensor:
+    """The most frequent entry (a 0-dim tensor): the scale the precomputed sums get."""
+    if values.numel() == 0:
+        return values.new_zeros(())
+    unique, counts = torch.unique(values, return_counts=True)
+    return unique[counts.argmax()]
+
+
+# --------------------------------------------------------------- teacher rows at mismatched padding
+
+
+def _teacher_rows(teacher_weight, layout: VocabLayout, group, cache: Optional[dict]) -> torch.Tensor:
+    """The teacher's weight rows for this rank's student true-vocab ids: [n_valid, h_t]."""
+    if layout.aligned:
+        return teacher_weight[: layout.n_valid]  # a view: same ids, same rank
+    key = (teacher_weight.data_ptr(), teacher_weight._version, layout)
+    hit = cache is not None and cache.get("key") == key
+    # Ranks must agree, or one would broadcast while another waits: a 1-int all_reduce.
+    miss = torch.tensor([0 if hit else 1], device=teacher_weight.device)
+    dist.all_reduce(miss, op=dist.ReduceOp.MAX, group=group)
+    if miss.item() == 0:
+        return cache["rows"]
+    rows = _fetch_teacher_rows(teacher_weight, layout, group)
+    if cache is not None:
+        cache.update(key=key, rows=rows)
+    return rows
+
+
+def _fetch_teacher_rows(teacher_weight, layout: VocabLayout, group) -> torch.Tensor:
+    """Each rank broadcasts its teacher shard in turn; every rank keeps the rows it needs.
+
+    Peak extra memory: one shard; traffic: the whole teacher output weight, once.
+    """
+    _, my_rank = _group_size_rank(group)
+    lo, n = layout.student_start, layout.n_valid
+    out = teacher_weight.new_empty(n, teacher_weight.shape[1])  # [n_valid, h_t]
+    for rank, start in enumerate(layout.teacher_starts):
+        shard = teacher_weight.contiguous() if rank == my_rank else torch.empty_like(teacher_weight)
+        dist.broadcast(shard, src=dist.get_global_rank(group, rank), group=group)
+        a, b = max(lo, start), min(lo + n, start + layout.teacher_local)
+        if a < b:
+            out[a - lo : b - lo] = shard[a - start : b - start]
+    return out
+
+
+def _check_args(h_s, w_s, h_t, w_t, labels, kind, temperature) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"fused_linear_kd_loss: kind={kind!r} is not allowed; use one of {KINDS}")
+    if not temperature > 0:
+        raise ValueError(f"fused_linear_kd_loss: temperature must be > 0, got {temperature}")
+    if h_s.shape[:-1] != h_t.shape[:-1]:
+        raise ValueError(f"fused_linear_kd_loss: student hidden {tuple(h_s.shape)} and teacher hidden "
+                         f"{tuple(h_t.shape)} must share leading (token) dims")
+    if w_s.shape[1] != h_s.shape[-1] or w_t.shape[1] != h_t.shape[-1]:
+        raise ValueError(f"fused_linear_kd_loss: output weights {tuple(w_s.shape)}, {tuple(w_t.shape)} do not "
+                         f"match hidden sizes {h_s.shape[-1]}, {h_t.shape[-1]}")
+    if labels is not None and labels.shape != h_s.shape[:-1]:
+        raise ValueError(f"fused_linear_kd_loss: labels {tuple(labels.shape)} must have the hidden "
+                         f"states' leading dims {tuple(h_s.shape[:-1])}")
