@@ -43,14 +43,25 @@ from minitron_megatron.distill.losses import (
     KINDS,
     TorchChunkMath,
     VocabLayout,
-    _CHUNK_ELEMENTS,
     _group_size_rank,
+    _local_labels,
     _token_slices,
     add_ce_grad,
     ce_local_stats,
     global_kl,
     resolve_layout,
 )
+
+
+_CHUNK_ELEMENTS = 1 << 25
+"""Default chunk: 128 MiB per float32 [chunk, V/tp] buffer (three of them). Larger than
+the logits loss's chunks: each chunk's weight gradient is a rank-`chunk` update of the
+whole [V/tp, h] gradient, which small chunks make memory-bound."""
+
+
+def default_chunk_tokens(vocab_local: int) -> int:
+    """Tokens per chunk for this rank's vocab slice size (at most 4096)."""
+    return max(1, min(4096, _CHUNK_ELEMENTS // max(vocab_local, 1)))
 
 
 @dataclass(frozen=True)
@@ -106,7 +117,7 @@ def fused_linear_kd_loss(
     flat_labels = labels.reshape(-1) if with_ce else h_s.new_zeros(h_s.shape[0], dtype=torch.long)
     cfg = _FusedConfig(
         tp_group=tp_group, layout=layout, reverse=kind == "reverse_kl", temperature=float(temperature),
-        chunk_tokens=chunk_tokens or max(1, min(4096, _CHUNK_ELEMENTS // max(layout.student_local, 1))),
+        chunk_tokens=chunk_tokens or default_chunk_tokens(layout.student_local),
         ce_weight=float(ce_weight) if with_ce else 0.0, with_ce=with_ce,
     )
     kd, ce = _FusedLinearKD.apply(h_s, student_weight, h_t, w_t, flat_labels, cfg)
@@ -124,14 +135,10 @@ class _FusedLinearKD(torch.autograd.Function):
         per_token = torch.empty(5, n, dtype=torch.float32, device=h_s.device)  # lse_s, lse_t, kl, lse_ce, ce
         grad_h = torch.zeros(n, h_s.shape[1], dtype=torch.float32, device=h_s.device) if want_h else None
         grad_w = torch.zeros_like(w_s, dtype=_acc_dtype(w_s)) if want_w else None
-        math = TorchChunkMath()
-        ones = torch.ones(n, dtype=torch.float32, device=h_s.device)
         for rows in _token_slices(n, cfg.chunk_tokens):
             s, t = _chunk_logits(h_s, w_s, h_t, w_t, rows)
-            per_token[:, rows] = _chunk_losses(s, t, labels[rows], cfg, math)
-            if want_h or want_w:
-                g = _logit_grad(s, t, labels[rows], per_token[:, rows], ones[rows], ones[rows] * cfg.ce_weight,
-                                cfg, math)
+            per_token[:, rows], g = _forward_chunk(s, t, labels[rows], cfg, want_grad=want_h or want_w)
+            if g is not None:
                 _accumulate(g, h_s, w_s, rows, grad_h, grad_w)
         ctx.save_for_backward(h_s, w_s, h_t, w_t, labels, per_token)
         ctx.cfg, ctx.grad_h, ctx.grad_w = cfg, grad_h, grad_w
@@ -177,29 +184,149 @@ def _chunk_logits(h_s, w_s, h_t, w_t, rows):
     return s, t
 
 
-def _chunk_losses(s, t, labels, cfg: _FusedConfig, math: TorchChunkMath) -> torch.Tensor:
-    """[5, chunk] float32: lse_s, lse_t (KD, at temperature T), KL, lse_ce, CE."""
-    n_valid, inv_t = cfg.layout.n_valid, 1.0 / cfg.temperature
-    s_valid = s[:, :n_valid]
-    x, y = (s_valid, t) if cfg.reverse else (t, s_valid)
-    kd_stats = math.local_stats(x, y, inv_t)  # [5, chunk]: m_x, m_y, z_x, z_y, w
-    if cfg.with_ce:
-        ce_stats = ce_local_stats(s, labels, cfg.layout.student_start)  # [3, chunk]: m, z, label logit
-    else:
-        ce_stats = torch.zeros(3, s.shape[0], dtype=torch.float32, device=s.device)
-    m_local = torch.cat([kd_stats[:2], ce_stats[:1]])  # [3, chunk]
+def _forward_chunk(s, t, labels, cfg: _FusedConfig, want_grad: bool):
+    """Losses of one chunk and, if `want_grad`, G = d(KD + ce_weight * CE)/d s.
+
+    s: [chunk, V_s/tp], t: [chunk, n_valid] logits (consumed: the float32 buffers
+    are reused in place, so the whole step holds three [chunk, V/tp] float32 buffers).
+    Returns ([5, chunk] float32 lse_s, lse_t, KL, lse_ce, CE; G float32 [chunk, V_s/tp] or None).
+    """
+    n, inv_t = cfg.layout.n_valid, 1.0 / cfg.temperature
+    s, t = s.float(), t.float()  # [chunk, V_s/tp], [chunk, n_valid]; no copy when already float32
+    ce_apart = cfg.with_ce and cfg.temperature != 1.0  # at T=1 the CE reuses the KD's exponentials
+    ce_stats = ce_local_stats(s, labels, cfg.layout.student_start) if ce_apart else None
+    label_logit = _label_logit(s, labels, cfg) if cfg.with_ce else None
+    s_valid = s[:, :n]
+    if inv_t != 1.0:
+        s_valid.mul_(inv_t)
+        t.mul_(inv_t)
+    kd_stats, e_s, e_t, diff = _kd_partials(s_valid, t, cfg.reverse)
+    if cfg.with_ce and not ce_apart:
+        ce_stats = _ce_partials_t1(s, n, kd_stats, label_logit, cfg.reverse)
+    per_token = _reduce_chunk(kd_stats, ce_stats, cfg)
+    if not want_grad:
+        return per_token, None
+    ones = torch.ones(s.shape[0], dtype=torch.float32, device=s.device)
+    return per_token, _grad_in_place(s, e_s, e_t, diff, labels, per_token, kd_stats, ones, ones * cfg.ce_weight,
+                                     cfg, ce_apart)
+
+
+def _kd_partials(s_valid, t, reverse: bool):
+    """Local KD partials [5, chunk] (as `TorchChunkMath.local_stats`) and the buffers that the
+    gradient reuses: e_s = e^(s - m_s), e_t = e^(t - m_t) (forward KL only), diff = x - y.
+
+    `t` is overwritten by diff (forward KL: t - s; reverse: s - t), or, in forward KL,
+    by e_s; s_valid is left as it is. All [chunk, n_valid] float32.
+    """
+    if s_valid.shape[1] == 0:  # this rank holds only padding ids
+        stats = torch.zeros(5, s_valid.shape[0], dtype=torch.float32, device=s_valid.device)
+        stats[:2] = float("-inf")
+        return stats, s_valid, t, t
+    m_s, m_t = s_valid.amax(dim=-1), t.amax(dim=-1)
+    e = torch.exp(t - m_t[:, None])  # [chunk, n_valid] new buffer: e^(t - m_t)
+    z_t = e.sum(dim=-1)
+    if reverse:  # x = s, y = t
+        diff = torch.sub(s_valid, t, out=t)
+        e_s = torch.sub(s_valid, m_s[:, None], out=e).exp_()  # e_t is consumed
+        e_t = None
+        z_s = e_s.sum(dim=-1)
+        w = _row_dot(e_s, diff)
+        stats = torch.stack([m_s, m_t, z_s, z_t, w])
+    else:  # x = t, y = s
+        e_t = e
+        diff = torch.sub(t, s_valid, out=t)
+        w = _row_dot(e_t, diff)
+        e_s = torch.sub(s_valid, m_s[:, None], out=t).exp_()  # diff is consumed
+        diff = None
+        z_s = e_s.sum(dim=-1)
+        stats = torch.stack([m_t, m_s, z_t, z_s, w])
+    return stats, e_s, e_t, diff
+
+
+def _row_dot(a, b):
+    return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)  # row-wise dot, no temporary
+
+
+def _label_logit(s, labels, cfg: _FusedConfig):
+    """The label's (unscaled) logit where this rank owns it, else 0: [chunk]."""
+    index, owned = _local_labels(labels, cfg.layout.student_start, s.shape[1])
+    return s.gather(1, index[:, None]).squeeze(1) * owned
+
+
+def _ce_partials_t1(s, n_valid, kd_stats, label_logit, reverse: bool):
+    """Local CE partials [3, chunk] (max, sum-exp, label logit) at T=1 from the KD's student
+    partials over the true vocab plus this rank's padding columns (a few)."""
+    m_s, z_s = (kd_stats[0], kd_stats[2]) if reverse else (kd_stats[1], kd_stats[3])
+    pad = s[:, n_valid:]  # [chunk, padding ids here]
+    if pad.shape[1] == 0:
+        return torch.stack([m_s, z_s, label_logit])
+    m_pad = pad.amax(dim=-1)
+    m = torch.maximum(m_s, m_pad)
+    z = z_s * torch.exp(m_s - m) + torch.exp(pad - m[:, None]).sum(dim=-1)
+    return torch.stack([m, z, label_logit])
+
+
+def _reduce_chunk(kd_stats, ce_stats, cfg: _FusedConfig) -> torch.Tensor:
+    """All-reduce one chunk's local partials over TP (one MAX, one SUM):
+    [5, chunk] float32 lse_s, lse_t (KD, at T), KL, lse_ce, CE."""
+    if ce_stats is None:  # no labels: lse_ce and CE come out as -inf, unused
+        ce_stats = torch.zeros(3, kd_stats.shape[1], dtype=torch.float32, device=kd_stats.device)
+    m_local = torch.cat([kd_stats[:2], ce_stats[:1]])  # [3, chunk]: max x, max y, max s (T=1)
     m = m_local.clone()
     if cfg.layout.tp_size > 1:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=cfg.tp_group)
     rescale = torch.exp(m_local - m)  # a rank with no valid ids: exp(-inf) = 0
     sums = torch.stack([kd_stats[2] * rescale[0], kd_stats[3] * rescale[1], kd_stats[4] * rescale[0],
-                        ce_stats[1] * rescale[2], ce_stats[2]])  # [5, chunk]
+                        ce_stats[1] * rescale[2], ce_stats[2]])  # [5, chunk]; the label logit is on one rank
     if cfg.layout.tp_size > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=cfg.tp_group)
     lse_x, lse_y, kl = global_kl(m[:2], sums[:3])
     lse_s, lse_t = (lse_x, lse_y) if cfg.reverse else (lse_y, lse_x)
     lse_ce = m[2] + torch.log(sums[3])
     return torch.stack([lse_s, lse_t, kl, lse_ce, lse_ce - sums[4]])
+
+
+def _grad_in_place(s, e_s, e_t, diff, labels, per_token, kd_stats, coef_kd, coef_ce, cfg: _FusedConfig,
+                   ce_apart: bool):
+    """G = d(coef_kd * KD + coef_ce * CE)/d s, written over `s` (float32 [chunk, V_s/tp]).
+
+    With q = softmax(s/T) = e_s e^(m_s - lse_s), p = e_t e^(m_t - lse_t):
+    forward KL: T (q - p); reverse KL: T q (log q - log p - KL), where
+    log q - log p = diff - lse_s + lse_t; CE: softmax(s) - onehot(label), which at
+    T=1 is e_s e^(m_s - lse_ce) on the true vocab, so it only changes e_s's factor.
+    """
+    n, temp = cfg.layout.n_valid, cfg.temperature
+    lse_s, lse_t, kl, lse_ce = per_token[0], per_token[1], per_token[2], per_token[3]
+    m_s, m_t = (kd_stats[0], kd_stats[1]) if cfg.reverse else (kd_stats[1], kd_stats[0])
+    ce_grad = cfg.with_ce and bool((coef_ce != 0).any())
+    s_valid = s[:, :n]  # [chunk, n_valid], holds s/T
+    if n > 0:
+        ce_soft = None
+        if ce_grad and ce_apart:  # T != 1: the CE's softmax is its own, taken before s is overwritten
+            ce_soft = torch.exp(s_valid * temp - lse_ce[:, None]).mul_(coef_ce[:, None])
+        a = temp * coef_kd * torch.exp(m_s - lse_s)  # [chunk]
+        if ce_grad and not ce_apart:
+            a_ce = coef_ce * torch.exp(m_s - lse_ce)
+        else:
+            a_ce = torch.zeros_like(a)
+        if cfg.reverse:  # G = e_s (a (diff - c) + a_ce), c = lse_s - lse_t + KL
+            g = diff.sub_((lse_s - lse_t + kl)[:, None]).mul_(a[:, None]).add_(a_ce[:, None])
+            torch.mul(e_s, g, out=s_valid)
+        else:  # G = e_s (a + a_ce) - e_t b
+            b = temp * coef_kd * torch.exp(m_t - lse_t)
+            torch.mul(e_s, (a + a_ce)[:, None], out=s_valid)
+            s_valid.sub_(e_t.mul_(b[:, None]))
+        if ce_soft is not None:
+            s_valid.add_(ce_soft)
+    pad = s[:, n:]  # padding ids: no KD gradient; CE over the padded vocab, at T=1 (unscaled)
+    if ce_grad and pad.shape[1] > 0:
+        pad.sub_(lse_ce[:, None]).exp_().mul_(coef_ce[:, None])
+    else:
+        pad.zero_()
+    if ce_grad:
+        index, owned = _local_labels(labels, cfg.layout.student_start, s.shape[1])
+        s.scatter_add_(1, index[:, None], (-coef_ce * owned)[:, None])
+    return s
 
 
 def _logit_grad(s, t, labels, per_token, coef_kd, coef_ce, cfg: _FusedConfig, math: TorchChunkMath):
