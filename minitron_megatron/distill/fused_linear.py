@@ -73,6 +73,7 @@ class _FusedConfig:
     chunk_tokens: int
     ce_weight: float  # assumed upstream ratio d/dce : d/dkd (see the module docstring)
     with_ce: bool
+    grad_enabled: bool  # autograd records this call (ctx.needs_input_grad ignores no_grad)
 
 
 def fused_linear_kd_loss(
@@ -98,7 +99,7 @@ def fused_linear_kd_loss(
     labels: [...] global vocab ids, or None (no CE: the second result is None).
     kind, temperature, true_vocab_size: as for `losses.kd_logit_loss` (padding ids of
     either model are excluded from the KD distributions).
-    chunk_tokens: tokens per chunk (default: one float32 [chunk, v_s/tp] buffer ~64 MiB).
+    chunk_tokens: tokens per chunk (default: a float32 [chunk, v_s/tp] buffer is ~128 MiB).
     ce_weight: how the caller weighs CE against KD in its loss; it only decides
     which tokens backward must recompute (exact for any upstream gradient).
     teacher_weight_cache: a dict kept by the caller across calls, to fetch the teacher's
@@ -119,6 +120,7 @@ def fused_linear_kd_loss(
         tp_group=tp_group, layout=layout, reverse=kind == "reverse_kl", temperature=float(temperature),
         chunk_tokens=chunk_tokens or default_chunk_tokens(layout.student_local),
         ce_weight=float(ce_weight) if with_ce else 0.0, with_ce=with_ce,
+        grad_enabled=torch.is_grad_enabled(),
     )
     kd, ce = _FusedLinearKD.apply(h_s, student_weight, h_t, w_t, flat_labels, cfg)
     return kd.view(lead), (ce.view(lead) if with_ce else None)
@@ -130,7 +132,9 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, labels, cfg: _FusedConfig):
         ctx.set_materialize_grads(False)  # an unused CE output gets None, not zeros
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # No gradient work in evaluation (no_grad), where needs_input_grad still says True.
+        want_h = cfg.grad_enabled and ctx.needs_input_grad[0]
+        want_w = cfg.grad_enabled and ctx.needs_input_grad[1]
         n = h_s.shape[0]
         per_token = torch.empty(5, n, dtype=torch.float32, device=h_s.device)  # lse_s, lse_t, kl, lse_ce, ce
         grad_h = torch.zeros(n, h_s.shape[1], dtype=torch.float32, device=h_s.device) if want_h else None

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from minitron_megatron.config.distill import DistillConfig
+from minitron_megatron.distill import fused_linear
 from minitron_megatron.distill.fused_linear import fused_linear_kd_loss
 from minitron_megatron.distill.model import fused_linear_unsupported
 from minitron_megatron.distill.objective import DistillLoss
@@ -148,8 +149,9 @@ def test_matches_float64_reference(kind, temperature, ce, teacher_padded, chunk_
     assert_matches(ours(case), reference(case))
 
 
-def test_no_labels_no_grad_and_teacher_untouched():
-    """Catches gradients leaking to the teacher, and a forward under no_grad that differs."""
+def test_no_labels_no_grad_and_teacher_untouched(monkeypatch):
+    """Catches gradients leaking to the teacher, a forward under no_grad that differs, and
+    gradient work done in evaluation (under no_grad)."""
     case = Case("plain", ce=False, seed=12)
     h_s, w_s, h_t, w_t, _, _, _ = case_inputs(case)
     h_t, w_t = h_t.clone().requires_grad_(), w_t.clone().requires_grad_()
@@ -157,6 +159,10 @@ def test_no_labels_no_grad_and_teacher_untouched():
     kd, ce = fused_linear_kd_loss(h, w, h_t, w_t, tp_group=None, true_vocab_size=TRUE_VOCAB)
     kd.sum().backward()
     assert ce is None and h_t.grad is None and w_t.grad is None and kd.shape == LEAD
+    def no_gradient_work(*args):
+        raise AssertionError("gradients computed under no_grad")
+
+    monkeypatch.setattr(fused_linear, "_accumulate", no_gradient_work)
     with torch.no_grad():
         kd_eval, _ = fused_linear_kd_loss(h, w, h_t, w_t, tp_group=None, true_vocab_size=TRUE_VOCAB)
     torch.testing.assert_close(kd_eval, kd.detach(), rtol=0, atol=0)
