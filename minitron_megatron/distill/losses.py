@@ -170,12 +170,11 @@ class _VocabParallelCE(torch.autograd.Function):
         logits, labels, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)  # [tokens, v/tp]
         scale = grad_loss.float()
+        in_place = grad.dtype == torch.float32  # else a float32 chunk, then one cast
         for rows in _token_slices(logits.shape[0], ctx.chunk):
-            # float32 logits: accumulate in the gradient itself; else in a float32 chunk.
-            g = grad[rows].zero_() if grad.dtype == torch.float32 else grad.new_zeros(grad[rows].shape,
-                                                                                       dtype=torch.float32)
+            g = grad[rows].zero_() if in_place else torch.zeros(grad[rows].shape, device=grad.device)
             add_ce_grad(g, logits[rows], labels[rows], ctx.start, lse[rows], scale[rows])
-            if g.data_ptr() != grad[rows].data_ptr():
+            if not in_place:
                 grad[rows] = g
         return grad, None, None, None, None, None
 
