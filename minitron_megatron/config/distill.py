@@ -28,7 +28,8 @@ class DistillConfig:
     kd_impl: str = "fused_linear"
     """fused_linear (default: the loss from final hidden states and output weights, chunked
     over tokens, so no logits tensor exists whole; falls back to torch, with a warning,
-    where the output layer needs the logits path, e.g. sequence parallelism or MTP),
+    where the output layer needs the logits path, e.g. sequence parallelism or MTP; its
+    default chunk holds ~128 MiB per float32 [chunk, V/tp] buffer),
     torch (chunked loss on materialised logits) or triton (fused kernels on logits;
     GPU, or TRITON_INTERPRET=1 on CPU)."""
     intermediate_loss: Optional[str] = None
