@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--impl", default="auto", choices=["auto", "torch", "triton"],
                         help="the chunked variant's implementation; auto = triton on cuda, torch on cpu")
-    parser.add_argument("--chunk-tokens", type=int, default=None, help="ours (and liger): tokens per chunk")
+    parser.add_argument("--chunk-tokens", type=int, default=None,
+                        help="tokens per chunk of ours (default: each loss's own) and of liger (default: fused_linear's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward passes per variant")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset to run")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child mode
@@ -70,9 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.impl == "auto":
         args.impl = "triton" if args.device == "cuda" else "torch"
-    if args.chunk_tokens is None:  # ours' default, so that liger gets the same chunks
-        args.chunk_tokens = max(1, min(4096, (1 << 24) // args.vocab))
     return args
+
+
+def liger_chunk_tokens(args) -> int:
+    """Liger gets fused_linear's chunks, so that both hold the same [chunk, vocab] buffers."""
+    from minitron_megatron.distill.fused_linear import default_chunk_tokens
+
+    return args.chunk_tokens or default_chunk_tokens(args.vocab)
 
 
 # ------------------------------------------------------------------ the losses
@@ -122,7 +128,7 @@ def linear_step(inputs, args):
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
         liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=False,
-                                        chunk_size=args.chunk_tokens)
+                                        chunk_size=liger_chunk_tokens(args))
         loss = liger(h, w, h_t, w_t, labels)
     else:
         from minitron_megatron.distill.fused_linear import fused_linear_kd_loss
@@ -250,7 +256,8 @@ def _ratio(a: dict, b: dict, fn) -> float:
 def report(args, res: dict) -> dict:
     """Print the table; return the JSON summary."""
     print(f"KD loss fwd+bwd (forward KL, T=1), {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden} "
-          f"(linear variants), {args.dtype}, {args.device}, chunk {args.chunk_tokens} tokens, chunked impl={args.impl}")
+          f"(linear variants), {args.dtype}, {args.device}, chunk tokens {args.chunk_tokens or 'default'} "
+          f"(fused_linear and liger: {liger_chunk_tokens(args)}), chunked impl={args.impl}")
     head = ("variant", "inputs GiB", "peak over inputs", "param grad", "working", "peak incl. inputs", "time s")
     print(f"{head[0]:<22}" + "".join(f"{h:>18}" for h in head[1:]))
     for name in (v for v in VARIANTS if v in res):

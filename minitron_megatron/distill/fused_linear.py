@@ -138,12 +138,12 @@ class _FusedLinearKD(torch.autograd.Function):
         n = h_s.shape[0]
         per_token = torch.empty(5, n, dtype=torch.float32, device=h_s.device)  # lse_s, lse_t, kl, lse_ce, ce
         grad_h = torch.zeros(n, h_s.shape[1], dtype=torch.float32, device=h_s.device) if want_h else None
-        grad_w = torch.zeros_like(w_s, dtype=_acc_dtype(w_s)) if want_w else None
-        for rows in _token_slices(n, cfg.chunk_tokens):
+        grad_w = torch.empty_like(w_s, dtype=_acc_dtype(w_s)) if want_w else None  # the first chunk writes it
+        for i, rows in enumerate(_token_slices(n, cfg.chunk_tokens)):
             s, t = _chunk_logits(h_s, w_s, h_t, w_t, rows)
             per_token[:, rows], g = _forward_chunk(s, t, labels[rows], cfg, want_grad=want_h or want_w)
             if g is not None:
-                _accumulate(g, h_s, w_s, rows, grad_h, grad_w)
+                _accumulate(g, h_s, w_s, rows, grad_h, grad_w, first=i == 0)
         ctx.save_for_backward(h_s, w_s, h_t, w_t, labels, per_token)
         ctx.cfg, ctx.grad_h, ctx.grad_w = cfg, grad_h, grad_w
         kd = per_token[2] * cfg.temperature**2
@@ -347,13 +347,17 @@ def _logit_grad(s, t, labels, per_token, coef_kd, coef_ce, cfg: _FusedConfig, ma
     return grad
 
 
-def _accumulate(g, h_s, w_s, rows, grad_h, grad_w) -> None:
-    """grad_h[rows] += g W_s (this rank's partial), grad_w += g^T h_s[rows]."""
+def _accumulate(g, h_s, w_s, rows, grad_h, grad_w, first: bool = False) -> None:
+    """grad_h[rows] += g W_s (this rank's partial), grad_w += g^T h_s[rows] (= when `first`)."""
     g = g.to(w_s.dtype)  # [chunk, V_s/tp]; matmuls in the model's dtype, as Megatron's backward
     if grad_h is not None:
         grad_h[rows] += (g @ w_s).float()  # [chunk, h_s]
     if grad_w is not None:
-        grad_w.addmm_(g.t().to(grad_w.dtype), h_s[rows].to(grad_w.dtype))  # [V_s/tp, h_s]
+        g_t, h = g.t().to(grad_w.dtype), h_s[rows].to(grad_w.dtype)
+        if first:  # saves a pass over the whole [V/tp, h] gradient to zero it
+            torch.mm(g_t, h, out=grad_w)  # [V_s/tp, h_s]
+        else:
+            grad_w.addmm_(g_t, h)
 
 
 def _acc_dtype(w: torch.Tensor) -> torch.dtype:
