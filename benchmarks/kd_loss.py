@@ -293,6 +293,7 @@ def report(args, res: dict) -> dict:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    sys.path.insert(0, _repo_root())  # the parent reads fused_linear's default chunk too
     args = parse_args(argv)
     if args.variant:
         print(json.dumps(run_variant(args)))

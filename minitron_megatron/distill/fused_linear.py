@@ -144,6 +144,7 @@ class _FusedLinearKD(torch.autograd.Function):
             per_token[:, rows], g = _forward_chunk(s, t, labels[rows], cfg, want_grad=want_h or want_w)
             if g is not None:
                 _accumulate(g, h_s, w_s, rows, grad_h, grad_w, first=i == 0)
+            del s, t, g  # before the next chunk's matmuls: one chunk's buffers alive at a time
         ctx.save_for_backward(h_s, w_s, h_t, w_t, labels, per_token)
         ctx.cfg, ctx.grad_h, ctx.grad_w = cfg, grad_h, grad_w
         kd = per_token[2] * cfg.temperature**2
@@ -173,6 +174,7 @@ class _FusedLinearKD(torch.autograd.Function):
             s, t = _chunk_logits(h_s, w_s, h_t, w_t, rows)
             g = _logit_grad(s, t, labels[rows], per_token[:, rows], d_kd[rows], d_ce[rows], cfg, math)
             _accumulate(g, h_s, w_s, rows, grad_h, grad_w)
+            del s, t, g
         if grad_h is not None and cfg.layout.tp_size > 1:
             # Each rank's sum covers its vocab slice only: d loss / d h_s is their sum.
             dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=cfg.tp_group)
