@@ -30,8 +30,13 @@ class DistillConfig(TrainConfig):
     """Weight of the student's own LM cross-entropy added to the KD loss (paper: 0)."""
     kd_chunk_tokens: Optional[int] = None
     """Tokens per chunk of the KD loss (None: sized so one float32 chunk is ~64 MiB)."""
-    kd_impl: str = "torch"
-    """torch or triton (fused kernel; GPU, or TRITON_INTERPRET=1 on CPU)."""
+    kd_impl: str = "fused_linear"
+    """fused_linear (default: the loss from final hidden states and output weights, chunked
+    over tokens, so no logits tensor exists whole; falls back to torch, with a warning,
+    where the output layer needs the logits path, e.g. sequence parallelism or MTP; its
+    default chunk holds ~128 MiB per float32 [chunk, V/tp] buffer),
+    torch (chunked loss on materialised logits) or triton (fused kernels on logits;
+    GPU, or TRITON_INTERPRET=1 on CPU)."""
     intermediate_loss: Optional[str] = None
     """None, cosine (paper's best) or mse, between post-norm hidden states of mapped layers."""
     layer_map: Optional[List[List[int]]] = None

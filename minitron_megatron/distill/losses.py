@@ -20,6 +20,11 @@ Memory: a custom autograd Function saves only the inputs and three float32
 scalars per token (lse of student and teacher, KL); forward and backward loop
 over chunks of tokens so at most one chunk's float32 probabilities exist at a time.
 `impl="triton"` swaps the per-chunk math for fused kernels (`kd_triton.py`).
+
+`vocab_parallel_ce_loss` is the student's own cross entropy on the same sharded
+logits, chunked the same way (no float32 copy of the whole shard), with the TP
+group passed explicitly. `fused_linear.py` computes both losses from hidden states
+and output weights, so that no logits tensor exists whole (`kd_impl="fused_linear"`).
 """
 
 from dataclasses import dataclass
@@ -29,7 +34,10 @@ import torch
 import torch.distributed as dist
 
 KINDS = ("forward_kl", "reverse_kl")
-IMPLS = ("torch", "triton")
+LOGIT_IMPLS = ("torch", "triton")
+"""Implementations of `kd_logit_loss` (the per-chunk math on given logits)."""
+IMPLS = LOGIT_IMPLS + ("fused_linear",)
+"""`distill.kd_impl` values: the logit impls, or the fused output-layer + loss (`fused_linear.py`)."""
 _CHUNK_ELEMENTS = 1 << 24  # default chunk: ~64 MiB per float32 temporary
 
 
@@ -113,19 +121,88 @@ def kd_logit_loss(
     return loss.view(lead_shape)
 
 
-def vocab_parallel_ce_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross entropy via Megatron's `tensor_parallel.vocab_parallel_cross_entropy`.
+def vocab_parallel_ce_loss(student_logits: torch.Tensor, labels: torch.Tensor, *,
+                           tp_group: Optional[dist.ProcessGroup], vocab_start: Optional[int] = None,
+                           chunk_tokens: Optional[int] = None) -> torch.Tensor:
+    """Per-token cross entropy on vocab-parallel logits; float32, shape of `labels`.
 
-    A thin guard around Megatron's function, for a CE + KD mix: it uses Megatron's
-    TP group (`parallel_state`, set up by `runtime.init_runtime`), normalises over
-    the whole padded vocabulary as Megatron's own LM loss does, and subtracts the
-    max from float32 logits *in place*, which would corrupt logits that
-    `kd_logit_loss` saved for backward; so float32 logits are cloned first.
+    Normalises over the whole *padded* vocabulary, as Megatron's LM loss
+    (`vocab_parallel_cross_entropy`) does, so the value is comparable with `train`
+    and `evaluate`. Unlike Megatron's function it never copies the whole
+    `[tokens, v/tp]` shard to float32 (chunks of `chunk_tokens`, default as for
+    `kd_logit_loss`), never modifies the logits, and takes the TP group explicitly.
+    student_logits: [..., v/tp] (gets a gradient when it requires one); labels: [...]
+    global vocab ids; vocab_start: first id of this rank's slice (default tp_rank * v/tp).
     """
-    from megatron.core import tensor_parallel
+    v_local = student_logits.shape[-1]
+    tp_size, tp_rank = _group_size_rank(tp_group)
+    start = tp_rank * v_local if vocab_start is None else int(vocab_start)
+    chunk = chunk_tokens or max(1, min(4096, _CHUNK_ELEMENTS // max(v_local, 1)))
+    logits_2d = student_logits.reshape(-1, v_local)  # [tokens, v/tp]
+    loss = _VocabParallelCE.apply(logits_2d, labels.reshape(-1), tp_group, tp_size, start, chunk)
+    return loss.view(labels.shape)
 
-    logits = student_logits.clone() if student_logits.dtype == torch.float32 else student_logits
-    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Saves the logits (no copy) and one float32 lse per token; backward recomputes per chunk."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, group, tp_size, start, chunk):
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        label_logit = torch.empty_like(lse)
+        for rows in _token_slices(logits.shape[0], chunk):
+            stats = ce_local_stats(logits[rows], labels[rows], start)  # [3, chunk]
+            m = stats[0].clone()
+            if tp_size > 1:
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            sums = torch.stack([stats[1] * torch.exp(stats[0] - m), stats[2]])  # [2, chunk]
+            if tp_size > 1:
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+            lse[rows] = m + torch.log(sums[0])
+            label_logit[rows] = sums[1]
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.start, ctx.chunk = start, chunk
+        return lse - label_logit
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        logits, labels, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)  # [tokens, v/tp]
+        scale = grad_loss.float()
+        in_place = grad.dtype == torch.float32  # else a float32 chunk, then one cast
+        for rows in _token_slices(logits.shape[0], ctx.chunk):
+            g = grad[rows].zero_() if in_place else torch.zeros(grad[rows].shape, device=grad.device)
+            add_ce_grad(g, logits[rows], labels[rows], ctx.start, lse[rows], scale[rows])
+            if not in_place:
+                grad[rows] = g
+        return grad, None, None, None, None, None
+
+
+def ce_local_stats(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """float32 [3, chunk]: local max, sum e^(logit - max), and the label's logit (0 where
+    another rank owns the label) over all local columns of `logits` [chunk, v/tp]."""
+    x = logits.float()  # [chunk, v/tp]; the tensor itself when already float32 (read only)
+    m = x.amax(dim=-1)
+    z = torch.exp(x - m[:, None]).sum(dim=-1)
+    index, owned = _local_labels(labels, vocab_start, x.shape[1])
+    label_logit = x.gather(1, index[:, None]).squeeze(1) * owned
+    return torch.stack([m, z, label_logit])
+
+
+def add_ce_grad(out: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
+                lse: torch.Tensor, scale: torch.Tensor) -> None:
+    """out += scale * (softmax(logits) - onehot(label)) for one chunk; out: float32 [chunk, v/tp]."""
+    out.add_(torch.exp(logits.float() - lse[:, None]).mul_(scale[:, None]))
+    index, owned = _local_labels(labels, vocab_start, out.shape[1])
+    out.scatter_add_(1, index[:, None], (-scale * owned)[:, None])
+
+
+def _local_labels(labels: torch.Tensor, vocab_start: int, v_local: int):
+    """(column index clamped into this slice, float 1/0: this rank owns the label)."""
+    local = labels.long() - vocab_start
+    owned = (local >= 0) & (local < v_local)
+    return local.clamp(0, v_local - 1), owned.float()
 
 
 class _KDLogitLoss(torch.autograd.Function):
@@ -181,6 +258,12 @@ def _reduce_stats(stats: torch.Tensor, group, tp_size: int):
     sums = torch.stack([z_x * rescale[0], z_y * rescale[1], w * rescale[0]])  # [3, tokens]
     if tp_size > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    return global_kl(m, sums)
+
+
+def global_kl(m: torch.Tensor, sums: torch.Tensor):
+    """lse(x), lse(y), KL(x || y) from TP-reduced maxima m [2, tokens] and sums
+    [z_x, z_y, w] [3, tokens] (each sum relative to the global max)."""
     z_x, z_y, w = sums
     log_z_x, log_z_y = torch.log(z_x), torch.log(z_y)
     # Differences of maxima and of log-sums first: exact zero when x == y.
@@ -345,10 +428,13 @@ def _redistribute_teacher(teacher_rows, layout: VocabLayout, group) -> torch.Ten
 
 def _chunks(cfg: _KDConfig, student: torch.Tensor):
     """Token slices; identical on every TP rank (same token count, same chunk size)."""
-    n_tokens = student.shape[0]
+    return _token_slices(student.shape[0], cfg.chunk_tokens)
+
+
+def _token_slices(n_tokens: int, chunk: int):
     if n_tokens == 0:
         return [slice(0, 0)]
-    return [slice(i, min(i + cfg.chunk_tokens, n_tokens)) for i in range(0, n_tokens, cfg.chunk_tokens)]
+    return [slice(i, min(i + chunk, n_tokens)) for i in range(0, n_tokens, chunk)]
 
 
 def _default_chunk_tokens(layout: VocabLayout, impl: str, n_tokens: int) -> int:
@@ -381,8 +467,9 @@ def _all_gather_ints(mine: torch.Tensor, group, tp_size: int, device) -> torch.T
 def _check_args(student, teacher, kind, impl, temperature, chunk_tokens) -> None:
     if kind not in KINDS:
         raise ValueError(f"kd_logit_loss: kind={kind!r} is not allowed; use one of {KINDS}")
-    if impl not in IMPLS:
-        raise ValueError(f"kd_logit_loss: impl={impl!r} is not allowed; use one of {IMPLS}")
+    if impl not in LOGIT_IMPLS:
+        raise ValueError(f"kd_logit_loss: impl={impl!r} is not allowed; use one of {LOGIT_IMPLS} "
+                         "(fused_linear takes hidden states: fused_linear.fused_linear_kd_loss)")
     if not temperature > 0:
         raise ValueError(f"kd_logit_loss: temperature must be > 0, got {temperature}")
     if chunk_tokens is not None and chunk_tokens < 1:

@@ -6,7 +6,17 @@ stage, then the student's stage, on the same microbatch:
 
     first/middle stage:  send cat([student_out, teacher_out], -1)      # [s, b, h_s + h_t]
     later stage:         set_input_tensor splits the received tensor again
-    last stage:          both logits are here: return per-token (kd, lm, is) losses [b, s, 3]
+    last stage:          return per-token (kd, lm, is) losses [b, s, 3]
+
+Last stage, `kd_impl="fused_linear"` (the default): both models stop at their final
+hidden states (after the final norm) and the loss takes those and the output-layer
+weight shards (`fused_linear.py`), so neither `[tokens, V/tp]` logits tensor is ever
+built. The output weight is the one GPTModel's own `_postprocess` would use:
+`output_layer.weight`, or with tied embeddings `shared_embedding_or_output_weight()`
+(the embedding itself at PP=1; at PP>1 the last stage's copy, whose gradient
+Megatron's `finalize_model_grads` all-reduces with the first stage's embedding, as
+for the logits path). Configurations whose output layer does more than a
+vocab-parallel matmul fall back to the chunked logits loss (`fused_linear_unsupported`).
 
 Megatron's p2p allocates receive buffers from `config.hidden_size` (see
 `schedules.get_tensor_shapes`), so the wrapper's `config` is a copy of the
@@ -29,14 +39,16 @@ GPTModel, so `evaluate` and Megatron-LM load the result as a normal run) plus
 for the GPT keys ignore it.
 """
 
+import contextlib
 import copy
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 from minitron_megatron.config.distill import DistillConfig
 from minitron_megatron.distill.intermediate import capture_hidden_states, intermediate_loss
-from minitron_megatron.distill.objective import per_token_components
+from minitron_megatron.distill.objective import fused_per_token_components, per_token_components
 
 PROJECTION = "kd_projection."
 
@@ -47,6 +59,50 @@ def freeze(teacher: torch.nn.Module) -> torch.nn.Module:
     for param in teacher.parameters():
         param.requires_grad_(False)
     return teacher
+
+
+def fused_linear_unsupported(gpt) -> Optional[str]:
+    """Why `kd_impl=fused_linear` cannot replace this GPTModel's output layer, or None.
+
+    The fused loss does exactly `hidden @ weight.T` on the vocab-parallel shard, with
+    hidden states replicated over TP; anything else the output layer or `_postprocess`
+    would do must keep the logits path.
+    """
+    cfg = gpt.config
+    if getattr(cfg, "mtp_num_layers", None):
+        return "multi-token prediction adds its own output-layer losses in GPTModel._postprocess"
+    if getattr(cfg, "defer_embedding_wgrad_compute", False):
+        return "defer_embedding_wgrad_compute: the schedule computes the output layer's weight gradient later"
+    if cfg.sequence_parallel:
+        # Needs a gather of the hidden states with a split backward before the loss; not
+        # done yet, because sequence parallelism needs Transformer Engine, absent on CPU,
+        # so it could not be tested here.
+        return "sequence_parallel: hidden states are split over TP ranks (not yet supported by fused_linear)"
+    if not getattr(gpt, "parallel_output", True):
+        return "parallel_output=False: the output layer gathers the whole vocabulary"
+    return None
+
+
+def output_weight(gpt) -> torch.Tensor:
+    """The output-layer weight shard [v_padded/tp, h] that GPTModel._postprocess multiplies by."""
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+@contextlib.contextmanager
+def final_hidden_states(gpt):
+    """GPTModel.forward returns the decoder's output [s, b, h] instead of logits.
+
+    `_postprocess` returns early when `post_process` is False; the decoder was built
+    with its final norm, which still runs, so the states are post-norm.
+    """
+    post_process = gpt.post_process
+    gpt.post_process = False
+    try:
+        yield
+    finally:
+        gpt.post_process = post_process
 
 
 def pipeline_config(student_config, teacher_hidden: int, pp_size: int):
@@ -85,6 +141,20 @@ class DistillationModel(torch.nn.Module):
         self.layer_pairs = [tuple(p) for p in layer_pairs]
         self.embedding_loss = bool(layer_pairs) and settings.embedding_loss
         self.config = pipeline_config(student.config, teacher.config.hidden_size, pp_size)
+        self.kd_impl = self._resolve_impl(settings.kd_impl)
+        self._teacher_rows_cache = {}  # fused_linear at mismatched padding: the teacher's re-sliced weight
+
+    def _resolve_impl(self, impl: str) -> str:
+        """fused_linear, unless an output layer needs the logits path: then the chunked loss."""
+        if impl != "fused_linear":
+            return impl
+        for name, gpt in (("student", self.module), ("teacher", self.teacher)):
+            reason = fused_linear_unsupported(gpt)
+            if reason is not None:
+                warnings.warn(f"distill.kd_impl=fused_linear: the {name}'s {reason}; using the chunked "
+                              "logits loss (kd_impl=torch)")
+                return "torch"
+        return impl
 
     def _apply(self, fn, *args, **kwargs):
         """`.cuda()`, `.to()`, `.bfloat16()` (Megatron-LM's get_model, Float16Module) reach the
@@ -113,19 +183,29 @@ class DistillationModel(torch.nn.Module):
         with `labels`, else the student's vocab-parallel logits [b, s, v_s/tp]."""
         s_layers = [s for s, _ in self.layer_pairs]
         t_layers = [t for _, t in self.layer_pairs]
+        fused = self.kd_impl == "fused_linear" and labels is not None and self.module.post_process
+        hidden_only = final_hidden_states if fused else lambda _: contextlib.nullcontext()
         with capture_hidden_states(self.module, s_layers, self.embedding_loss) as s_states, \
                 capture_hidden_states(self.teacher, t_layers, self.embedding_loss) as t_states:
-            with torch.no_grad():
+            with torch.no_grad(), hidden_only(self.teacher):
                 teacher_out = self.teacher(input_ids, position_ids, attention_mask, **kwargs)
-            student_out = self.module(input_ids, position_ids, attention_mask, **kwargs)
+            with hidden_only(self.module):
+                student_out = self.module(input_ids, position_ids, attention_mask, **kwargs)
         if not self.module.post_process:
             return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)  # [s, b, h_s + h_t]
         if labels is None:
             return student_out
         state_loss = self._state_loss(s_states, t_states) if self.layer_pairs else None
         tp_group = self.tp_group if torch.distributed.is_initialized() and self._tp_size() > 1 else None
+        if fused:  # student_out, teacher_out: [s, b, h] final hidden states
+            return fused_per_token_components(
+                student_out, output_weight(self.module), teacher_out, output_weight(self.teacher), labels,
+                self.settings, tp_group=tp_group, true_vocab_size=self.true_vocab_size, state_loss=state_loss,
+                teacher_weight_cache=self._teacher_rows_cache,
+            )
         return per_token_components(student_out, teacher_out, labels, self.settings, tp_group=tp_group,
-                                    true_vocab_size=self.true_vocab_size, state_loss=state_loss)
+                                    true_vocab_size=self.true_vocab_size, state_loss=state_loss,
+                                    impl=self.kd_impl)
 
     def _tp_size(self) -> int:
         return torch.distributed.get_world_size(self.tp_group) if self.tp_group is not None else 1

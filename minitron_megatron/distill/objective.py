@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from minitron_megatron.config.distill import DistillConfig
+from minitron_megatron.distill.fused_linear import fused_linear_kd_loss
 from minitron_megatron.distill.losses import kd_logit_loss, vocab_parallel_ce_loss
 
 COMPONENTS = ("kd", "lm", "is")
@@ -25,27 +26,52 @@ COMPONENTS = ("kd", "lm", "is")
 
 def per_token_components(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                          settings: DistillConfig, *, tp_group, true_vocab_size: int,
-                         state_loss: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[b, s, 3] float32 per-token (kd, lm, is) losses.
+                         state_loss: Optional[torch.Tensor] = None, impl: Optional[str] = None) -> torch.Tensor:
+    """[b, s, 3] float32 per-token (kd, lm, is) losses from vocab-parallel logits.
 
     student_logits: [b, s, v_s/tp] (requires grad); teacher_logits: [b, s, v_t/tp];
-    labels: [b, s]; state_loss: [b, s] intermediate-state loss or None (zeros).
-    The LM cross-entropy keeps its graph only when `ce_weight > 0`: otherwise it is
-    reported but costs no backward.
+    labels: [b, s]; state_loss: [b, s] intermediate-state loss or None (zeros);
+    impl: the `kd_logit_loss` impl (default `settings.kd_impl`).
+    The LM cross-entropy is chunked like the KD loss (no float32 copy of the shard)
+    and keeps its graph only when `ce_weight > 0`: otherwise it is only reported.
     """
     kd = kd_logit_loss(
         student_logits, teacher_logits, tp_group=tp_group, true_vocab_size=true_vocab_size,
         kind=settings.logit_loss, temperature=settings.temperature,
-        chunk_tokens=settings.kd_chunk_tokens, impl=settings.kd_impl,
+        chunk_tokens=settings.kd_chunk_tokens, impl=impl or settings.kd_impl,
     )  # [b, s]
-    if settings.ce_weight > 0:
-        lm = vocab_parallel_ce_loss(student_logits, labels)  # [b, s]
-    else:
-        with torch.no_grad():
-            lm = vocab_parallel_ce_loss(student_logits.detach(), labels)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and settings.ce_weight > 0):
+        lm = vocab_parallel_ce_loss(student_logits, labels, tp_group=tp_group,
+                                    chunk_tokens=settings.kd_chunk_tokens)  # [b, s]
+    return _stack(kd, lm, state_loss)
+
+
+def fused_per_token_components(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                               teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, labels: torch.Tensor,
+                               settings: DistillConfig, *, tp_group, true_vocab_size: int,
+                               state_loss: Optional[torch.Tensor] = None,
+                               teacher_weight_cache: Optional[dict] = None) -> torch.Tensor:
+    """[b, s, 3] float32 per-token (kd, lm, is) losses from final hidden states and output weights.
+
+    *_hidden: [s, b, h] (Megatron's layout, after the final norm, replicated over TP);
+    *_weight: [v_padded/tp, h] output-layer shards; labels: [b, s]. KD and the student
+    CE come out of one fused pass (`fused_linear.py`); no logits tensor exists whole.
+    """
+    kd, lm = fused_linear_kd_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels.t(), tp_group=tp_group,
+        true_vocab_size=true_vocab_size, kind=settings.logit_loss, temperature=settings.temperature,
+        chunk_tokens=settings.kd_chunk_tokens, ce_weight=settings.ce_weight,
+        teacher_weight_cache=teacher_weight_cache,
+    )  # [s, b] each
+    if settings.ce_weight <= 0:
+        lm = lm.detach()  # reported only: its backward gets no work
+    return _stack(kd.t(), lm.t(), state_loss)
+
+
+def _stack(kd: torch.Tensor, lm: torch.Tensor, state_loss: Optional[torch.Tensor]) -> torch.Tensor:
     if state_loss is None:
         state_loss = torch.zeros_like(kd)
-    return torch.stack([kd, lm.float(), state_loss.float()], dim=-1)
+    return torch.stack([kd, lm.float(), state_loss.float()], dim=-1)  # [b, s, 3]
 
 
 class DistillLoss:
@@ -65,7 +91,9 @@ class DistillLoss:
         mask = loss_mask.float().reshape(-1)  # [b*s]
         sums = (output.float().reshape(-1, len(COMPONENTS)) * mask[:, None]).sum(dim=0)  # [3]
         kd, lm, state = sums[0], sums[1], sums[2]
-        total = kd + self.ce_weight * lm if self.ce_weight > 0 else kd
+        # Never a view (of `sums`): Megatron-LM's schedules free the last stage's loss
+        # with deallocate_pipeline_outputs=True, which asserts on views.
+        total = kd + self.ce_weight * lm if self.ce_weight > 0 else kd.clone()
         num_tokens = mask.sum().to(torch.int)
         count = num_tokens.float()
         extra = {}

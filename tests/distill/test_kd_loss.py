@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from minitron_megatron.distill import kd_logit_loss, kd_triton
 from tests.dist_utils import run_distributed
@@ -295,7 +296,7 @@ def _ce_worker(rank, world, out_dir):
     before = s.detach().clone()
     t = shard(teacher, rank, world)
     kd = kd_logit_loss(s, t, tp_group=ctx.tp_group, true_vocab_size=TRUE_VOCAB)
-    ce = vocab_parallel_ce_loss(s, labels)
+    ce = vocab_parallel_ce_loss(s, labels, tp_group=ctx.tp_group, chunk_tokens=5)
     (kd + ce).sum().backward()  # fails if CE modified logits that KD saved
     assert torch.equal(s.detach(), before)
     torch.save((ce.detach(), s.grad), f"{out_dir}/rank{rank}.pt")
@@ -303,7 +304,9 @@ def _ce_worker(rank, world, out_dir):
 
 
 def test_ce_helper_with_kd_tp2(tmp_path):
-    """Catches Megatron's in-place max subtraction corrupting float32 logits that KD saved for backward."""
+    """Catches the CE modifying float32 logits that KD saved for backward (Megatron's CE
+    subtracts the max in place), a missing TP reduction of the CE's max or sums, and the
+    label's logit taken on a rank that does not own it."""
     run_distributed(_ce_worker, 2, str(tmp_path))
     student, teacher, _ = case_inputs(Case("ce", seed=16))
     labels = torch.arange(12).view(LEAD) * 83 % TRUE_VOCAB
@@ -315,6 +318,26 @@ def test_ce_helper_with_kd_tp2(tmp_path):
         ce_rank, grad = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(ce_rank, ce.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, shard(s.grad, rank, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("chunk_tokens", [1, 5, None])
+def test_chunked_ce_matches_float64(chunk_tokens, dtype):
+    """Catches chunk-boundary bugs in the report CE, a normaliser over the true instead of the
+    padded vocab (Megatron's LM loss uses the padded one), and a wrong per-token backward."""
+    from minitron_megatron.distill import vocab_parallel_ce_loss
+
+    student, _, upstream = case_inputs(Case("ce64", dtype=dtype, seed=17))
+    labels = torch.arange(12).view(LEAD) * 71 % TRUE_VOCAB
+    s = student.clone().requires_grad_()
+    ce = vocab_parallel_ce_loss(s, labels, tp_group=None, chunk_tokens=chunk_tokens)
+    (ce * upstream).sum().backward()
+    ref_s = student.double().requires_grad_()
+    ref = F.cross_entropy(ref_s.view(12, -1), labels.view(-1), reduction="none").view(LEAD)
+    (ref * upstream.double()).sum().backward()
+    assert_loss_close(ce, ref)
+    assert s.grad.dtype == student.dtype
+    assert_grad_close(s.grad, ref_s.grad, tol=1e-2 if dtype == "bfloat16" else 1e-5)
 
 
 def _compile_for_hopper():

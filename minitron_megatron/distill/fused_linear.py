@@ -1,0 +1,436 @@
+"""Fused-linear vocab-parallel KD (+ student CE) loss: from hidden states and output weights.
+
+The logits loss of `losses.py` needs both models' `[tokens, V/tp]` logits, which at a
+262k vocabulary are the largest tensors of a distillation step. Here the loss
+starts one step earlier, from each model's final hidden states (after the final
+norm) and its vocab-parallel output weight shard, and walks over chunks of tokens:
+
+    per chunk:  s = h_s W_s^T  [chunk, V_s/tp],  t = h_t W_t^T  [chunk, V/tp]   # the output layers
+                local partials of KD (and CE) -> one all_reduce MAX + one SUM over tp_group
+                KD = T^2 KL, CE = lse(s) - s[label] (the label's logit lives on one rank)
+                with grad: G = dloss/ds for an assumed upstream gradient, then
+                dh_s += G W_s, dW_s += G^T h_s                                   # [chunk, h], [V_s/tp, h]
+
+so no logits tensor of either model exists whole; the extra memory is one chunk's
+logits and float32 scratch, plus the (unavoidable) weight gradient.
+
+Gradients are computed in the forward pass, as Liger-Kernel's fused-linear losses do,
+which saves re-running both output matmuls in backward. Their loss is a scalar;
+ours is per token (the objective masks and weighs tokens later), so the forward
+assumes the upstream gradient `lam * (1, ce_weight)` per token (kd, ce), the usual
+case: a loss mask scaled by 1/num_tokens, with every unmasked token alike. Backward
+takes lam as the most common upstream value, scales the precomputed sums by it,
+and recomputes the logits only of tokens whose upstream differs (masked tokens,
+or any upstream at all), adding their correction. The result is exact for every
+upstream; only the cost depends on it.
+
+CE normalises over the student's whole padded vocabulary (as Megatron's LM loss,
+so "lm loss" stays comparable with `evaluate`); KD over the true vocabulary only.
+Mismatched padding at TP > 1: the teacher's weight rows for this rank's student
+slice are fetched from their owners once (the teacher is frozen) and cached.
+Hidden states must be replicated across TP ranks (with sequence parallelism,
+gather them first with a split backward); the hidden-state gradient is all-reduced
+over `tp_group` here, as Megatron's ColumnParallelLinear does for its input.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from minitron_megatron.distill.losses import (
+    KINDS,
+    TorchChunkMath,
+    VocabLayout,
+    _group_size_rank,
+    _local_labels,
+    _token_slices,
+    add_ce_grad,
+    ce_local_stats,
+    global_kl,
+    resolve_layout,
+)
+
+
+_CHUNK_ELEMENTS = 1 << 25
+"""Default chunk: 128 MiB per float32 [chunk, V/tp] buffer (three of them). Larger than
+the logits loss's chunks: each chunk's weight gradient is a rank-`chunk` update of the
+whole [V/tp, h] gradient, which small chunks make memory-bound."""
+
+
+def default_chunk_tokens(vocab_local: int) -> int:
+    """Tokens per chunk for this rank's vocab slice size (at most 4096)."""
+    return max(1, min(4096, _CHUNK_ELEMENTS // max(vocab_local, 1)))
+
+
+@dataclass(frozen=True)
+class _FusedConfig:
+    tp_group: Optional[dist.ProcessGroup]
+    layout: VocabLayout
+    reverse: bool
+    temperature: float
+    chunk_tokens: int
+    ce_weight: float  # assumed upstream ratio d/dce : d/dkd (see the module docstring)
+    with_ce: bool
+    grad_enabled: bool  # autograd records this call (ctx.needs_input_grad ignores no_grad)
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    tp_group: Optional[dist.ProcessGroup],
+    true_vocab_size: int,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    chunk_tokens: Optional[int] = None,
+    ce_weight: float = 0.0,
+    teacher_weight_cache: Optional[dict] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token (T^2 * KL, student CE) from hidden states and vocab-parallel output weights.
+
+    student_hidden: [..., h_s], replicated over TP (gets a gradient, all-reduced over TP);
+    student_weight: [v_s_padded/tp, h_s], this rank's rows (gets a gradient);
+    teacher_hidden: [..., h_t] and teacher_weight: [v_t_padded/tp, h_t] (no gradients);
+    labels: [...] global vocab ids, or None (no CE: the second result is None).
+    kind, temperature, true_vocab_size: as for `losses.kd_logit_loss` (padding ids of
+    either model are excluded from the KD distributions).
+    chunk_tokens: tokens per chunk (default: a float32 [chunk, v_s/tp] buffer is ~128 MiB).
+    ce_weight: how the caller weighs CE against KD in its loss; it only decides
+    which tokens backward must recompute (exact for any upstream gradient).
+    teacher_weight_cache: a dict kept by the caller across calls, to fetch the teacher's
+    re-sliced weight only once when padded vocab sizes differ at TP > 1.
+    Returns float32 tensors shaped like `labels` / the leading dims of the hidden states.
+    All TP ranks must call this with the same token count and arguments.
+    """
+    _check_args(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, kind, temperature)
+    lead = student_hidden.shape[:-1]
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])  # [tokens, h_s]
+    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # [tokens, h_t]
+    layout = resolve_layout(tp_group, (h_s.shape[0], student_weight.shape[0]),
+                            (h_s.shape[0], teacher_weight.shape[0]), true_vocab_size, device=h_s.device)
+    w_t = _teacher_rows(teacher_weight.detach(), layout, tp_group, teacher_weight_cache)  # [n_valid, h_t]
+    with_ce = labels is not None
+    flat_labels = labels.reshape(-1) if with_ce else h_s.new_zeros(h_s.shape[0], dtype=torch.long)
+    cfg = _FusedConfig(
+        tp_group=tp_group, layout=layout, reverse=kind == "reverse_kl", temperature=float(temperature),
+        chunk_tokens=chunk_tokens or default_chunk_tokens(layout.student_local),
+        ce_weight=float(ce_weight) if with_ce else 0.0, with_ce=with_ce,
+        grad_enabled=torch.is_grad_enabled(),
+    )
+    kd, ce = _FusedLinearKD.apply(h_s, student_weight, h_t, w_t, flat_labels, cfg)
+    return kd.view(lead), (ce.view(lead) if with_ce else None)
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """Forward: losses and precomputed gradients; backward: scale + per-token corrections."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, cfg: _FusedConfig):
+        ctx.set_materialize_grads(False)  # an unused CE output gets None, not zeros
+        # No gradient work in evaluation (no_grad), where needs_input_grad still says True.
+        want_h = cfg.grad_enabled and ctx.needs_input_grad[0]
+        want_w = cfg.grad_enabled and ctx.needs_input_grad[1]
+        n = h_s.shape[0]
+        per_token = torch.empty(5, n, dtype=torch.float32, device=h_s.device)  # lse_s, lse_t, kl, lse_ce, ce
+        grad_h = torch.zeros(n, h_s.shape[1], dtype=torch.float32, device=h_s.device) if want_h else None
+        grad_w = torch.empty_like(w_s, dtype=_acc_dtype(w_s)) if want_w else None  # the first chunk writes it
+        for i, rows in enumerate(_token_slices(n, cfg.chunk_tokens)):
+            s, t = _chunk_logits(h_s, w_s, h_t, w_t, rows)
+            per_token[:, rows], g = _forward_chunk(s, t, labels[rows], cfg, want_grad=want_h or want_w)
+            if g is not None:
+                _accumulate(g, h_s, w_s, rows, grad_h, grad_w, first=i == 0)
+            del s, t, g  # before the next chunk's matmuls: one chunk's buffers alive at a time
+        ctx.save_for_backward(h_s, w_s, h_t, w_t, labels, per_token)
+        ctx.cfg, ctx.grad_h, ctx.grad_w = cfg, grad_h, grad_w
+        kd = per_token[2] * cfg.temperature**2
+        ce = per_token[4].clone() if cfg.with_ce else per_token.new_zeros(0)
+        return kd, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kd, grad_ce):
+        h_s, w_s, h_t, w_t, labels, per_token = ctx.saved_tensors
+        cfg, grad_h, grad_w = ctx.cfg, ctx.grad_h, ctx.grad_w
+        ctx.grad_h = ctx.grad_w = None  # once_differentiable: free them with the graph
+        g_kd = _upstream(grad_kd, h_s.shape[0], h_s.device)
+        g_ce = _upstream(grad_ce if cfg.with_ce else None, h_s.shape[0], h_s.device)
+        lam = _most_common(g_kd)
+        d_kd, d_ce = g_kd - lam, g_ce - lam * cfg.ce_weight  # what the precomputed sums missed
+        if grad_h is not None:
+            grad_h.mul_(lam)
+        if grad_w is not None:
+            grad_w.mul_(lam)
+        math = TorchChunkMath()
+        fix = torch.nonzero((d_kd != 0) | (d_ce != 0)).view(-1)  # tokens to recompute
+        for part in _token_slices(fix.numel(), cfg.chunk_tokens):
+            rows = fix[part]
+            if rows.numel() == 0:
+                continue
+            s, t = _chunk_logits(h_s, w_s, h_t, w_t, rows)
+            g = _logit_grad(s, t, labels[rows], per_token[:, rows], d_kd[rows], d_ce[rows], cfg, math)
+            _accumulate(g, h_s, w_s, rows, grad_h, grad_w)
+            del s, t, g
+        if grad_h is not None and cfg.layout.tp_size > 1:
+            # Each rank's sum covers its vocab slice only: d loss / d h_s is their sum.
+            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=cfg.tp_group)
+        out_h = grad_h.to(h_s.dtype) if grad_h is not None else None
+        out_w = grad_w.to(w_s.dtype) if grad_w is not None else None
+        return out_h, out_w, None, None, None, None
+
+
+def _chunk_logits(h_s, w_s, h_t, w_t, rows):
+    """Both output layers on one chunk of tokens, in the models' dtype (as Megatron's)."""
+    s = h_s[rows] @ w_s.t()  # [chunk, V_s/tp]
+    t = h_t[rows] @ w_t.t()  # [chunk, n_valid]: the teacher at the student's true-vocab ids
+    return s, t
+
+
+def _forward_chunk(s, t, labels, cfg: _FusedConfig, want_grad: bool):
+    """Losses of one chunk and, if `want_grad`, G = d(KD + ce_weight * CE)/d s.
+
+    s: [chunk, V_s/tp], t: [chunk, n_valid] logits (consumed: the float32 buffers
+    are reused in place, so the whole step holds three [chunk, V/tp] float32 buffers).
+    Returns ([5, chunk] float32 lse_s, lse_t, KL, lse_ce, CE; G float32 [chunk, V_s/tp] or None).
+    """
+    n, inv_t = cfg.layout.n_valid, 1.0 / cfg.temperature
+    s, t = s.float(), t.float()  # [chunk, V_s/tp], [chunk, n_valid]; no copy when already float32
+    ce_apart = cfg.with_ce and cfg.temperature != 1.0  # at T=1 the CE reuses the KD's exponentials
+    ce_stats = ce_local_stats(s, labels, cfg.layout.student_start) if ce_apart else None
+    label_logit = _label_logit(s, labels, cfg) if cfg.with_ce else None
+    s_valid = s[:, :n]
+    if inv_t != 1.0:
+        s_valid.mul_(inv_t)
+        t.mul_(inv_t)
+    kd_stats, e_s, e_t, diff = _kd_partials(s_valid, t, cfg.reverse)
+    if cfg.with_ce and not ce_apart:
+        ce_stats = _ce_partials_t1(s, n, kd_stats, label_logit, cfg.reverse)
+    per_token = _reduce_chunk(kd_stats, ce_stats, cfg)
+    if not want_grad:
+        return per_token, None
+    ones = torch.ones(s.shape[0], dtype=torch.float32, device=s.device)
+    return per_token, _grad_in_place(s, e_s, e_t, diff, labels, per_token, kd_stats, ones, ones * cfg.ce_weight,
+                                     cfg, ce_apart)
+
+
+def _kd_partials(s_valid, t, reverse: bool):
+    """Local KD partials [5, chunk] (as `TorchChunkMath.local_stats`) and the buffers that the
+    gradient reuses: e_s = e^(s - m_s), e_t = e^(t - m_t) (forward KL only), diff = x - y.
+
+    `t` is overwritten by diff (forward KL: t - s; reverse: s - t), or, in forward KL,
+    by e_s; s_valid is left as it is. All [chunk, n_valid] float32.
+    """
+    if s_valid.shape[1] == 0:  # this rank holds only padding ids
+        stats = torch.zeros(5, s_valid.shape[0], dtype=torch.float32, device=s_valid.device)
+        stats[:2] = float("-inf")
+        return stats, s_valid, t, t
+    m_s, m_t = s_valid.amax(dim=-1), t.amax(dim=-1)
+    e = torch.exp(t - m_t[:, None])  # [chunk, n_valid] new buffer: e^(t - m_t)
+    z_t = e.sum(dim=-1)
+    if reverse:  # x = s, y = t
+        diff = torch.sub(s_valid, t, out=t)
+        e_s = torch.sub(s_valid, m_s[:, None], out=e).exp_()  # e_t is consumed
+        e_t = None
+        z_s = e_s.sum(dim=-1)
+        w = _row_dot(e_s, diff)
+        stats = torch.stack([m_s, m_t, z_s, z_t, w])
+    else:  # x = t, y = s
+        e_t = e
+        diff = torch.sub(t, s_valid, out=t)
+        w = _row_dot(e_t, diff)
+        e_s = torch.sub(s_valid, m_s[:, None], out=t).exp_()  # diff is consumed
+        diff = None
+        z_s = e_s.sum(dim=-1)
+        stats = torch.stack([m_t, m_s, z_t, z_s, w])
+    return stats, e_s, e_t, diff
+
+
+def _row_dot(a, b):
+    return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)  # row-wise dot, no temporary
+
+
+def _label_logit(s, labels, cfg: _FusedConfig):
+    """The label's (unscaled) logit where this rank owns it, else 0: [chunk]."""
+    index, owned = _local_labels(labels, cfg.layout.student_start, s.shape[1])
+    return s.gather(1, index[:, None]).squeeze(1) * owned
+
+
+def _ce_partials_t1(s, n_valid, kd_stats, label_logit, reverse: bool):
+    """Local CE partials [3, chunk] (max, sum-exp, label logit) at T=1 from the KD's student
+    partials over the true vocab plus this rank's padding columns (a few)."""
+    m_s, z_s = (kd_stats[0], kd_stats[2]) if reverse else (kd_stats[1], kd_stats[3])
+    pad = s[:, n_valid:]  # [chunk, padding ids here]
+    if pad.shape[1] == 0:
+        return torch.stack([m_s, z_s, label_logit])
+    m_pad = pad.amax(dim=-1)
+    m = torch.maximum(m_s, m_pad)
+    z = z_s * torch.exp(m_s - m) + torch.exp(pad - m[:, None]).sum(dim=-1)
+    return torch.stack([m, z, label_logit])
+
+
+def _reduce_chunk(kd_stats, ce_stats, cfg: _FusedConfig) -> torch.Tensor:
+    """All-reduce one chunk's local partials over TP (one MAX, one SUM):
+    [5, chunk] float32 lse_s, lse_t (KD, at T), KL, lse_ce, CE."""
+    if ce_stats is None:  # no labels: lse_ce and CE come out as -inf, unused
+        ce_stats = torch.zeros(3, kd_stats.shape[1], dtype=torch.float32, device=kd_stats.device)
+    m_local = torch.cat([kd_stats[:2], ce_stats[:1]])  # [3, chunk]: max x, max y, max s (T=1)
+    m = m_local.clone()
+    if cfg.layout.tp_size > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=cfg.tp_group)
+    rescale = torch.exp(m_local - m)  # a rank with no valid ids: exp(-inf) = 0
+    sums = torch.stack([kd_stats[2] * rescale[0], kd_stats[3] * rescale[1], kd_stats[4] * rescale[0],
+                        ce_stats[1] * rescale[2], ce_stats[2]])  # [5, chunk]; the label logit is on one rank
+    if cfg.layout.tp_size > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=cfg.tp_group)
+    lse_x, lse_y, kl = global_kl(m[:2], sums[:3])
+    lse_s, lse_t = (lse_x, lse_y) if cfg.reverse else (lse_y, lse_x)
+    lse_ce = m[2] + torch.log(sums[3])
+    return torch.stack([lse_s, lse_t, kl, lse_ce, lse_ce - sums[4]])
+
+
+def _grad_in_place(s, e_s, e_t, diff, labels, per_token, kd_stats, coef_kd, coef_ce, cfg: _FusedConfig,
+                   ce_apart: bool):
+    """G = d(coef_kd * KD + coef_ce * CE)/d s, written over `s` (float32 [chunk, V_s/tp]).
+
+    With q = softmax(s/T) = e_s e^(m_s - lse_s), p = e_t e^(m_t - lse_t):
+    forward KL: T (q - p); reverse KL: T q (log q - log p - KL), where
+    log q - log p = diff - lse_s + lse_t; CE: softmax(s) - onehot(label), which at
+    T=1 is e_s e^(m_s - lse_ce) on the true vocab, so it only changes e_s's factor.
+    """
+    n, temp = cfg.layout.n_valid, cfg.temperature
+    lse_s, lse_t, kl, lse_ce = per_token[0], per_token[1], per_token[2], per_token[3]
+    m_s, m_t = (kd_stats[0], kd_stats[1]) if cfg.reverse else (kd_stats[1], kd_stats[0])
+    ce_grad = cfg.with_ce and bool((coef_ce != 0).any())
+    s_valid = s[:, :n]  # [chunk, n_valid], holds s/T
+    if n > 0:
+        ce_soft = None
+        if ce_grad and ce_apart:  # T != 1: the CE's softmax is its own, taken before s is overwritten
+            ce_soft = torch.exp(s_valid * temp - lse_ce[:, None]).mul_(coef_ce[:, None])
+        a = temp * coef_kd * torch.exp(m_s - lse_s)  # [chunk]
+        if ce_grad and not ce_apart:
+            a_ce = coef_ce * torch.exp(m_s - lse_ce)
+        else:
+            a_ce = torch.zeros_like(a)
+        if cfg.reverse:  # G = e_s (a (diff - c) + a_ce), c = lse_s - lse_t + KL
+            g = diff.sub_((lse_s - lse_t + kl)[:, None]).mul_(a[:, None]).add_(a_ce[:, None])
+            torch.mul(e_s, g, out=s_valid)
+        else:  # G = e_s (a + a_ce) - e_t b
+            b = temp * coef_kd * torch.exp(m_t - lse_t)
+            torch.mul(e_s, (a + a_ce)[:, None], out=s_valid)
+            s_valid.sub_(e_t.mul_(b[:, None]))
+        if ce_soft is not None:
+            s_valid.add_(ce_soft)
+    pad = s[:, n:]  # padding ids: no KD gradient; CE over the padded vocab, at T=1 (unscaled)
+    if ce_grad and pad.shape[1] > 0:
+        pad.sub_(lse_ce[:, None]).exp_().mul_(coef_ce[:, None])
+    else:
+        pad.zero_()
+    if ce_grad:
+        index, owned = _local_labels(labels, cfg.layout.student_start, s.shape[1])
+        s.scatter_add_(1, index[:, None], (-coef_ce * owned)[:, None])
+    return s
+
+
+def _logit_grad(s, t, labels, per_token, coef_kd, coef_ce, cfg: _FusedConfig, math: TorchChunkMath):
+    """d(sum coef_kd * KD + coef_ce * CE) / d s for one chunk: float32 [chunk, V_s/tp]."""
+    n_valid = cfg.layout.n_valid
+    grad = torch.zeros(s.shape, dtype=torch.float32, device=s.device)  # padding ids: KD grad 0
+    lse_s, lse_t, kl, lse_ce = per_token[0], per_token[1], per_token[2], per_token[3]
+    if n_valid > 0:
+        # d(T^2 KL)/d s = T * dKL/d(s/T): student_grad takes coef * T as its scale.
+        math.student_grad(s[:, :n_valid], t, lse_s, lse_t, kl, coef_kd * cfg.temperature,
+                          1.0 / cfg.temperature, cfg.reverse, out=grad[:, :n_valid])
+    if cfg.with_ce and bool((coef_ce != 0).any()):
+        add_ce_grad(grad, s, labels, cfg.layout.student_start, lse_ce, coef_ce)
+    return grad
+
+
+def _accumulate(g, h_s, w_s, rows, grad_h, grad_w, first: bool = False) -> None:
+    """grad_h[rows] += g W_s (this rank's partial), grad_w += g^T h_s[rows] (= when `first`)."""
+    g = g.to(w_s.dtype)  # [chunk, V_s/tp]; matmuls in the model's dtype, as Megatron's backward
+    if grad_h is not None:
+        grad_h[rows] += (g @ w_s).float()  # [chunk, h_s]
+    if grad_w is not None:
+        g_t, h = g.t().to(grad_w.dtype), h_s[rows].to(grad_w.dtype)
+        if first:  # saves a pass over the whole [V/tp, h] gradient to zero it
+            torch.mm(g_t, h, out=grad_w)  # [V_s/tp, h_s]
+        else:
+            grad_w.addmm_(g_t, h)
+
+
+def _acc_dtype(w: torch.Tensor) -> torch.dtype:
+    # float32 weights accumulate exactly in float32. bf16/fp16 ones accumulate in their
+    # dtype (one rounding per chunk, as Megatron's per-microbatch wgrad): a float32
+    # [V/tp, h] accumulator would double the largest buffer of this loss.
+    return w.dtype
+
+
+def _upstream(grad: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
+    if grad is None:
+        return torch.zeros(n, dtype=torch.float32, device=device)
+    return grad.reshape(-1).float()
+
+
+def _most_common(values: torch.Tensor) -> torch.Tensor:
+    """The most frequent entry (a 0-dim tensor): the scale the precomputed sums get."""
+    if values.numel() == 0:
+        return values.new_zeros(())
+    unique, counts = torch.unique(values, return_counts=True)
+    return unique[counts.argmax()]
+
+
+# --------------------------------------------------------------- teacher rows at mismatched padding
+
+
+def _teacher_rows(teacher_weight, layout: VocabLayout, group, cache: Optional[dict]) -> torch.Tensor:
+    """The teacher's weight rows for this rank's student true-vocab ids: [n_valid, h_t]."""
+    if layout.aligned:
+        return teacher_weight[: layout.n_valid]  # a view: same ids, same rank
+    key = (teacher_weight.data_ptr(), teacher_weight._version, layout)
+    hit = cache is not None and cache.get("key") == key
+    # Ranks must agree, or one would broadcast while another waits: a 1-int all_reduce.
+    miss = torch.tensor([0 if hit else 1], device=teacher_weight.device)
+    dist.all_reduce(miss, op=dist.ReduceOp.MAX, group=group)
+    if miss.item() == 0:
+        return cache["rows"]
+    rows = _fetch_teacher_rows(teacher_weight, layout, group)
+    if cache is not None:
+        cache.update(key=key, rows=rows)
+    return rows
+
+
+def _fetch_teacher_rows(teacher_weight, layout: VocabLayout, group) -> torch.Tensor:
+    """Each rank broadcasts its teacher shard in turn; every rank keeps the rows it needs.
+
+    Peak extra memory: one shard; traffic: the whole teacher output weight, once.
+    """
+    _, my_rank = _group_size_rank(group)
+    lo, n = layout.student_start, layout.n_valid
+    out = teacher_weight.new_empty(n, teacher_weight.shape[1])  # [n_valid, h_t]
+    for rank, start in enumerate(layout.teacher_starts):
+        shard = teacher_weight.contiguous() if rank == my_rank else torch.empty_like(teacher_weight)
+        dist.broadcast(shard, src=dist.get_global_rank(group, rank), group=group)
+        a, b = max(lo, start), min(lo + n, start + layout.teacher_local)
+        if a < b:
+            out[a - lo : b - lo] = shard[a - start : b - start]
+    return out
+
+
+def _check_args(h_s, w_s, h_t, w_t, labels, kind, temperature) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"fused_linear_kd_loss: kind={kind!r} is not allowed; use one of {KINDS}")
+    if not temperature > 0:
+        raise ValueError(f"fused_linear_kd_loss: temperature must be > 0, got {temperature}")
+    if h_s.shape[:-1] != h_t.shape[:-1]:
+        raise ValueError(f"fused_linear_kd_loss: student hidden {tuple(h_s.shape)} and teacher hidden "
+                         f"{tuple(h_t.shape)} must share leading (token) dims")
+    if w_s.shape[1] != h_s.shape[-1] or w_t.shape[1] != h_t.shape[-1]:
+        raise ValueError(f"fused_linear_kd_loss: output weights {tuple(w_s.shape)}, {tuple(w_t.shape)} do not "
+                         f"match hidden sizes {h_s.shape[-1]}, {h_t.shape[-1]}")
+    if labels is not None and labels.shape != h_s.shape[:-1]:
+        raise ValueError(f"fused_linear_kd_loss: labels {tuple(labels.shape)} must have the hidden "
+                         f"states' leading dims {tuple(h_s.shape[:-1])}")
