@@ -8,6 +8,7 @@ at tag core_v0.16.1, which is not on the package index: its expectations are enc
 - `rng_state`: a ShardedObject over (pp, tp) holding [{random_rng_state, np_rng_state,
   torch_rng_state, cuda_rng_state, rng_tracker_states}] (cuda only where CUDA is).
 - `opt_param_scheduler`: counts samples (Megatron-LM calls `step(increment=global_batch_size)`).
+- `deallocate_pipeline_outputs=True`, which Megatron-LM always sets.
 """
 
 import math
@@ -58,6 +59,9 @@ def _worker(rank, world, root):
     cfg = small_model(num_layers=2)
     padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
     model = build_gpt_model(cfg, ctx, ParallelConfig(), padded)
+    # Megatron-LM always frees sent activations (and asserts they are not views); so do our loops,
+    # so that a loss or p2p tensor that is a view fails in our PP tests, not in Megatron-LM.
+    assert model.config.deallocate_pipeline_outputs
     ddp = wrap_ddp(model, model.config)
     optimizer, scheduler = build_optimizer([ddp], OptimConfig(warmup_steps=1), model.config, 4, global_batch_size=4)
     gen = torch.Generator().manual_seed(0)

@@ -122,6 +122,9 @@ def transformer_config(cfg: ModelConfig, ctx: ParallelContext, parallel: Paralle
         bias_dropout_fusion=not on_cpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        # As Megatron-LM always sets it: the schedule frees each stage's sent activations and
+        # asserts that they are not a view (our DistillLoss and p2p tensors never are).
+        deallocate_pipeline_outputs=True,
         persist_layer_norm=not on_cpu and _persistent_norm_usable(cfg),
     )
 
