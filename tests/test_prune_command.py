@@ -4,7 +4,10 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.runtime.faults import FAULT_ENV, FAULT_EXIT
 from tests.commands import SMALL, run_command, summary
 from tests.dist_utils import run_distributed
 
@@ -12,11 +15,18 @@ PRUNE = ["prune.importance.calibration_samples=16", "prune.importance.depth_samp
          "prune.importance.micro_batch_size=4", "evaluate.samples=16", "evaluate.micro_batch_size=4", "device=cpu"]
 
 
-def test_prune_at_tp2_writes_a_loadable_smaller_model(tmp_path):
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """One briefly trained teacher run dir shared by this module's prune runs."""
+    save = tmp_path_factory.mktemp("prune") / "teacher"
+    run_command("train", *SMALL, "train.steps=3", "train.eval_interval=3", f"save={save}")
+    return save
+
+
+def test_prune_at_tp2_writes_a_loadable_smaller_model(tmp_path, teacher):
     """Catches a broken hand-off between the stages (score names/shapes), a summary that
     disagrees with the saved model, or a pruned run dir that does not load elsewhere."""
-    teacher, pruned = tmp_path / "teacher", tmp_path / "pruned"
-    run_command("train", *SMALL, "train.steps=3", "train.eval_interval=3", f"save={teacher}")
+    pruned = tmp_path / "pruned"
     out = summary(run_command("prune", f"load={teacher}", *PRUNE, "parallel.tp=2",
                               "prune.target.hidden_size=48", "prune.target.ffn_hidden_size=96",
                               "prune.target.num_attention_heads=2", "prune.target.num_query_groups=2",
@@ -33,14 +43,27 @@ def test_prune_at_tp2_writes_a_loadable_smaller_model(tmp_path):
     assert math.isclose(again["val_loss"], out["val_loss"], rel_tol=1e-5)
 
 
-def test_impossible_target_lists_every_problem_and_writes_nothing(tmp_path):
-    teacher = tmp_path / "teacher"
-    run_command("train", *SMALL, "train.steps=1", "train.eval_interval=1", f"save={teacher}")
+def test_impossible_target_lists_every_problem_and_writes_nothing(tmp_path, teacher):
     proc = run_command("prune", f"load={teacher}", *PRUNE, "prune.target.hidden_size=999",
                        "prune.target.num_attention_heads=3", f"save={tmp_path / 'out'}", check=False)
     assert proc.returncode == 2
     assert "hidden_size=999" in proc.stderr and "num_attention_heads=3" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_crash_while_saving_the_pruned_model_never_looks_complete_and_reruns(tmp_path, teacher):
+    """Catches a pruned run dir that looks finished after a crash between its checkpoint and
+    its summary, or a rerun that refuses the unfinished dir or prunes differently."""
+    target = ["prune.target.hidden_size=48", "prune.target.ffn_hidden_size=96", f"load={teacher}", *PRUNE]
+    reference = summary(run_command("prune", *target, f"save={tmp_path / 'reference'}"))
+    crashed = tmp_path / "crashed"
+    proc = run_command("prune", *target, f"save={crashed}", check=False, env={FAULT_ENV: "trim.save"})
+    assert proc.returncode == FAULT_EXIT, proc.stderr[-3000:]
+    assert (crashed / "checkpoint" / "latest_checkpointed_iteration.txt").is_file() and not rd.is_complete(crashed)
+    rerun = summary(run_command("prune", *target, f"save={crashed}"))
+    assert rd.is_complete(crashed)
+    assert {k: rerun[k] for k in ("params_after", "val_loss")} == {k: reference[k] for k in ("params_after", "val_loss")}
+    assert (crashed / "trim_plan.json").read_text() == (tmp_path / "reference" / "trim_plan.json").read_text()
 
 
 def _count_calls(module, name: str, counts: dict) -> None:
