@@ -1,16 +1,14 @@
 """DataConfig and its YAML presets (conf/data/*.yaml) agree."""
 
 from dataclasses import fields
-from pathlib import Path
-
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-import minitron_megatron
 from minitron_megatron.config.data import DataConfig
+from minitron_megatron.config.files import conf_dir
 
-PRESETS = sorted((Path(minitron_megatron.__file__).parent / "conf" / "data").glob("*.yaml"))
+PRESETS = sorted((conf_dir() / "data").glob("*.yaml"))
 
 
 def test_presets_exist():
