@@ -30,9 +30,13 @@ def command_line(stage: str, *overrides: str, nproc: int = 1) -> list:
     return cmd
 
 
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
 def command_env(extra: dict = None) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MINITRON_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT),
-            **(extra or {})}
+    """This environment for a command, without any launcher variables a test left behind."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    return {**env, "OMP_NUM_THREADS": "1", "MINITRON_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT), **(extra or {})}
 
 
 def run_command(stage: str, *overrides: str, nproc: int = 1, check: bool = True, timeout: int = 600,

@@ -26,17 +26,22 @@ def _env_int(*names: str, default: Optional[int] = None) -> Optional[int]:
 
 
 def _discover_env() -> tuple:
-    """(rank, world_size, local_rank) from torchrun first, then SLURM, else single."""
+    """(rank, world_size, local_rank, init_method) from torchrun first, then SLURM, else single.
+
+    The rendezvous address is passed to `init_process_group`, never written into os.environ:
+    a process that starts a runtime (a test, a notebook) must not hand its port to every
+    subprocess it launches later.
+    """
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-    if "MASTER_ADDR" not in os.environ:
-        os.environ["MASTER_ADDR"] = _slurm_first_host() or "127.0.0.1"
-    if "MASTER_PORT" not in os.environ:
-        # A single process picks a free port so that concurrent dry runs do not collide;
-        # multi-process launches must agree on one, as torchrun and our SLURM scripts do.
-        os.environ["MASTER_PORT"] = str(free_port() if world == 1 else 29500)
-    return rank, world, local
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        return rank, world, local, "env://"  # torchrun, our SLURM scripts
+    addr = os.environ.get("MASTER_ADDR") or _slurm_first_host() or "127.0.0.1"
+    # A single process picks a free port so that concurrent dry runs do not collide;
+    # multi-process launches must agree on one, as torchrun and our SLURM scripts do.
+    port = os.environ.get("MASTER_PORT") or str(free_port() if world == 1 else 29500)
+    return rank, world, local, f"tcp://{addr}:{port}"
 
 
 def _slurm_first_host() -> Optional[str]:
@@ -102,7 +107,7 @@ def set_seed(seed: int, ctx: ParallelContext) -> None:
 def init_runtime(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 1234) -> ParallelContext:
     """Initialise torch.distributed and Megatron's parallel state; return the context."""
     torch_device = resolve_device(device)
-    rank, world, local_rank = _discover_env()
+    rank, world, local_rank, init_method = _discover_env()
     check_parallel_sizes(world, tp, pp)
     if torch_device.type == "cpu":
         cpu_support.silence_accelerator_warnings()
@@ -118,6 +123,7 @@ def init_runtime(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 123
     if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if torch_device.type == "cuda" else "gloo",
+            init_method=init_method,
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(minutes=int(os.environ.get("MINITRON_DIST_TIMEOUT_MIN", 30))),
