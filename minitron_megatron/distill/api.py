@@ -35,6 +35,7 @@ from minitron_megatron.distill.model import DistillationModel
 from minitron_megatron.distill.objective import DistillLoss
 from minitron_megatron.model.build import DTYPES
 
+
 def load_teacher(teacher: torch.nn.Module, checkpoint_root: str) -> None:
     """Load a Megatron dist checkpoint (`ROOT/latest_checkpointed_iteration.txt` +
     `iter_*/`, as Megatron-LM's --save writes it) into this rank's teacher shard."""
