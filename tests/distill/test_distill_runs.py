@@ -77,6 +77,17 @@ def test_identical_student_has_zero_losses(tmp_path, pair):
     assert out["kd_loss"] < 1e-6 and out["is_loss"] < 1e-5 and out["val_loss"] > 0
 
 
+def test_fused_linear_loss_follows_the_chunked_logits_loss(logit_run, pair, tmp_path):
+    """Catches a fused-linear KD loss (the default: hidden states x output weights, chunk by
+    chunk) that trains differently from the chunked loss on materialised logits: same steps,
+    same curve of every component within float32 accumulation-order noise."""
+    save, ref = logit_run
+    out = summary(distill(*pair, "distill.kd_impl=torch", f"save={tmp_path / 'torch'}"))
+    assert_same_curve(save, tmp_path / "torch", rel=1e-4)
+    assert math.isclose(out["val_loss"], ref["val_loss"], rel_tol=1e-4)
+    assert math.isclose(out["kd_loss"], ref["kd_loss"], rel_tol=1e-4)
+
+
 def test_pp2_follows_pp1_and_result_is_a_normal_run_dir(logit_run, pair, tmp_path):
     """Catches p2p buffers sized for the student alone, teacher activations not reaching
     the last stage, or gradients leaking into the teacher's slice: PP=2 must give the
