@@ -12,7 +12,8 @@
 # TE is installed; the other files need packages the GPU machine lacks, e.g. transformers);
 # benchmarks/gpu_bench.py (copy bandwidth, the Triton KD kernel and the fused-linear loss
 # against it and against materialised logits, BF16 vs FP8 GEMMs at Llama-3.1-8B's layer
-# shapes); a tiny train -> prune -> distill at device=cuda. It fits one 8-minute call.
+# shapes); benchmarks/kd_step.py (one KD step against its parts, TP1 PP1, a Llama-8B-wide
+# 4-layer teacher in bf16); a tiny train -> prune -> distill at device=cuda. It fits one 8-minute call.
 # --dry-run checks the inputs (the wheels named below, the scripts, python3) and prints
 # the commands without running them; the CPU test suite runs it.
 set -euo pipefail
@@ -32,7 +33,7 @@ REQUIRED=(megatron_core hydra_core omegaconf antlr4_python3_runtime sentencepiec
 
 problems=()
 command -v python3 >/dev/null || problems+=("python3 is not on PATH")
-for script in benchmarks/gpu_bench.py tests/conftest.py minitron_megatron/cli/app.py; do
+for script in benchmarks/gpu_bench.py benchmarks/kd_step.py tests/conftest.py minitron_megatron/cli/app.py; do
     [[ -f $script ]] || problems+=("$script not found: run from the repository root")
 done
 if [[ ! -d $WHEELS ]]; then
@@ -50,12 +51,14 @@ if [[ ${#problems[@]} -gt 0 ]]; then
 fi
 
 RUN=/tmp/minitron_gpu_check
+KD_STEP="kd_step.py --configs 1x1 --hidden 4096 --heads 32 --groups 8 --layers 4 --vocab 128256 --seq 4096 --micro-batch 1 --microbatches 4 --dtype bfloat16 --device cuda"
 SMALL=(model=tiny model.num_layers=2 model.seq_length=128 device=cuda data=stdlib
        evaluate.samples=16 evaluate.micro_batch_size=4)
 steps=(
     "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $WHEELS/*.whl"
     "python3 -m pytest -q -m gpu $(grep -rl 'mark.gpu' tests | sort | tr '\n' ' ')"
     "python3 benchmarks/gpu_bench.py"
+    "python3 benchmarks/$KD_STEP"
     "rm -rf $RUN"
     "python3 -m minitron_megatron.train ${SMALL[*]} train.steps=20 train.eval_interval=20 save=$RUN/teacher"
     "python3 -m minitron_megatron.prune ${SMALL[*]} load=$RUN/teacher prune.target.hidden_size=64 prune.importance.calibration_samples=16 save=$RUN/pruned"
@@ -72,5 +75,6 @@ for step in "${steps[@]}"; do
 done
 if [[ $DRY_RUN == 1 ]]; then
     python3 benchmarks/gpu_bench.py --check >/dev/null
+    python3 benchmarks/$KD_STEP --check >/dev/null
     echo "dry run: inputs ok, ${#steps[@]} steps"
 fi

@@ -22,6 +22,7 @@ def test_dry_run_prints_every_step_when_the_wheels_are_there(tmp_path):
     assert proc.returncode == 0, proc.stderr
     plan = [line for line in proc.stdout.splitlines() if line.startswith("+ ")]
     assert any("pytest -q -m gpu" in line for line in plan) and any("gpu_bench.py" in line for line in plan)
+    assert any("kd_step.py" in line and "--device cuda" in line for line in plan)
     assert any("minitron_megatron.distill" in line and "device=cuda" in line for line in plan)
     assert "dry run: inputs ok" in proc.stdout
 
