@@ -52,14 +52,14 @@ def _train_cfg(save, load=None, tp=1, pp=1, lr=3e-3, **loop):
                         evaluate=EvaluateConfig(samples=8, micro_batch_size=2))
 
 
-def _distill_cfg(save, teacher, student, pp=1, student_dtype=None):
+def _distill_cfg(save, teacher, student, pp=1, student_dtype=None, teacher_dtype=None):
     from minitron_megatron.config.commands import DistillCommand, EvaluateConfig
     from minitron_megatron.config.distill import DistillConfig, ModelSource
     from minitron_megatron.config.parallel import ParallelConfig
     from minitron_megatron.config.train import OptimConfig
 
     distill = DistillConfig(**{**LOOP, "eval_interval": 1}, optim=OptimConfig(warmup_steps=1))
-    return DistillCommand(teacher=ModelSource(load=str(teacher)),
+    return DistillCommand(teacher=ModelSource(load=str(teacher), params_dtype=teacher_dtype),
                           student=ModelSource(load=str(student), params_dtype=student_dtype),
                           parallel=ParallelConfig(pp=pp), save=str(save), device="cpu", distill=distill,
                           evaluate=EvaluateConfig(samples=8, micro_batch_size=2))
@@ -128,7 +128,7 @@ def _worker(rank, world, out_dir):
     os.environ["MINITRON_NO_PROGRESS"] = "1"
     out = Path(out_dir)
     runs = {name: out / name for name in ("base", "tp1", "resumed", "tp2", "pp2", "teacher", "kd_bf16", "kd_fp32",
-                                          "kd_pp2")}
+                                          "kd_pp2", "kd_t32", "kd_t32_pp2")}
     layout = lambda tp=1, pp=1: init_runtime(tp=tp, pp=pp, device="cpu", seed=7)  # noqa: E731
 
     ctx = layout()  # TP=1: the two processes are DP replicas
@@ -142,6 +142,10 @@ def _worker(rank, world, out_dir):
     pretrain(_train_cfg(runs["pp2"], load=runs["base"], pp=2), layout(pp=2))
     # KD: bf16 students at PP=2 and PP=1, a float32 one (the bf16 checkpoint loaded in float32).
     distill(_distill_cfg(runs["kd_pp2"], runs["teacher"], runs["base"], pp=2), layout(pp=2))
+    # The bf16 teacher's checkpoint loaded in float32, beside a bf16 student, at PP=2 and PP=1.
+    distill(_distill_cfg(runs["kd_t32_pp2"], runs["teacher"], runs["base"], pp=2, teacher_dtype="float32"),
+            layout(pp=2))
+    distill(_distill_cfg(runs["kd_t32"], runs["teacher"], runs["base"], teacher_dtype="float32"), layout())
     distill(_distill_cfg(runs["kd_bf16"], runs["teacher"], runs["base"]), layout())
     distill(_distill_cfg(runs["kd_fp32"], runs["teacher"], runs["base"], student_dtype="float32"), layout())
 
@@ -256,3 +260,17 @@ def test_kd_with_a_bf16_teacher(bf16):
     agreement = _update_agreement(params["kd_pp2"], params["base"], params["kd_bf16"])
     print(f"bf16 KD pp2 vs pp1: update disagreement {agreement:.3f}")
     assert agreement < 0.15
+
+
+def test_kd_float32_teacher_beside_a_bf16_student_at_pp2(bf16):
+    """Catches the teacher's hidden states rounded to the student's bf16 between pipeline
+    stages (the inter-stage tensor must travel in the wider dtype): PP=2 gives PP=1's KD
+    losses. PP=2 runs PP=1's arithmetic here (same ops per layer; two microbatches or two DP
+    ranks add their float32 gradients in the same order: measured bit-identical for every
+    bf16 pair above), so 1e-6 is far below one bf16 rounding of the teacher (~1e-3)."""
+    logs = bf16["logs"]
+    pp2, pp1 = _losses(logs["kd_t32_pp2"], "kd_loss"), _losses(logs["kd_t32"], "kd_loss")
+    print(f"fp32 teacher, bf16 student: kd pp2 {pp2} pp1 {pp1}; bf16 teacher {_losses(logs['kd_bf16'], 'kd_loss')}")
+    _assert_losses_close(pp2, pp1, rel=1e-6)
+    assert {p.dtype for p in bf16["params"]["kd_t32_pp2"].values()} == {torch.bfloat16}
+    assert _losses(logs["kd_t32"], "kd_loss") != _losses(logs["kd_bf16"], "kd_loss")  # the teacher ran in float32
