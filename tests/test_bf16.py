@@ -11,16 +11,19 @@ These CPUs emulate bf16 (5-40x slower than float32), so the model is tiny: 2 lay
 hidden 32, seq 32, 3 steps of 4 samples.
 
 Tolerances (bf16 has an 8-bit mantissa: one rounding is <= 2^-9 = 0.2% relative).
-TP=2 rounds row-parallel partial sums to bf16 before their all-reduce and PP=2 sends bf16
-activations between stages, so the layouts differ by a few bf16 roundings per layer. The
-losses are float32 means over 128 tokens of a float32 cross-entropy; measured differences
-are ~1e-3 relative (see the printed report), bounded here at 1e-2, five bf16 roundings.
+TP=2 rounds row-parallel partial sums to bf16 before their all-reduce, so it differs from
+TP=1 by a few bf16 roundings per layer; the losses are float32 means over 128 tokens of a
+float32 cross-entropy over near-uniform logits: bounded at 1e-3 relative, half a bf16
+rounding (measured 8e-6).
 Parameters are compared by the size of the training update: Adam's first steps move every
 weight by about +-lr whatever the gradient's size, so a weight whose tiny gradient changes
 sign moves the other way; but the layouts' updates must agree to a small fraction of the
-update itself: |p_tp2 - p_tp1| <= 0.15 |p_tp1 - p_base| per tensor (measured <= ~0.05).
-A TP/PP bug (a missing reduce, a wrong shard, a gradient not synced) gives a difference
-as large as the update.
+update itself: |p_tp2 - p_tp1| <= 0.15 |p_tp1 - p_base| per tensor (measured 0.043).
+A TP/PP bug (a missing reduce, a wrong shard, a gradient not synced, weights not loaded)
+gives a difference as large as the update or larger: the PP=2 run found one, main params
+cloned from the random init before `load=` (PP=2's second stage ended at 9x the update).
+PP=2 measures bit-identical to TP=1 here (same ops per layer; two float32 gradient sums
+in the same order), which the mixed-dtype KD test uses.
 """
 
 import math
@@ -175,7 +178,7 @@ def _losses(rows, key="loss"):
     return [r[key] for r in rows]
 
 
-def _assert_losses_close(a, b, rel=1e-2):
+def _assert_losses_close(a, b, rel=1e-3):
     assert len(a) == len(b) == STEPS
     for step, (x, y) in enumerate(zip(a, b), 1):
         assert math.isfinite(x) and math.isclose(x, y, rel_tol=rel), (step, x, y)
@@ -204,7 +207,7 @@ def test_bf16_everywhere_fp32_main_params_and_state(bf16):
     assert facts["main_param_dtypes"] == ["torch.float32"] and facts["adam_state_dtypes"] == ["torch.float32"]
     assert facts["num_pairs"] == facts["num_params"] and facts["num_fp32_params"] == 0
     assert facts["grad_scaler"] is None and facts["loss_scale"] == 1.0
-    dtypes = bf16["model_yaml_dtypes"]  # what model.yaml records for each run
+    dtypes = dict(bf16["model_yaml_dtypes"])  # what model.yaml records for each run
     assert dtypes.pop("kd_fp32") == "float32" and set(dtypes.values()) == {"bfloat16"}
 
 
@@ -254,7 +257,8 @@ def test_kd_with_a_bf16_teacher(bf16):
         print(f"{name}: train kd {_losses(logs[name], 'kd_loss')}, val kd {val_kd}")
         assert len(val_kd) == STEPS and all(b < a for a, b in zip(val_kd, val_kd[1:])), (name, val_kd)
     _assert_losses_close(_losses(logs["kd_pp2"], "kd_loss"), _losses(logs["kd_bf16"], "kd_loss"))
-    _assert_losses_close(_losses(logs["kd_fp32"], "kd_loss"), _losses(logs["kd_bf16"], "kd_loss"), rel=5e-2)
+    # float32 vs bf16 student: its own bf16 roundings (measured 4e-4)
+    _assert_losses_close(_losses(logs["kd_fp32"], "kd_loss"), _losses(logs["kd_bf16"], "kd_loss"), rel=1e-2)
     assert {p.dtype for p in params["kd_fp32"].values()} == {torch.float32}
     assert {p.dtype for p in params["kd_bf16"].values()} == {torch.bfloat16}
     agreement = _update_agreement(params["kd_pp2"], params["base"], params["kd_bf16"])
