@@ -12,7 +12,8 @@ Reports
     (QKV, proj, fc1, fc2) hold, measured from the modules: BF16 weights vs FP8 weights +
     float32 per-row scales; and the whole model's parameter + buffer bytes.
 (a) and (c) run in this process (the modules `distill` builds: build, load, then
-`apply_teacher_precision`); (b) runs the real commands as subprocesses. The human table
+`apply_teacher_precision`) while (b)'s two KD runs, real `distill` commands, run side by side
+as subprocesses (so their `seconds` are not speeds). The human table
 comes first; the last stdout line is a one-line JSON summary.
 """
 
@@ -76,34 +77,49 @@ def teacher_precisions(teacher: str, samples: int, micro_batch_size: int) -> dic
         destroy_runtime()
 
 
-def _command(stage: str, *overrides: str) -> dict:
-    """Run `python -m minitron_megatron.<stage>` and return its JSON summary (last stdout line)."""
+def _start(stage: str, *overrides: str) -> subprocess.Popen:
+    """Start `python -m minitron_megatron.<stage>` (its JSON summary is its last stdout line)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MINITRON_NO_PROGRESS": "1"}
     cmd = [sys.executable, "-m", f"minitron_megatron.{stage}", *overrides]
     print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _summary(proc: subprocess.Popen, stage: str) -> dict:
+    stdout, stderr = proc.communicate()
     if proc.returncode != 0:
-        raise SystemExit(f"{stage} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{stage} failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def pruned_student(teacher: str, work: Path, target: list, samples: int) -> str:
     """The pruned student (made once; a finished run dir in `work` is reused)."""
     pruned = work / "pruned"
     if not (pruned / "summary.json").is_file():
-        _command("prune", f"load={teacher}", "data=stdlib", "device=cpu", *target, f"save={pruned}",
-                 f"evaluate.samples={samples}")
+        _summary(_start("prune", f"load={teacher}", "data=stdlib", "device=cpu", *target, f"save={pruned}",
+                        f"evaluate.samples={samples}"), "prune")
     return str(pruned)
 
 
-def distill_with(precision: str, teacher: str, student: str, work: Path, steps: int, samples: int) -> dict:
-    save = work / f"kd-{precision}"
-    if (save / "summary.json").is_file():
-        return json.loads((save / "summary.json").read_text())
-    return _command("distill", f"teacher.load={teacher}", f"student.load={student}", "data=stdlib", "device=cpu",
-                    f"teacher.precision={precision}", f"distill.steps={steps}", f"distill.eval_interval={steps}",
-                    f"distill.save_interval={steps}", "distill.tensorboard=false", f"evaluate.samples={samples}",
-                    f"save={save}")
+def start_distills(precisions, teacher: str, student: str, work: Path, steps: int, samples: int) -> dict:
+    """{precision: finished summary or running process}: one KD run per teacher precision,
+    side by side (independent processes; a finished run dir in `work` is reused)."""
+    runs = {}
+    for precision in precisions:
+        save = work / f"kd-{precision}-{steps}steps"
+        if (save / "summary.json").is_file():
+            runs[precision] = json.loads((save / "summary.json").read_text())
+            continue
+        runs[precision] = _start(
+            "distill", f"teacher.load={teacher}", f"student.load={student}", "data=stdlib", "device=cpu",
+            f"teacher.precision={precision}", f"distill.steps={steps}", f"distill.eval_interval={steps}",
+            f"distill.save_interval={steps}", "distill.tensorboard=false", f"evaluate.samples={samples}",
+            f"save={save}")
+    return runs
+
+
+def wait_distills(runs: dict) -> dict:
+    return {p: r if isinstance(r, dict) else _summary(r, f"distill teacher.precision={p}") for p, r in runs.items()}
 
 
 def main() -> None:
@@ -120,9 +136,10 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    teacher = teacher_precisions(args.teacher, args.samples, args.micro_batch_size)
     student = pruned_student(args.teacher, work, args.target, args.samples)
-    kd = {p: distill_with(p, args.teacher, student, work, args.steps, args.samples) for p in ("fp8", "bf16")}
+    running = start_distills(("fp8", "bf16"), args.teacher, student, work, args.steps, args.samples)
+    teacher = teacher_precisions(args.teacher, args.samples, args.micro_batch_size)  # while KD runs
+    kd = wait_distills(running)
 
     print(f"\n(a) teacher {args.teacher}: val loss on {args.samples} samples "
           f"({teacher['fp32']['tokens']} tokens)")
