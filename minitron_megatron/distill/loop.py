@@ -36,10 +36,11 @@ def build_distillation_model(inputs: DistillInputs, cfg: DistillCommand, ctx: Pa
     run = inputs.run
     student = build_gpt_model(run.model_cfg, ctx, cfg.parallel, run.padded_vocab)
     run.params = count_model_parameters(student, ctx)
+    # Each side in its own params_dtype (teacher.params_dtype / student.params_dtype; the build
+    # casts every parameter, norms included, as Float16Module would). No Float16Module here:
+    # it would cast the hidden teacher with the student (DistillationModel._apply), and the
+    # last stage's per-token losses are float32 already. A checkpoint loads into either dtype.
     teacher = build_gpt_model(inputs.teacher.cfg, ctx, inputs.teacher_parallel, inputs.teacher.padded_vocab)
-    # Megatron-LM casts a whole low-precision model with Float16Module; without it the local
-    # spec's torch norms stay float32, so cast every parameter to the teacher's dtype here.
-    teacher = teacher.to(teacher.config.params_dtype)
     ckpt.load_checkpoint(rd.checkpoint_root(inputs.teacher.path), teacher, ctx)
     teacher = apply_teacher_precision(teacher, cfg.teacher.precision)
     projection = None

@@ -24,8 +24,9 @@ student's TransformerConfig whose `hidden_size` is the width of the tensor that
 travels between stages (h_s + h_t at PP > 1; the models keep their own configs).
 Whatever calls the schedule with `get_model_config(model)` - our loop, or
 Megatron-LM's `train_step` - then sizes the buffers right without an
-`adjust_tensor_shapes_fn`. The teacher's part travels in the student's
-`pipeline_dtype` (an exact up-cast from a BF16 teacher) and carries no gradient:
+`adjust_tensor_shapes_fn`. The tensor travels in the wider of the two models'
+dtypes (`pipeline_dtype`: a float32 teacher beside a bf16 student is not rounded to
+bf16 between stages; each side gets its own dtype back); the teacher's part carries no gradient:
 the backward of `cat` hands the teacher's slice a zero gradient that is dropped.
 This is ModelOpt's scheme for Megatron-core, without a schedule patch.
 
@@ -105,11 +106,15 @@ def final_hidden_states(gpt):
         gpt.post_process = post_process
 
 
-def pipeline_config(student_config, teacher_hidden: int, pp_size: int):
-    """A copy of the student's TransformerConfig describing the inter-stage tensor."""
+def pipeline_config(student_config, teacher_hidden: int, pp_size: int,
+                    teacher_dtype: Optional[torch.dtype] = None):
+    """A copy of the student's TransformerConfig describing the inter-stage tensor:
+    [s, b, h_s + h_t] in the wider of the student's and the teacher's dtypes."""
     config = copy.copy(student_config)  # shallow: no __post_init__ re-validation
     if pp_size > 1:
         config.hidden_size = student_config.hidden_size + teacher_hidden
+        if teacher_dtype is not None:
+            config.pipeline_dtype = torch.promote_types(student_config.pipeline_dtype, teacher_dtype)
     return config
 
 
@@ -140,7 +145,9 @@ class DistillationModel(torch.nn.Module):
         self.tp_group = tp_group
         self.layer_pairs = [tuple(p) for p in layer_pairs]
         self.embedding_loss = bool(layer_pairs) and settings.embedding_loss
-        self.config = pipeline_config(student.config, teacher.config.hidden_size, pp_size)
+        # The teacher's actual dtype (teacher.precision casts it after its build; fp8: bf16 activations).
+        teacher_dtype = next(teacher.parameters()).dtype
+        self.config = pipeline_config(student.config, teacher.config.hidden_size, pp_size, teacher_dtype)
         self.kd_impl = self._resolve_impl(settings.kd_impl)
         self._teacher_rows_cache = {}  # fused_linear at mismatched padding: the teacher's re-sliced weight
 
@@ -173,7 +180,8 @@ class DistillationModel(torch.nn.Module):
             self.teacher.set_input_tensor(None)
             return
         h_s = self.module.config.hidden_size
-        self.module.set_input_tensor(input_tensor[..., :h_s])  # keeps the graph to the received buffer
+        # A view, or a cast when the pipeline dtype is wider: either keeps the graph to the received buffer.
+        self.module.set_input_tensor(input_tensor[..., :h_s].to(self.module.config.params_dtype))
         # The teacher's actual dtype: a wrapper such as Float16Module may have cast it.
         teacher_dtype = next(self.teacher.parameters()).dtype
         self.teacher.set_input_tensor(input_tensor[..., h_s:].detach().to(teacher_dtype).contiguous())
@@ -192,7 +200,8 @@ class DistillationModel(torch.nn.Module):
             with hidden_only(self.module):
                 student_out = self.module(input_ids, position_ids, attention_mask, **kwargs)
         if not self.module.post_process:
-            return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)  # [s, b, h_s + h_t]
+            dtype = self.config.pipeline_dtype
+            return torch.cat([student_out.to(dtype), teacher_out.to(dtype)], dim=-1)  # [s, b, h_s + h_t]
         if labels is None:
             return student_out
         state_loss = self._state_loss(s_states, t_states) if self.layer_pairs else None

@@ -231,7 +231,20 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
         )
     for name, value in saved.items():  # every module shares this config object: the run's flags again
         setattr(config, name, value)
+    model = in_params_dtype(model)
     return model if init == "meta" else model.to(ctx.device)
+
+
+def in_params_dtype(model):
+    """Every parameter in `config.params_dtype`, as Megatron-LM's `get_model` leaves a bf16 or
+    fp16 model: its Float16Module casts the whole module, because Megatron's torch norms
+    (WrappedTorchNorm, the local spec's) are created in float32 whatever params_dtype says.
+    A mixed model runs, but Megatron's Float16OptimizerWithFloat16Params checkpoints only its
+    float16 groups ("Param id ... does not match any model sharded param"), and a layer moved
+    between pipeline stages would carry two dtypes. Casting here gives every command (train,
+    evaluate, prune, distill) the same dtypes as Megatron-LM, so their checkpoints agree."""
+    dtype = model.config.params_dtype
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def _meta_build_flags(cfg: ModelConfig) -> dict:

@@ -156,6 +156,10 @@ def _resume_or_start(job: TrainingJob, ctx: ParallelContext) -> LoopState:
     root = rd.checkpoint_root(job.save)
     if ckpt.latest_iteration(root) is None:
         job.start()
+        # A bf16/fp16 optimizer cloned float32 main params from the weights it was built with;
+        # `start` loaded others (load=, student.load=), which its first step would overwrite.
+        # Megatron-LM's load_checkpoint does the same when it loads no optimizer state.
+        job.optimizer.reload_model_params()
         return LoopState()
     job.check_resumable()
     loaded = ckpt.load_checkpoint(root, job.model, ctx, job.optimizer, job.scheduler)

@@ -5,8 +5,22 @@ from typing import List, Tuple
 from minitron_megatron.config.train import OptimConfig
 
 
+def wrap_float16(model):
+    """A bf16/fp16 GPTModel inside Megatron's Float16Module, as Megatron-LM's `get_model` wraps it
+    (float32 models unchanged): its forward hands the last stage's output up in float32."""
+    if not (model.config.bf16 or model.config.fp16):
+        return model
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module(model.config, model)
+
+
 def wrap_ddp(model, tconfig) -> "DistributedDataParallel":  # noqa: F821
-    """Megatron's DDP: contiguous fp32 grad buffers, all-reduced over DP after the last microbatch."""
+    """Megatron's DDP: contiguous fp32 grad buffers, all-reduced over DP after the last microbatch.
+
+    Mixed precision as in Megatron-LM: bf16/fp16 parameters accumulate their gradients into
+    float32 `main_grad` buffers (`grad_reduce_in_fp32`), and `build_optimizer` gives them
+    float32 main parameters and Adam state (Float16OptimizerWithFloat16Params)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
@@ -18,6 +32,12 @@ def wrap_ddp(model, tconfig) -> "DistributedDataParallel":  # noqa: F821
 def build_optimizer(model_chunks: List, optim: OptimConfig, tconfig, total_steps: int, *,
                     global_batch_size: int) -> Tuple:
     """(MegatronOptimizer, OptimizerParamScheduler) with warm-up then cosine decay.
+
+    With `tconfig.bf16` / `fp16`, Megatron's OptimizerConfig(bf16/fp16=True) selects
+    Float16OptimizerWithFloat16Params: float32 main copies of the model's parameters that
+    Adam updates (and that the checkpoint saves, so a resume is exact), then copied back
+    into the bf16 parameters. Loss scaling only for fp16 (Megatron's DynamicGradScaler);
+    bf16 has float32's exponent range and runs unscaled.
 
     The scheduler counts SAMPLES, as Megatron-LM's training loop does (it calls
     `step(increment=global_batch_size)`), so a Megatron-LM resume of our checkpoint runs

@@ -113,10 +113,10 @@ def build_model(run: RunInputs, cfg: CommonConfig, ctx: ParallelContext, init: s
 def trainable_model(run: RunInputs, cfg: CommonConfig, ctx: ParallelContext, optim: OptimConfig, steps: int,
                     global_batch_size: int):
     """(model, DDP-wrapped model, optimizer, LR scheduler)."""
-    from minitron_megatron.train.optimizer import build_optimizer, wrap_ddp
+    from minitron_megatron.train.optimizer import build_optimizer, wrap_ddp, wrap_float16
 
     model = build_model(run, cfg, ctx)
-    ddp = wrap_ddp(model, model.config)
+    ddp = wrap_ddp(wrap_float16(model), model.config)  # DDP(Float16Module(GPTModel)), as Megatron-LM's get_model
     optimizer, scheduler = build_optimizer([ddp], optim, model.config, steps, global_batch_size=global_batch_size)
     return model, ddp, optimizer, scheduler
 

@@ -1,9 +1,10 @@
 """BF16 trimming across pipeline stages (2 real gloo processes).
 
-With the local spec a bf16 model keeps its torch norms in float32 and its linears in bf16,
-so a layer moved between stages carries two dtypes. One launch: PP=1 (each rank a DP
-replica) trims and records the reference, then the same processes re-initialise at PP=2,
-load the same weights and trim with the same plan.
+A bf16 model is bf16 throughout, norms included (`build_gpt_model` casts it as Megatron-LM's
+Float16Module does; Megatron's torch norms are built float32), and a layer moved between
+stages travels in one buffer per dtype. One launch: PP=1 (each rank a DP replica) trims and
+records the reference, then the same processes re-initialise at PP=2, load the same weights
+and trim with the same plan.
 """
 
 from dataclasses import replace
@@ -94,15 +95,16 @@ def _worker(rank, world, out_dir):
 
 
 def test_bf16_trim_moves_layers_between_stages(tmp_path):
-    """Catches a moved layer's float32 norms and bf16 linears packed into one buffer (promoted
-    to float32, received as bf16, rejected or mis-split): PP=2 weights equal PP=1's exactly,
-    in each parameter's own dtype, and the logits agree within bf16 tolerance."""
+    """Catches a moved layer's tensors promoted, mis-split or rejected on the way (its norms and
+    linears once had two dtypes), or a trimmed bf16 model with float32 norms (which Megatron's
+    Float16Optimizer cannot checkpoint): PP=2 weights equal PP=1's exactly, all bf16, and the
+    logits agree within bf16 tolerance."""
     run_distributed(_worker, 2, str(tmp_path))
     stages = [torch.load(tmp_path / f"stage{s}.pt") for s in range(2)]
     ref_weights, ref_logits = stages[0]["ref_weights"], stages[0]["ref_logits"]
     weights = {**stages[0]["weights"], **stages[1]["weights"]}
     assert sorted(weights) == sorted(ref_weights)
-    assert {w.dtype for w in weights.values()} == {torch.bfloat16, torch.float32}  # the mixed-dtype case
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
     for name, w in weights.items():
         assert w.dtype == ref_weights[name].dtype and torch.equal(w, ref_weights[name]), name
     assert "decoder.layers.0.self_attention.linear_qkv.weight" in stages[0]["weights"]  # the moved layer
