@@ -22,11 +22,11 @@ def test_quick_recipe_end_to_end_claims_and_rerun_reuses(tmp_path):
     table that is not the last output before the JSON line, a missing report or plot, KD losing
     to either baseline, and a rerun that redoes finished stages instead of reusing them."""
     save = tmp_path / "recipe"
-    proc = run_command("run", "recipe=quick", f"save={save}", "device=cpu", timeout=900)
+    proc = run_command("run", "recipe=quick", f"save={save}", "device=cpu", timeout=1800)
     first = summary(proc)
     assert set(first) == MODELS | {"report"}
     lines = proc.stdout.strip().splitlines()
-    table = lines[-2 - len(MODELS):-1]  # header, separator, one row per model, then the JSON line
+    table = lines[-3 - len(MODELS):-1]  # header, separator, one row per model, then the JSON line
     assert table[0].startswith("| model |") and table[1].startswith("|---")
     assert [row.split("|")[1].strip() for row in table[2:]] == list(first)[:len(MODELS)]
     for name in MODELS:
