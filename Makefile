@@ -20,10 +20,11 @@ test: export MINITRON_CACHE ?= $(CURDIR)/.cache
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -ra --durations=15 tests
 
-# The whole recipe (teacher -> prune -> distil -> evaluate) into runs/recipe; finished
-# stages are reused, an unfinished one resumes.
+# The whole recipe (teacher -> search -> distil -> scratch and CE baselines -> report) into
+# runs/recipe; finished stages are reused, an unfinished one resumes. It ends with the table,
+# then the JSON summary line. ARGS adds overrides: make demo ARGS=recipe=quick
 demo: $(VENV)/.installed
-	$(PY) -m minitron_megatron.run
+	$(PY) -m minitron_megatron.run $(ARGS)
 
 clean:
 	rm -rf runs build *.egg-info

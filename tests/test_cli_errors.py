@@ -43,3 +43,14 @@ def test_missing_run_dir_for_evaluate(tmp_path):
 @pytest.mark.parametrize("bad", ["device=tpu", "train.global_batch_size=6"])
 def test_invalid_values(tmp_path, bad):
     _fails("train", *SMALL, bad, f"save={tmp_path / 'run'}", expect=bad.split("=")[0])
+
+
+def test_run_checks_search_and_baseline_settings_before_the_teacher(tmp_path):
+    """Catches `run` training a teacher for minutes before rejecting a setting that needs no
+    teacher: a target set by hand (the search sets it) and a from-scratch warm-up as long as
+    the baseline's training, reported together, exit 2, nothing written."""
+    proc = _fails("run", "recipe=quick", "device=cpu", "prune.target.hidden_size=64", "scratch.optim.warmup_steps=30",
+                  f"save={tmp_path / 'recipe'}", expect="unset prune.target.hidden_size")
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1
+    assert "scratch.optim.warmup_steps=30 must be below distill.steps=30" in proc.stderr
+    assert not (tmp_path / "recipe").exists()

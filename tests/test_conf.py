@@ -49,9 +49,21 @@ def test_data_presets_compose(data):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipes_compose(recipe):
+def test_recipes_compose_and_search_several_candidates(recipe):
+    """Catches a recipe whose search space has no (or a single) candidate on its teacher: the
+    search would fail after the teacher's training, or rank nothing."""
+    from dataclasses import replace
+
+    from minitron_megatron.model import padded_vocab_size
+    from minitron_megatron.search.plan import plan_candidates
+
     cfg = OmegaConf.to_object(_compose("run", [f"recipe={recipe}"]))
-    assert cfg.prune.target.param_budget == 0.5 and cfg.save
+    assert cfg.search.param_budget == 0.5 and cfg.save
+    model = replace(cfg.model, vocab_size=cfg.data.stdlib_vocab_size).resolved()
+    padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, 1)
+    params = parameter_count(model, padded)
+    found = plan_candidates(model, model, params, int(cfg.search.param_budget * params), cfg.search, padded, 1, 1)
+    assert len(found) >= 2 and len({c.arch["num_layers"] for c in found}) == 2  # width-only and depth-pruned
 
 
 def test_unknown_key_is_rejected():

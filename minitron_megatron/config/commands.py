@@ -14,7 +14,7 @@ from minitron_megatron.config.distill import DistillConfig, ModelSource
 from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.config.prune import PruneConfig
 from minitron_megatron.config.search import SearchConfig
-from minitron_megatron.config.train import TrainConfig
+from minitron_megatron.config.train import OptimConfig, TrainConfig
 
 
 @dataclass
@@ -76,17 +76,38 @@ class DistillCommand(CommonConfig):
 
 
 @dataclass
-class RunCommand(CommonConfig):
-    """The whole recipe: train (or reuse) a teacher -> prune -> distil -> evaluate.
+class ScratchConfig:
+    """The from-scratch baseline of `run`: the winner's architecture from random weights."""
 
-    `save` is the recipe's directory; it receives teacher/, pruned/ and student/ run
-    dirs. A stage whose run dir is complete is reused, so reruns are cheap.
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Its optimizer and LR schedule (default: pretraining's, which trained the teacher from
+    random weights: a fresh model wants a higher LR than a retrained one). Its loop (steps,
+    batch sizes, evaluations) is `distill.*`'s, so it sees the same tokens as the student."""
+
+
+@dataclass
+class RunCommand(CommonConfig):
+    """The whole recipe with its evidence: train (or reuse) a teacher -> architecture search
+    (importance once, short distillation per candidate) -> full distillation of the winner ->
+    the winner's architecture from scratch and its pruned weights retrained with plain CE,
+    both on the student's tokens -> table and report.md.
+
+    `save` is the recipe's directory; it receives the run dirs teacher/, search/, student/,
+    scratch/ and ce/, then report.md and its plots. A stage whose run dir is complete is
+    reused, an unfinished one resumes.
     """
 
     train: TrainConfig = field(default_factory=TrainConfig)
     """The teacher's pretraining."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """The architecture search (`search.param_budget`, `search.space`, `search.steps` per candidate)."""
     prune: PruneConfig = field(default_factory=PruneConfig)
+    """Importance and trim settings of the search (`prune.importance.*`, `prune.method`, ...);
+    the search sets `prune.target` per candidate."""
     distill: DistillConfig = field(default_factory=DistillConfig)
+    """The winner's full distillation; its loop keys (steps, batches, evaluations, optim) are
+    also the CE retraining's, and the candidates' (with `search.steps`)."""
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """The final comparison: every model scored on the same validation samples."""
 

@@ -37,7 +37,9 @@ class Teacher:
     params: int
 
 
-def _setting_problems(cfg: SearchCommand, ctx: ParallelContext) -> List[str]:
+def setting_problems(cfg: SearchCommand, ctx: ParallelContext) -> List[str]:
+    """Every problem of the settings alone (no teacher needed): `run` checks them before it
+    trains the teacher."""
     from minitron_megatron.distill.setup import settings_problems
 
     s, problems = cfg.search, []
@@ -92,7 +94,7 @@ def check_search(cfg: SearchCommand, ctx: ParallelContext):
     before any data, model or file."""
     if not cfg.load:
         raise ConfigError("load is required: the teacher's run directory, e.g. load=runs/teacher")
-    problems = _setting_problems(cfg, ctx)
+    problems = setting_problems(cfg, ctx)
     try:
         teacher = _teacher(cfg, ctx)
     except ConfigError as err:
