@@ -191,5 +191,6 @@ def _write_run_dir(plan: ImportPlan, model, ctx: ParallelContext) -> None:
     ctx.barrier()
     args = checkpoint_args(plan.model_cfg, plan.padded_vocab, ctx.tp_size, ctx.pp_size, iteration=CHECKPOINT_ITERATION,
                            tokenizer_path=str(run_dir / rd.TOKENIZER))  # for Megatron-LM's loader
-    ckpt.save_checkpoint(rd.checkpoint_root(run_dir), CHECKPOINT_ITERATION, model, ctx, args=args,
+    # The model is not used after this save: let it free each weight it has copied.
+    ckpt.save_checkpoint(rd.checkpoint_root(run_dir), CHECKPOINT_ITERATION, model, ctx, args=args, release_model=True,
                          extra={"convert": {"from_hf": str(plan.hf_dir), "architecture": plan.family.architecture}})
