@@ -79,7 +79,9 @@ def _worker(rank, world, root):
     for name in CHECKED_ARGS:
         if name in emitted:  # check_checkpoint_args' comparisons, with the arguments we tell users to pass
             assert str(getattr(saved, name)) == str(emitted[name]), (name, getattr(saved, name), emitted[name])
-    assert not saved.add_position_embedding and "position_embedding_type" in emitted
+    # Megatron-LM's own rope runs save add_position_embedding=True (the flag's default), and
+    # check_checkpoint_args asserts it equals the command line's on every resume.
+    assert saved.add_position_embedding and "position_embedding_type" in emitted
     assert saved.consumed_train_samples == 8 and saved.tensor_model_parallel_size == 1
     assert _megatron_lm_padded_vocab(cfg.vocab_size, int(emitted["make_vocab_size_divisible_by"]), 1) == padded
     assert emitted["tokenizer_type"] == "GPTSentencePieceTokenizer"  # adds no tokens: same padded vocab

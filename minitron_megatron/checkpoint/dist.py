@@ -80,11 +80,13 @@ def _rng_state(ctx: ParallelContext):
 
 
 def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer=None, scheduler=None,
-                    extra: Optional[dict] = None, keep_last: int = 1, args=None) -> Path:
+                    extra: Optional[dict] = None, keep_last: int = 1, args=None,
+                    release_model: bool = False) -> Path:
     """Collectively save; the tracker file is the commit point, written after every rank is done.
 
     `args`: Megatron-LM's argument namespace (`checkpoint.megatron_lm.checkpoint_args`), saved
     under "args" so Megatron-LM's `load_checkpoint` checks and resumes from our checkpoints.
+    `release_model`: the caller is done with `model` (an import): see `_copy_views_releasing`.
     """
     from megatron.core import dist_checkpointing
 
@@ -95,6 +97,8 @@ def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer
         tmp.mkdir(parents=True)
     ctx.barrier()
     state = {"model": model.sharded_state_dict(), "iteration": iteration, "checkpoint_version": 3.0}
+    if release_model:
+        _copy_views_releasing(state["model"], model)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"])
         state["opt_param_scheduler"] = scheduler.state_dict()
@@ -114,6 +118,34 @@ def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer
         _prune_old(root, keep=keep_last)
     ctx.barrier()
     return final
+
+
+def _copy_views_releasing(sharded: dict, model) -> None:
+    """Copy, one parameter at a time, the shards dist_checkpointing would copy all at once, and
+    free each parameter as soon as its copies exist.
+
+    Megatron's writer (FileSystemWriterAsync._clone_if_needed) clones every CPU tensor that is a
+    view of a larger storage before writing any file; the GLU fc1 factory splits each [gate; up]
+    weight into two such views, so a save held the model plus a second copy of every fc1 (0.2x
+    of a Llama checkpoint per rank at TP=2). Applying the factories here and cloning the views
+    storage by storage, releasing each parameter after, bounds the extra to one fc1 weight.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(sharded)
+    views = {}  # storage pointer -> the ShardedTensors that view part of it
+    for sh in nested_values(sharded):
+        if isinstance(sh, ShardedTensor) and sh.data is not None and sh.data.device.type == "cpu":
+            storage = sh.data.untyped_storage()
+            if storage.nbytes() != sh.data.numel() * sh.data.element_size():
+                views.setdefault(storage.data_ptr(), []).append(sh)
+    params = {p.untyped_storage().data_ptr(): p for p in model.parameters()}
+    for ptr, shards in views.items():
+        for sh in shards:
+            sh.data = sh.data.detach().clone()
+        if ptr in params:  # nothing else needs the full weight: the model is not used again
+            params[ptr].data = torch.empty(0, dtype=params[ptr].dtype)
 
 
 def _prune_old(root: Path, keep: int) -> None:

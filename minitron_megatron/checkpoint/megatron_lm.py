@@ -12,7 +12,7 @@
 
 from argparse import Namespace
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from minitron_megatron.checkpoint.dist import TRACKER
 from minitron_megatron.config.model import ModelConfig
@@ -25,26 +25,39 @@ def is_megatron_lm_dir(path) -> bool:
 
 
 def checkpoint_args(cfg: ModelConfig, padded_vocab: int, tp: int, pp: int, *, global_batch_size: int = 0,
-                    consumed_train_samples: int = 0, iteration: int = 0) -> Namespace:
+                    consumed_train_samples: int = 0, iteration: int = 0,
+                    tokenizer_path: Optional[str] = None) -> Namespace:
     """The `args` namespace Megatron-LM saves in every checkpoint and reads back on load:
     `check_checkpoint_args` compares the model sizes with the command line, `--use-checkpoint-args`
     takes the model settings from it, and a resume reads `consumed_train_samples` from it
-    (megatron/training/checkpointing.py at core_v0.16.1). Names are Megatron-LM's flags'."""
+    (megatron/training/checkpointing.py at core_v0.16.1). Names are the `dest`s of Megatron-LM's
+    parser (`--norm-epsilon` -> layernorm_epsilon, `--apply-layernorm-1p` ->
+    layernorm_zero_centered_gamma: both generated from TransformerConfig's fields), plus
+    `apply_layernorm_1p`, the older name `load_args_from_checkpoint` still reads.
+
+    Megatron-LM's `--use-checkpoint-args` (core_v0.16.1) does not restore layernorm_epsilon,
+    layernorm_zero_centered_gamma, use_rope_scaling or rope_scaling_factor: they are here for
+    completeness, and `pretrain_gpt_args` always passes them on the command line."""
     cfg = cfg.resolved()
-    rope = cfg.position_embedding_type == "rope"
     return Namespace(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
         group_query_attention=cfg.num_query_groups != cfg.num_attention_heads, kv_channels=cfg.kv_channels,
         seq_length=cfg.seq_length, max_position_embeddings=cfg.seq_length,
-        position_embedding_type=cfg.position_embedding_type, add_position_embedding=not rope,
-        use_rotary_position_embeddings=rope, rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent,
-        rotary_interleaved=False, normalization=cfg.normalization, norm_epsilon=cfg.layernorm_epsilon,
+        # As Megatron-LM saves them for --position-embedding-type rope: add_position_embedding keeps
+        # its default True (check_checkpoint_args compares it with the command line's) and the
+        # deprecated --use-rotary-position-embeddings stays False.
+        position_embedding_type=cfg.position_embedding_type, add_position_embedding=True,
+        use_rotary_position_embeddings=False, rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent,
+        rotary_interleaved=False, use_rope_scaling=cfg.rope_scaling, rope_scaling_factor=cfg.rope_scaling_factor,
+        normalization=cfg.normalization, layernorm_epsilon=cfg.layernorm_epsilon,
+        layernorm_zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
+        apply_layernorm_1p=cfg.layernorm_zero_centered_gamma,
         swiglu=cfg.gated_linear_unit and cfg.activation == "silu",
         squared_relu=not cfg.gated_linear_unit and cfg.activation == "squared_relu",
         untie_embeddings_and_output_weights=not cfg.share_embeddings_and_output_weights,
         add_bias_linear=cfg.add_bias_linear, add_qkv_bias=cfg.add_qkv_bias or cfg.add_bias_linear,
-        tokenizer_type=TOKENIZER_TYPE, vocab_size=cfg.vocab_size, padded_vocab_size=padded_vocab,
+        tokenizer_type=tokenizer_type(tokenizer_path), vocab_size=cfg.vocab_size, padded_vocab_size=padded_vocab,
         make_vocab_size_divisible_by=padded_vocab // tp,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=None, data_parallel_random_init=False,
@@ -58,18 +71,52 @@ def checkpoint_args(cfg: ModelConfig, padded_vocab: int, tp: int, pp: int, *, gl
 TOKENIZER_TYPE = "GPTSentencePieceTokenizer"
 """Megatron-LM's tokenizer type for our sentencepiece models: it adds no special tokens, so
 its padded vocabulary is ours (`SentencePieceTokenizer` adds 5 and pads to another size)."""
+HF_TOKENIZER_TYPE = "HuggingFaceTokenizer"
+"""For Hugging Face tokenizers (imported runs): Megatron-LM's vocab_size is len(tokenizer), as
+ours, and its `--tokenizer-model` is a directory AutoTokenizer.from_pretrained reads."""
 
 
-def pretrain_gpt_args(cfg: ModelConfig, padded_vocab: int, run_dir, tp: int = 1) -> List[str]:
+GPT_BUILDER_ROPE_FACTOR = 8.0
+"""GPTModel's default rope_scaling_factor: the one pretrain_gpt.py's builder always gets."""
+
+
+def is_hf_tokenizer(path: Optional[str]) -> bool:
+    """A run dir's tokenizer.model holding a HF tokenizer (JSON bundle or tokenizer.json), not a
+    sentencepiece model (sniffed as data/tokenizer.py does: the name is the same for both)."""
+    if not path or not Path(path).is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(1) == b"{"
+
+
+def tokenizer_type(tokenizer_path: Optional[str]) -> str:
+    return HF_TOKENIZER_TYPE if is_hf_tokenizer(tokenizer_path) else TOKENIZER_TYPE
+
+
+def pretrain_gpt_args(cfg: ModelConfig, padded_vocab: int, run_dir, tp: int = 1,
+                      hf_tokenizer_dir: Optional[str] = None) -> List[str]:
     """Model, tokenizer and load arguments for `pretrain_gpt.py` (add data, batch, LR, parallel sizes).
 
     `--make-vocab-size-divisible-by` is chosen so that Megatron-LM's padding at `tp`
-    (a multiple of divisible_by x tp) lands exactly on our padded vocab.
+    (a multiple of divisible_by x tp) lands exactly on our padded vocab. A run dir with a HF
+    tokenizer needs `hf_tokenizer_dir`: a directory with its tokenizer.json (the HF directory it
+    was imported from or exported to, or `data.tokenizer.write_hf_tokenizer(RUN/tokenizer.model, DIR)`).
+    Every architectural flag is passed, also those `--use-checkpoint-args` would restore.
     """
     cfg = cfg.resolved()
     run_dir = Path(run_dir)
     if padded_vocab % tp:
         raise ValueError(f"tensor parallel size {tp} does not divide the padded vocab {padded_vocab}")
+    if cfg.rope_scaling and cfg.rope_scaling_factor != GPT_BUILDER_ROPE_FACTOR:
+        raise ValueError(f"model.rope_scaling_factor={cfg.rope_scaling_factor}: pretrain_gpt.py (core_v0.16.1 "
+                         "gpt_builders.py) never passes --rope-scaling-factor to GPTModel, whose factor stays "
+                         f"{GPT_BUILDER_ROPE_FACTOR}; only that factor loads correctly there")
+    tokenizer = str(run_dir / "tokenizer.model")
+    if is_hf_tokenizer(tokenizer):
+        if not hf_tokenizer_dir:
+            raise ValueError(f"{tokenizer} is a Hugging Face tokenizer: Megatron-LM's HuggingFaceTokenizer reads a "
+                             "directory; pass hf_tokenizer_dir (one holding its tokenizer.json)")
+        tokenizer = str(hf_tokenizer_dir)
     args = [
         "--load", str(run_dir / "checkpoint"), "--ckpt-format", "torch_dist", "--finetune",
         "--num-layers", cfg.num_layers, "--hidden-size", cfg.hidden_size,
@@ -80,13 +127,17 @@ def pretrain_gpt_args(cfg: ModelConfig, padded_vocab: int, run_dir, tp: int = 1)
         "--position-embedding-type", cfg.position_embedding_type,
         "--init-method-std", cfg.init_method_std,
         "--hidden-dropout", cfg.hidden_dropout, "--attention-dropout", cfg.attention_dropout,
-        "--tokenizer-type", TOKENIZER_TYPE, "--tokenizer-model", str(run_dir / "tokenizer.model"),
+        "--tokenizer-type", tokenizer_type(str(run_dir / "tokenizer.model")), "--tokenizer-model", tokenizer,
         "--make-vocab-size-divisible-by", padded_vocab // tp,
     ]
     if cfg.num_query_groups != cfg.num_attention_heads:
         args += ["--group-query-attention", "--num-query-groups", cfg.num_query_groups]
     if cfg.position_embedding_type == "rope":
         args += ["--rotary-base", cfg.rotary_base, "--rotary-percent", cfg.rotary_percent]
+        if cfg.rope_scaling:  # llama3 scaling; Megatron-LM fixes the low/high factors and 8192 as we do
+            args += ["--use-rope-scaling", "--rope-scaling-factor", cfg.rope_scaling_factor]
+    if cfg.layernorm_zero_centered_gamma:
+        args.append("--apply-layernorm-1p")
     args += _activation_args(cfg)
     if not cfg.share_embeddings_and_output_weights:
         args.append("--untie-embeddings-and-output-weights")

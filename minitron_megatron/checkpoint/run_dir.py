@@ -6,6 +6,7 @@ RUN/
   tokenizer.model   copy of the sentencepiece model the run used
   checkpoint/       Megatron-LM layout: latest_checkpointed_iteration.txt + iter_XXXXXXX/
   summary.json      written last: its presence marks the run as complete
+  hf_config.json    only in runs derived from a HF import: the original config.json
 ```
 Every file is written to a temporary name and renamed into place, so a crash
 leaves either the old state or the new one, never something that looks complete.
@@ -29,6 +30,10 @@ MODEL_YAML = "model.yaml"
 SUMMARY_JSON = "summary.json"
 TOKENIZER = "tokenizer.model"
 CHECKPOINT = "checkpoint"
+HF_CONFIG = "hf_config.json"
+"""The imported model's config.json (convert from_hf). Export keeps what the architecture does
+not say (architecture name, max_position_embeddings, sliding window, extra keys), so every run
+derived from an import (prune, distill, train load=) carries it over."""
 
 
 def atomic_write_text(path, text: str, fault: Optional[str] = None) -> None:
@@ -48,10 +53,14 @@ def atomic_write_text(path, text: str, fault: Optional[str] = None) -> None:
     os.replace(tmp, path)
 
 
-def write_model_yaml(run_dir, cfg: ModelConfig, padded_vocab_size: int, tokenizer_path: Optional[str]) -> None:
-    """Write model.yaml (and copy the tokenizer) so the run dir rebuilds the model alone."""
+def write_model_yaml(run_dir, cfg: ModelConfig, padded_vocab_size: int, tokenizer_path: Optional[str],
+                     origin: Optional[str] = None) -> None:
+    """Write model.yaml (and copy the tokenizer) so the run dir rebuilds the model alone; `origin`
+    is the run dir this one derives from, whose hf_config.json (if any) carries over."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if origin and (Path(origin) / HF_CONFIG).is_file() and Path(origin).resolve() != run_dir.resolve():
+        atomic_write_text(run_dir / HF_CONFIG, (Path(origin) / HF_CONFIG).read_text())
     body = {"model": asdict(cfg.resolved()), "padded_vocab_size": int(padded_vocab_size), "tokenizer": None}
     if tokenizer_path:
         target = run_dir / TOKENIZER

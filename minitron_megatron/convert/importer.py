@@ -15,6 +15,7 @@ from typing import Dict, List, Tuple
 
 from minitron_megatron.checkpoint import dist as ckpt
 from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.checkpoint.megatron_lm import checkpoint_args
 from minitron_megatron.config.convert import ConvertConfig
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.parallel import ParallelConfig
@@ -26,7 +27,7 @@ from minitron_megatron.errors import ConfigError
 from minitron_megatron.model import padded_vocab_size, validate_model
 from minitron_megatron.runtime.context import ParallelContext
 
-HF_CONFIG = "hf_config.json"
+HF_CONFIG = rd.HF_CONFIG
 """The imported config.json, kept in the run dir: export reuses its non-architectural keys."""
 CHECKPOINT_ITERATION = 1
 """Megatron-LM refuses a tracker file that says 0."""
@@ -188,5 +189,8 @@ def _write_run_dir(plan: ImportPlan, model, ctx: ParallelContext) -> None:
         rd.atomic_write_text(run_dir / HF_CONFIG, json.dumps(plan.hf_config, indent=2) + "\n")
         rd.write_model_yaml(run_dir, plan.model_cfg, plan.padded_vocab, str(tokenizer))
     ctx.barrier()
-    ckpt.save_checkpoint(rd.checkpoint_root(run_dir), CHECKPOINT_ITERATION, model, ctx,
+    args = checkpoint_args(plan.model_cfg, plan.padded_vocab, ctx.tp_size, ctx.pp_size, iteration=CHECKPOINT_ITERATION,
+                           tokenizer_path=str(run_dir / rd.TOKENIZER))  # for Megatron-LM's loader
+    # The model is not used after this save: let it free each weight it has copied.
+    ckpt.save_checkpoint(rd.checkpoint_root(run_dir), CHECKPOINT_ITERATION, model, ctx, args=args, release_model=True,
                          extra={"convert": {"from_hf": str(plan.hf_dir), "architecture": plan.family.architecture}})

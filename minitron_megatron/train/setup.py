@@ -129,4 +129,4 @@ def megatron_lm_args(run: RunInputs, t: TrainConfig, ctx: ParallelContext, consu
     """The Megatron-LM `args` namespace of a training checkpoint at this step."""
     return checkpoint_args(run.model_cfg, run.padded_vocab, ctx.tp_size, ctx.pp_size,
                            global_batch_size=t.global_batch_size, consumed_train_samples=consumed_samples,
-                           iteration=step)
+                           iteration=step, tokenizer_path=run.tokenizer_path)

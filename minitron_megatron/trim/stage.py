@@ -169,5 +169,5 @@ def trim_model(model, run, cfg: CommonConfig, prune: PruneConfig, ctx: ParallelC
         summary.update(val_loss=val["val_loss"], ppl=val["ppl"], eval_seconds=round(time.time() - eval_start, 2))
     summary.update(extra_summary or {})
     summary["seconds"] = clock.elapsed()
-    save_trimmed(cfg.save, result, plan, run.padded_vocab, run.tokenizer_path, ctx, summary)
+    save_trimmed(cfg.save, result, plan, run.padded_vocab, run.tokenizer_path, ctx, summary, origin=cfg.load)
     return summary

@@ -36,8 +36,10 @@ def family_configs():
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
               "original_max_position_embeddings": 8192}
     return {
-        # Llama-3.1: llama3 RoPE scaling; head_dim 24 != 64 / 4 (explicit kv_channels).
-        "llama": LlamaConfig(**_base(head_dim=24, rope_theta=10000.0, rope_scaling=llama3, rms_norm_eps=1e-5,
+        # Llama-3.1: llama3 RoPE scaling; head_dim 16 != 64 / 8 (explicit kv_channels); 4 query
+        # groups, so a TP=2 prune can keep fewer of them (tests/convert/test_recipe.py).
+        "llama": LlamaConfig(**_base(num_attention_heads=8, num_key_value_heads=4, head_dim=16,
+                                     rope_theta=10000.0, rope_scaling=llama3, rms_norm_eps=1e-5,
                                      max_position_embeddings=131072)),
         # Mistral: a sliding window no sequence of max_position_embeddings tokens reaches.
         "mistral": MistralConfig(**_base(sliding_window=4096, max_position_embeddings=4096, rope_theta=10000.0)),

@@ -142,3 +142,66 @@ def convert_everything(rank, world, root, families):
                 ConvertCommand(load=str(root / "pruned"), to_hf=str(root / "out-pruned"), parallel=parallel), ctx)
     if rank == 0:
         (root / "summaries.json").write_text(json.dumps(summaries, indent=1))
+
+
+RECIPE_TARGET = dict(hidden_size=48, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2)
+"""The TP=2 prune of the tiny Llama (hidden 64, 8 heads in 4 groups, head_dim 16, ffn 96): half
+the heads and groups, so head_dim 16 != 48 / 4 and each rank keeps one group of two heads."""
+
+
+def _recipe_data(run_dir: Path, root: Path, ctx) -> dict:
+    """data=custom over the test corpus, tokenized (on rank 0) with the imported run dir's own
+    HF tokenizer, as a user would with the preprocess command."""
+    from minitron_megatron.config.data import DataConfig
+    from minitron_megatron.data.preprocess import preprocess
+    from tests.convert.hf_models import CORPUS
+
+    tokenizer, prefix = str(run_dir / "tokenizer.model"), str(root / "corpus_text_document")
+    if ctx.is_main:
+        docs = root / "corpus.jsonl"
+        docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS))
+        preprocess([str(docs)], tokenizer, prefix)
+    dist.barrier()
+    return DataConfig(name="custom", train_prefixes=[prefix], valid_prefixes=[prefix], tokenizer_model=tokenizer,
+                      cache_dir=str(root / "cache"))
+
+
+def recipe_on_imported(rank, world, root, hf_dir):
+    """The user's recipe on an imported HF Llama, at TP=2, through the commands' stages:
+    convert from_hf -> prune (importance + trim) -> distill from the imported teacher ->
+    convert to_hf of the pruned and of the distilled run dir; writes both run dirs' logits."""
+    from minitron_megatron.config.commands import ConvertCommand, DistillCommand, EvaluateConfig, PruneCommand
+    from minitron_megatron.config.convert import ConvertConfig
+    from minitron_megatron.config.distill import DistillConfig, ModelSource
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.config.prune import ImportanceConfig, PruneConfig, TrimTarget
+    from minitron_megatron.config.train import OptimConfig
+    from minitron_megatron.convert import convert
+    from minitron_megatron.distill.loop import distill
+    from minitron_megatron.recipes.prune import prune
+    from minitron_megatron.runtime import init_runtime
+
+    root = Path(root)
+    ctx = init_runtime(tp=2, pp=1, device="cpu", seed=3)
+    parallel, evaluate = ParallelConfig(tp=2), EvaluateConfig(samples=4, micro_batch_size=2)
+    summaries = {"import": convert(ConvertCommand(from_hf=hf_dir, save=str(root / "teacher"), parallel=parallel,
+                                                  convert=ConvertConfig(seq_length=64)), ctx)}
+    data = _recipe_data(root / "teacher", root, ctx)
+    icfg = ImportanceConfig(calibration_samples=8, micro_batch_size=2)
+    summaries["prune"] = prune(PruneCommand(
+        load=str(root / "teacher"), save=str(root / "pruned"), data=data, parallel=parallel, device="cpu",
+        evaluate=evaluate, prune=PruneConfig(target=TrimTarget(**RECIPE_TARGET), importance=icfg)), ctx)
+    steps = DistillConfig(steps=4, micro_batch_size=2, global_batch_size=2, eval_interval=2, eval_samples=4,
+                          save_interval=4, log_interval=1, tensorboard=False,
+                          optim=OptimConfig(lr=3e-3, min_lr=3e-3, warmup_steps=0))
+    summaries["distill"] = distill(DistillCommand(
+        teacher=ModelSource(load=str(root / "teacher")), student=ModelSource(load=str(root / "pruned")),
+        save=str(root / "student"), data=data, parallel=parallel, device="cpu", distill=steps,
+        evaluate=evaluate), ctx)
+    tokens = torch.load(root / "tokens.pt")
+    for run in ("pruned", "student"):
+        summaries[f"export {run}"] = convert(ConvertCommand(load=str(root / run), to_hf=str(root / f"hf-{run}"),
+                                                            parallel=parallel), ctx)
+        _save_if_writer(ctx, run_dir_logits(root / run, ctx, tokens), root / f"logits-{run}.pt")
+    if rank == 0:
+        (root / "summaries.json").write_text(json.dumps(summaries, indent=1))
