@@ -6,7 +6,11 @@ score tensors in GLOBAL order (as at TP=1/PP=1), larger = more important:
   attn.head            [num_layers, num_attention_heads]
   attn.group           [num_layers, num_query_groups]
   mlp.neuron           [num_layers, ffn_hidden_size]
-  hidden.channel       [hidden_size]            summed over every norm output
+  hidden.channel       [hidden_size]            the norms/combination of hidden_norms/hidden_combine
+  hidden.channel_by_norm [2L+1, hidden_size]    per norm output: rows 2i layer i input norm,
+                                                2i+1 its pre-MLP norm, 2L the final norm
+  hidden.norm_moments  [2L+1, 2, hidden_size]   mean over tokens of z and z^2 (z: the norm's
+                                                normalised input), for prune.norm_rescale
   depth.block_importance [num_layers]           1 - mean cos(layer input, output)
   depth.loss_drop      [num_layers]             val loss with layer i skipped minus baseline
   depth.contiguous     [num_layers - k + 1]     val loss increase removing layers i..i+k-1
@@ -38,6 +42,14 @@ class ImportanceConfig:
     (`PruneConfig.importance`) is None: what the target needs (see `recipes/prune.py`); a
     list set by the user is computed as given. This dataclass's own default (every metric)
     is what a library caller of `estimate_importance` gets."""
+    hidden_norms: str = "all"
+    """Which norm outputs score hidden channels: all (every norm, final included), layers (the
+    2 x num_layers per-layer norms), input or pre_mlp (one kind of per-layer norm). Every
+    norm's scores are stored (hidden.channel_by_norm), so `prune.stage=trim prune.scores=DIR`
+    applies this setting without a new calibration pass."""
+    hidden_combine: str = "sum"
+    """How the chosen norms' score vectors combine: sum, or normalized (each divided by its own
+    sum first, so no norm dominates by scale)."""
     depth_samples: int = 64
     """Validation samples for the loss-based depth metrics."""
     contiguous_k: int = 2
@@ -67,6 +79,11 @@ class PruneConfig:
     """importance, random or magnitude (the latter two are ablation baselines)."""
     depth_metric: str = "block_importance"
     """block_importance, loss_drop or contiguous: ranks layers when num_layers is cut."""
+    norm_rescale: str = "none"
+    """none or calibrated (true/false also accepted): when hidden channels are cut, multiply each
+    kept norm weight by the calibration estimate of rms_kept / rms_full (LayerNorm: the std
+    ratio, plus a bias shift for the mean), so that the norm's statistic over fewer channels
+    does not rescale its output. See trim/hidden.py."""
     residual_heads: bool = False
     """Fold pruned query heads into kept ones (the paper's head_i + (head_i - head_2K-i+1))."""
     scores: Optional[str] = None

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.importance.aggregation import WidthStat, head_token_norms, seq_finish, seq_moments
-from minitron_megatron.model.probes import HEAD_SITE, NEURON_SITE, ModelProbes
+from minitron_megatron.model.probes import HEAD_SITE, NEURON_SITE, ModelProbes, normalized_input
 from minitron_megatron.runtime.context import ParallelContext
 
 
@@ -35,6 +35,12 @@ class ImportanceCollector:
         self.neurons: Dict[int, WidthStat] = {i: WidthStat(probes.ffn_local, device) for i in layers}
         self.channels: Dict[str, WidthStat] = {n.name: WidthStat(probes.hidden_size, device)
                                                for n in probes.all_norms()}
+        # Per norm, for the norm rescale (trim/hidden.py): [2, h] sums over tokens of z and z^2,
+        # z = the normalised norm input, and the token count (this rank's tokens).
+        self.moments: Dict[str, torch.Tensor] = {n.name: torch.zeros(2, probes.hidden_size, dtype=torch.float64,
+                                                                     device=device) for n in probes.all_norms()}
+        self.moment_tokens: Dict[str, torch.Tensor] = {n.name: torch.zeros(1, dtype=torch.float64, device=device)
+                                                       for n in probes.all_norms()}
         # [2] per layer: sum over tokens of cos(input, output), token count
         self.block: Dict[int, torch.Tensor] = {i: torch.zeros(2, dtype=torch.float64, device=device) for i in layers}
         self.samples = torch.zeros(1, dtype=torch.float64, device=device)
@@ -65,6 +71,15 @@ class ImportanceCollector:
 
         return hook
 
+    def _on_norm_input(self, name: str):
+        def hook(x: torch.Tensor) -> None:  # [s(/tp with SP), b, h]
+            z = normalized_input(x.detach(), self.probes.normalization, self.probes.layernorm_epsilon)
+            z = z.reshape(-1, z.shape[-1]).to(torch.float64)  # [tokens, h]
+            self.moments[name] += torch.stack([z.sum(0), z.square().sum(0)])
+            self.moment_tokens[name] += z.shape[0]
+
+        return hook
+
     def _on_layer_io(self, layer: int):
         def hook(x_in: torch.Tensor, x_out: torch.Tensor) -> None:  # both [s(/tp with SP), b, h]
             # Row by row over tokens: a [s, b] vector of cosines, never a tokens x tokens matrix.
@@ -80,10 +95,12 @@ class ImportanceCollector:
             self._handles.append(p.attention_output.register(self._on_attention(p.layer_index)))
             self._handles.append(p.mlp_intermediate.register(self._on_mlp(p.layer_index)))
             self._handles += [n.register(self._on_norm(n.name)) for n in p.norms]
+            self._handles += [n.register_input(self._on_norm_input(n.name)) for n in p.norms]
             if self.block_importance:
                 self._handles.append(p.register_io(self._on_layer_io(p.layer_index)))
         if self.probes.final_norm is not None:
-            self._handles.append(self.probes.final_norm.register(self._on_norm(self.probes.final_norm.name)))
+            final = self.probes.final_norm
+            self._handles += [final.register(self._on_norm(final.name)), final.register_input(self._on_norm_input(final.name))]
         return self
 
     def __exit__(self, *exc) -> None:

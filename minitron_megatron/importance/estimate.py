@@ -23,6 +23,7 @@ from minitron_megatron.importance.depth import loss_depth_scores, perplexity
 from minitron_megatron.importance.reduce import broadcast_scores, group_scores, reduce_statistics
 from minitron_megatron.model.probes import find_probes
 from minitron_megatron.runtime.context import ParallelContext
+from minitron_megatron.trim.hidden import BY_NORM_KEY, combine_hidden, norm_names, validate_hidden
 
 LOSS_METRICS = ("loss_drop", "contiguous")
 FORMAT_VERSION = 1
@@ -45,6 +46,7 @@ def validate_importance(cfg: ImportanceConfig, num_layers: int) -> None:
     unknown = [m for m in cfg.depth_metrics if m not in DEPTH_METRICS]
     if unknown:
         problems.append(f"prune.importance.depth_metrics has {unknown}; allowed: {list(DEPTH_METRICS)}")
+    problems += validate_hidden(cfg.hidden_norms, cfg.hidden_combine, "none")
     if cfg.micro_batch_size < 1:
         problems.append(f"prune.importance.micro_batch_size={cfg.micro_batch_size} must be >= 1")
     if "contiguous" in cfg.depth_metrics and not 1 <= cfg.contiguous_k <= num_layers:
@@ -103,6 +105,8 @@ def _width_scores(model_chunks, probes, cfg: ImportanceConfig, ctx, batches, seq
     collector.check_every_site_ran(len(batches))
     scores = reduce_statistics(collector, cfg.batch_agg, ctx)
     scores["attn.group"] = group_scores(scores["attn.head"], probes.num_query_groups)
+    # The default combination; the trimmer recombines the per-norm rows if asked to.
+    scores["hidden.channel"] = combine_hidden(scores[BY_NORM_KEY], cfg.hidden_norms, cfg.hidden_combine)
     return scores
 
 
@@ -156,6 +160,11 @@ def importance_meta(scores: Dict[str, torch.Tensor], cfg: ImportanceConfig, mode
                         "micro_batch_size": cfg.micro_batch_size, "loss_mask": "ignored: every position counts"},
         "parallel": {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size},
         "group_score": "sum of the group's query-head scores",
+        "hidden": {"norms": norm_names(model_cfg.num_layers), "hidden_norms": cfg.hidden_norms,
+                   "hidden_combine": cfg.hidden_combine,
+                   "channel_by_norm": "per-norm channel scores, rows in `norms` order",
+                   "norm_moments": "per norm, per channel: mean over tokens of z and z^2, z = the "
+                                   "normalised norm input (before gamma)"},
         "scores": {name: list(t.shape) for name, t in sorted(scores.items())},
         "layer_rankings": {name: _ascending(t) for name, t in sorted(scores.items()) if name.startswith("depth.")},
         "ranking_order": "least important first",

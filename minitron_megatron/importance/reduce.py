@@ -20,6 +20,7 @@ import torch.distributed as dist
 from minitron_megatron.importance.aggregation import batch_finish
 from minitron_megatron.importance.collector import ImportanceCollector
 from minitron_megatron.runtime.context import ParallelContext
+from minitron_megatron.trim.hidden import norm_row, num_norm_rows
 
 
 def all_reduce_flat(tensors: List[torch.Tensor], group, op=dist.ReduceOp.SUM) -> None:
@@ -36,7 +37,8 @@ def _sum_over_dp(col: ImportanceCollector, ctx: ParallelContext) -> None:
     if ctx.dp_size == 1:
         return
     stats = [*col.heads.values(), *col.neurons.values(), *col.channels.values()]
-    all_reduce_flat([s.acc for s in stats] + list(col.block.values()) + [col.samples], ctx.dp_group)
+    moments = [*col.moments.values(), *col.moment_tokens.values()]
+    all_reduce_flat([s.acc for s in stats] + list(col.block.values()) + moments + [col.samples], ctx.dp_group)
 
 
 def _stacked(stats: Dict[int, object], layers: List[int]) -> torch.Tensor:
@@ -57,8 +59,9 @@ def _gather_tp(local: List[torch.Tensor], ctx: ParallelContext) -> List[List[tor
 def reduce_statistics(col: ImportanceCollector, batch_agg: str, ctx: ParallelContext) -> Dict[str, torch.Tensor]:
     """Global float64 scores, the same on every rank of this (TP, PP, DP) layout.
 
-    Returns attn.head [L, heads], mlp.neuron [L, ffn], hidden.channel [h],
-    depth.block_importance [L] (when collected) and `samples` (total calibration samples).
+    Returns attn.head [L, heads], mlp.neuron [L, ffn], hidden.channel [h] (the sum over
+    every norm), hidden.channel_by_norm [2L+1, h], hidden.norm_moments [2L+1, 2, h] (rows
+    in trim/hidden.py's order), depth.block_importance [L] (when collected) and `samples`.
     """
     probes = col.probes
     col.end_microbatch()
@@ -67,7 +70,16 @@ def reduce_statistics(col: ImportanceCollector, batch_agg: str, ctx: ParallelCon
     layers = [p.layer_index for p in probes.layers]
     heads = batch_finish(_stacked(col.heads, layers), samples, batch_agg)  # [L_local, heads/tp]
     neurons = batch_finish(_stacked(col.neurons, layers), samples, batch_agg)  # [L_local, ffn/tp]
-    channels = sum(batch_finish(s.acc, samples, batch_agg) for s in col.channels.values())  # [h], this stage
+    L, dev, h = probes.num_layers, ctx.device, probes.hidden_size
+    rows = [norm_row(name, L) for name in col.channels]  # this stage's norms, at their global rows
+    by_norm = torch.zeros(num_norm_rows(L), h, dtype=torch.float64, device=dev)
+    by_norm[rows] = torch.stack([batch_finish(s.acc, samples, batch_agg) for s in col.channels.values()])
+    moments = torch.zeros(num_norm_rows(L), 3, h, dtype=torch.float64, device=dev)  # sum z, sum z^2, tokens
+    moments[rows, :2] = torch.stack(list(col.moments.values()))
+    moments[rows, 2] = torch.stack(list(col.moment_tokens.values())).expand(-1, h)
+    if probes.sequence_parallel and ctx.tp_size > 1:
+        # Each TP rank normalised its own s/tp tokens of the same samples: their sums add up.
+        all_reduce_flat([moments], ctx.tp_group)
     block = torch.stack([col.block[i] for i in layers], dim=1)  # [2, L_local]: cos sum, tokens
 
     per_rank = _gather_tp([heads, neurons, block], ctx)
@@ -76,11 +88,11 @@ def reduce_statistics(col: ImportanceCollector, batch_agg: str, ctx: ParallelCon
     if probes.sequence_parallel and ctx.tp_size > 1:
         block = sum(r[2] for r in per_rank)
 
-    L, dev = probes.num_layers, ctx.device
     out = {
         "attn.head": torch.zeros(L, probes.num_attention_heads, dtype=torch.float64, device=dev),
         "mlp.neuron": torch.zeros(L, probes.ffn_hidden_size, dtype=torch.float64, device=dev),
-        "hidden.channel": channels.to(torch.float64),
+        "hidden.channel_by_norm": by_norm,
+        "hidden.norm_moments": moments,
         "block_sums": torch.zeros(2, L, dtype=torch.float64, device=dev),
     }
     out["attn.head"][layers] = heads
@@ -89,6 +101,9 @@ def reduce_statistics(col: ImportanceCollector, batch_agg: str, ctx: ParallelCon
     if ctx.pp_size > 1:
         all_reduce_flat(list(out.values()), ctx.pp_group)
     block_sums = out.pop("block_sums")
+    moments = out.pop("hidden.norm_moments")
+    out["hidden.norm_moments"] = moments[:, :2] / moments[:, 2:].clamp_min(1)  # [2L+1, 2, h]: E[z], E[z^2]
+    out["hidden.channel"] = out["hidden.channel_by_norm"].sum(0)
     if col.block_importance:
         out["depth.block_importance"] = 1 - block_sums[0] / block_sums[1].clamp_min(1)
     out["samples"] = samples

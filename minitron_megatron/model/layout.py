@@ -88,6 +88,30 @@ def param_layout(name: str, param: torch.Tensor) -> ParamLayout:
     raise ValueError(f"the trimmer does not know how to prune parameter {name!r} {tuple(param.shape)}")
 
 
+_NORM_PARAMS = [
+    (re.compile(r"^(input_layernorm|self_attention\.linear_qkv\.layer_norm)\.?_?(weight|bias)$"), 0),
+    (re.compile(r"^(pre_mlp_layernorm|mlp\.linear_fc1\.layer_norm)\.?_?(weight|bias)$"), 1),
+]
+
+
+def norm_param(name: str, num_layers: int) -> Optional[Tuple[int, str]]:
+    """(norm row, 'weight' or 'bias') of a hidden-channel norm parameter, else None.
+
+    Rows follow trim/hidden.py: 2i = layer i's input norm (or TE's fused qkv norm), 2i+1 its
+    pre-MLP norm (fused fc1 norm), 2L the final norm. `name` is a full model parameter name.
+    """
+    in_layer = split_layer_name(name)
+    if in_layer is None:
+        match = re.match(r"^(?:.*\.)?decoder\.final_layernorm\.(weight|bias)$", name)
+        return (2 * num_layers, match.group(1)) if match else None
+    index, suffix = in_layer
+    for pattern, offset in _NORM_PARAMS:
+        match = pattern.match(suffix)
+        if match:
+            return 2 * index + offset, match.group(2)
+    return None
+
+
 def split_layer_name(name: str) -> Optional[Tuple[int, str]]:
     """'decoder.layers.3.mlp.linear_fc1.weight' -> (3, 'mlp.linear_fc1.weight'); None off-layer."""
     match = _LAYER_PREFIX.match(name)

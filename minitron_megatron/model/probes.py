@@ -69,6 +69,10 @@ class NormProbe:
             return self.module.register_forward_pre_hook(hook, with_kwargs=True)
         return self.module.register_forward_hook(lambda m, a, out: fn(_first_output(out)))
 
+    def register_input(self, fn: TensorFn):
+        """Call fn(norm input [s(/tp with SP), b, h]) (the fused module's input for TE)."""
+        return self.module.register_forward_pre_hook(lambda m, a, k: fn(_first_input(a, k)), with_kwargs=True)
+
 
 @dataclass
 class LayerProbe:
@@ -105,6 +109,8 @@ class ModelProbes:
     ffn_hidden_size: int
     tp_size: int
     sequence_parallel: bool
+    normalization: str = "RMSNorm"
+    layernorm_epsilon: float = 1e-5
     chunks: List[torch.nn.Module] = field(default_factory=list)
 
     @property
@@ -191,6 +197,8 @@ def find_probes(model_chunks) -> ModelProbes:
         ffn_hidden_size=config.ffn_hidden_size,
         tp_size=config.tensor_model_parallel_size,
         sequence_parallel=bool(config.sequence_parallel),
+        normalization=getattr(config, "normalization", "LayerNorm"),
+        layernorm_epsilon=float(getattr(config, "layernorm_epsilon", 1e-5)),
         chunks=chunks,
     )
 
@@ -227,6 +235,18 @@ def _identity_forward(*args, **kwargs):
     """A TransformerLayer.forward that passes its input through: (hidden_states, context)."""
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     return hidden, kwargs.get("context")
+
+
+@torch.no_grad()
+def normalized_input(x: torch.Tensor, normalization: str, eps: float) -> torch.Tensor:
+    """z, the norm's input normalised before its gamma/beta: [.., h] -> [.., h] float32.
+
+    RMSNorm: x / sqrt(mean x^2 + eps); LayerNorm: (x - mean) / sqrt(var + eps).
+    """
+    x = x.float()
+    if normalization == "LayerNorm":
+        return F.layer_norm(x, (x.shape[-1],), None, None, eps)
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
 @contextmanager

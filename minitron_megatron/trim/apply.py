@@ -59,7 +59,7 @@ def apply_plan(model, plan: TrimPlan, model_cfg: ModelConfig, ctx: ParallelConte
     new_parallel = replace(parallel, pp_layout=list(pp_layout) if pp_layout else None)
     new_model = build_gpt_model(new_cfg, ctx, new_parallel, padded_vocab, init="meta")
     hidden = _hidden_index(plan, ctx.device)
-    _copy_outer(model, new_model, hidden, release_source)
+    _copy_outer(model, new_model, hidden, release_source, plan, model_cfg.resolved())
     _copy_layers(model, new_model, plan, model_cfg.resolved(), hidden, ctx, release_source)
     if release_source:
         _release(model)
@@ -75,14 +75,46 @@ def _hidden_index(plan: TrimPlan, device) -> Optional[torch.Tensor]:
     return torch.tensor(plan.hidden, dtype=torch.long, device=device)
 
 
-def _copy_outer(old_model, new_model, hidden: Optional[torch.Tensor], release: bool) -> None:
+def _copy_outer(old_model, new_model, hidden: Optional[torch.Tensor], release: bool, plan: TrimPlan,
+                old_cfg: ModelConfig) -> None:
     """Embeddings, final norm, output layer: same stage before and after, hidden sliced locally."""
     old_params = dict(L.non_layer_parameters(old_model))
-    for name, _ in L.non_layer_parameters(new_model):
-        old = old_params[name]
-        _assign(new_model, name, _slice_hidden(old.detach(), L.param_layout(name, old), hidden), copy=not release)
+    names = [name for name, _ in L.non_layer_parameters(new_model)]
+    tensors = [_slice_hidden(old_params[n].detach(), L.param_layout(n, old_params[n]), hidden) for n in names]
+    tensors = rescale_norms(names, tensors, plan, old_cfg)
+    for name, t in zip(names, tensors):
+        _assign(new_model, name, t, copy=not release)
         if release:
-            old.data = old.data.new_empty(0)
+            old_params[name].data = old_params[name].data.new_empty(0)
+
+
+def rescale_norms(names: List[str], tensors: List[torch.Tensor], plan: TrimPlan,
+                  old_cfg: ModelConfig) -> List[torch.Tensor]:
+    """The plan's norm rescale on trimmed norm weights/biases ([h'], replicated over TP).
+
+    names: full model parameter names (original layer numbers). gamma' = gamma * scale and
+    beta' = beta + gamma * shift, on the real gamma (stored + 1 with zero-centred gamma).
+    Arithmetic in float32, stored back in the parameter's dtype.
+    """
+    if not plan.norm_scale:
+        return tensors
+    out, by_row = list(tensors), {}
+    for pos, name in enumerate(names):
+        found = L.norm_param(name, old_cfg.num_layers)
+        if found is not None:
+            by_row.setdefault(found[0], {})[found[1]] = pos
+    offset = 1.0 if old_cfg.layernorm_zero_centered_gamma else 0.0
+    for row, where in by_row.items():
+        if "weight" not in where:
+            continue
+        w = tensors[where["weight"]]
+        gamma = w.float() + offset
+        scale, shift = plan.norm_scale[row], (plan.norm_shift or [0.0] * len(plan.norm_scale))[row]
+        out[where["weight"]] = (gamma * scale - offset).to(w.dtype)
+        if "bias" in where and shift:
+            b = tensors[where["bias"]]
+            out[where["bias"]] = (b.float() + gamma * shift).to(b.dtype)
+    return out
 
 
 def _slice_hidden(t: torch.Tensor, layout: L.ParamLayout, hidden: Optional[torch.Tensor]) -> torch.Tensor:
@@ -193,7 +225,7 @@ def trim_layer(layer, plan: TrimPlan, j: int, old_cfg: ModelConfig, hidden, ctx)
     """
     units = layer_unit_plans(plan, j, old_cfg)
     folds = plan.head_folds[j] if plan.head_folds else []
-    out = []
+    out, names = [], []
     for name, param in layer.named_parameters():
         layout = L.param_layout(name, param)
         t = _slice_hidden(param.detach(), layout, hidden)
@@ -201,7 +233,8 @@ def trim_layer(layer, plan: TrimPlan, j: int, old_cfg: ModelConfig, hidden, ctx)
             t = _trim_units(t, layout, units[layout.unit_axis], folds if layout.unit_axis == L.AXIS_QKV else [],
                             old_cfg, ctx)
         out.append(t)
-    return out
+        names.append(f"decoder.layers.{plan.layers[j]}.{name}")
+    return rescale_norms(names, out, plan, old_cfg)
 
 
 def _trim_units(t, layout: L.ParamLayout, up: UnitPlan, folds, old_cfg: ModelConfig, ctx) -> torch.Tensor:

@@ -39,6 +39,11 @@ class TrimPlan:
     """Per kept layer: (kept head, pruned head) pairs of the residual rule; None when off."""
     method: str = "importance"
     notes: Dict[str, str] = field(default_factory=dict)
+    norm_scale: Optional[List[float]] = None
+    """Per original norm (rows of trim/hidden.py): factor on its kept gamma (prune.norm_rescale);
+    None: the kept norm weights are copied unchanged."""
+    norm_shift: Optional[List[float]] = None
+    """Per original norm: beta_kept += gamma_kept * shift (LayerNorm's re-centring); None: none."""
 
     def target_config(self, model_cfg: ModelConfig) -> ModelConfig:
         """The pruned architecture (resolved: kv_channels and groups explicit)."""
@@ -57,7 +62,8 @@ class TrimPlan:
         return (self.layers == list(range(s["num_layers"])) and self.hidden == list(range(s["hidden_size"]))
                 and all(g == list(range(s["num_query_groups"])) for g in self.groups)
                 and all(h == list(range(s["num_attention_heads"])) for h in self.heads)
-                and all(f == list(range(s["ffn_hidden_size"])) for f in self.ffn) and not self.head_folds)
+                and all(f == list(range(s["ffn_hidden_size"])) for f in self.ffn) and not self.head_folds
+                and not self.norm_scale)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -212,7 +218,11 @@ def score_shapes(model_cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
 
 def check_scores(model_cfg: ModelConfig, scores: Dict[str, torch.Tensor], needed: List[str]) -> None:
     """Every needed score present with the model's shape, else one ConfigError."""
-    shapes, problems = score_shapes(model_cfg), []
+    c = model_cfg.resolved()
+    rows = 2 * c.num_layers + 1  # the per-norm rows of trim/hidden.py (stored by the importance stage only)
+    shapes = {**score_shapes(model_cfg), "hidden.channel_by_norm": (rows, c.hidden_size),
+              "hidden.norm_moments": (rows, 2, c.hidden_size)}
+    problems = []
     for key in needed:
         if key not in scores:
             problems.append(f"the importance scores lack {key!r}, needed for this target")

@@ -22,6 +22,8 @@ from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.train import setup
 from minitron_megatron.train.step import evaluate_loss
 from minitron_megatron.trim.apply import apply_plan
+from minitron_megatron.trim.hidden import BY_NORM_KEY, MOMENTS_KEY, combine_hidden, rescale_factors, rescale_mode, \
+    validate_hidden
 from minitron_megatron.trim.plan import DEPTH_METRICS, TrimPlan, check_scores, plan_from_scores
 from minitron_megatron.trim.save import save_trimmed
 from minitron_megatron.trim.scores import magnitude_scores, random_scores
@@ -44,9 +46,30 @@ def make_plan(prune: PruneConfig, model_cfg: ModelConfig, new_cfg: ModelConfig, 
         scores = magnitude_scores(model, model_cfg, ctx, k)
     else:
         raise ConfigError(f"prune.method={prune.method!r} is not one of {list(METHODS)}")
-    return plan_from_scores(model_cfg, new_cfg, scores, drop_layers=prune.target.drop_layers,
+    if prune.method == "importance":
+        scores = hidden_variant(scores, prune)
+    plan = plan_from_scores(model_cfg, new_cfg, scores, drop_layers=prune.target.drop_layers,
                             depth_metric=prune.depth_metric, residual_heads=prune.residual_heads,
                             method=prune.method)
+    if rescale_mode(prune.norm_rescale) == "calibrated" and len(plan.hidden) < plan.source["hidden_size"]:
+        if MOMENTS_KEY not in scores:
+            raise ConfigError(f"prune.norm_rescale=calibrated needs {MOMENTS_KEY!r} in the importance scores (a "
+                              "prune.method=importance run of this version); use prune.norm_rescale=none")
+        plan.norm_scale, plan.norm_shift = rescale_factors(scores[MOMENTS_KEY], plan.hidden,
+                                                           model_cfg.normalization)
+        plan.notes["norm_rescale"] = "calibrated"
+    return plan
+
+
+def hidden_variant(scores: Dict[str, torch.Tensor], prune: PruneConfig) -> Dict[str, torch.Tensor]:
+    """`scores` with hidden.channel recombined from the per-norm rows by prune.importance's
+    hidden_norms / hidden_combine. Scores from before the per-norm rows existed keep the
+    hidden.channel they were saved with (every norm, summed)."""
+    if BY_NORM_KEY not in scores:
+        return scores
+    icfg = prune.importance
+    return {**scores, "hidden.channel": combine_hidden(scores[BY_NORM_KEY], icfg.hidden_norms,
+                                                       icfg.hidden_combine).float()}
 
 
 def check_trim_settings(cfg: CommonConfig, prune: PruneConfig, ctx: ParallelContext,
@@ -87,6 +110,7 @@ def _setting_problems(cfg: CommonConfig, prune: PruneConfig, ctx: ParallelContex
         problems.append(f"save={cfg.save} already holds a finished run (summary.json); choose a new directory")
     if prune.method not in METHODS:
         problems.append(f"prune.method={prune.method!r} is not one of {list(METHODS)}")
+    problems += validate_hidden(prune.importance.hidden_norms, prune.importance.hidden_combine, prune.norm_rescale)
     if prune.depth_metric not in DEPTH_METRICS:
         problems.append(f"prune.depth_metric={prune.depth_metric!r} is not one of {list(DEPTH_METRICS)}")
     if samples and samples < mbs * ctx.dp_size:

@@ -41,10 +41,13 @@ def capture(model, batches):
             layer.mlp.linear_fc2.register_forward_pre_hook(keep(f"fc2_{i}", lambda a: a[0])),
             layer.input_layernorm.register_forward_hook(keep(f"norm_in{i}", lambda a, o: o)),
             layer.pre_mlp_layernorm.register_forward_hook(keep(f"norm_mlp{i}", lambda a, o: o)),
+            layer.input_layernorm.register_forward_hook(keep(f"normx_in{i}", lambda a, o: a[0])),
+            layer.pre_mlp_layernorm.register_forward_hook(keep(f"normx_mlp{i}", lambda a, o: a[0])),
             layer.register_forward_hook(keep(f"layer_in{i}", lambda a, k, o: k["hidden_states"]), with_kwargs=True),
             layer.register_forward_hook(keep(f"layer_out{i}", lambda a, k, o: o[0]), with_kwargs=True),
         ]
     handles.append(decoder.final_layernorm.register_forward_hook(keep("norm_final", lambda a, o: o)))
+    handles.append(decoder.final_layernorm.register_forward_hook(keep("normx_final", lambda a, o: a[0])))
     model.eval()
     for batch in batches:
         model(batch["tokens"], batch["position_ids"], None)
@@ -53,10 +56,26 @@ def capture(model, batches):
     return {name: torch.cat(chunks, dim=1) for name, chunks in acts.items()}  # cat over samples
 
 
-def reference_scores(acts: dict, num_layers: int, heads: int, groups: int, seq_agg: str, batch_agg: str) -> dict:
+def norm_moments(x: torch.Tensor, normalization: str, eps: float) -> torch.Tensor:
+    """[2, h]: mean over all tokens of z and z^2, z = x normalised by torch's own norm (no gamma)."""
+    h = x.shape[-1]
+    norm = F.layer_norm if normalization == "LayerNorm" else F.rms_norm
+    z = norm(x.reshape(-1, h), (h,), eps=eps)
+    return torch.stack([z.mean(0), z.square().mean(0)])
+
+
+def reference_scores(acts: dict, num_layers: int, heads: int, groups: int, seq_agg: str, batch_agg: str,
+                     normalization: str = "RMSNorm", eps: float = 1e-5) -> dict:
     """Expected score tensors (contract names) from captured activations."""
     head_rows, neuron_rows, bi = [], [], []
     channel = 0
+    norm_outputs = [acts[f"norm_{kind}{i}"] for i in range(num_layers) for kind in ("in", "mlp")] + [acts["norm_final"]]
+    by_norm = torch.stack([seq_then_batch(y, seq_agg, batch_agg) for y in norm_outputs])  # [2L+1, h]
+    inputs = [acts.get(f"normx_{kind}{i}") for i in range(num_layers) for kind in ("in", "mlp")]
+    inputs.append(acts.get("normx_final"))
+    h = by_norm.shape[-1]
+    moments = torch.stack([torch.zeros(2, h, dtype=torch.float64) if x is None else
+                           norm_moments(x, normalization, eps) for x in inputs])  # [2L+1, 2, h]
     for i in range(num_layers):
         proj = acts[f"proj{i}"]  # [s, N, heads * d]
         s, n, _ = proj.shape
@@ -74,6 +93,8 @@ def reference_scores(acts: dict, num_layers: int, heads: int, groups: int, seq_a
         "attn.group": head.view(num_layers, groups, heads // groups).sum(-1),
         "mlp.neuron": torch.stack(neuron_rows),
         "hidden.channel": channel,
+        "hidden.channel_by_norm": by_norm,
+        "hidden.norm_moments": moments,
         "depth.block_importance": torch.stack(bi),
     }
 

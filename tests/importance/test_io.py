@@ -66,8 +66,12 @@ def test_stage_writes_a_loadable_score_set(reference_run):
     scores, meta = load_importance(reference_run / "scored")
     expected = {"attn.head": (L, cfg.num_attention_heads), "attn.group": (L, groups),
                 "mlp.neuron": (L, cfg.ffn_hidden_size), "hidden.channel": (cfg.hidden_size,),
-                "depth.block_importance": (L,), "depth.loss_drop": (L,), "depth.contiguous": (L - 1,)}
+                "depth.block_importance": (L,), "depth.loss_drop": (L,), "depth.contiguous": (L - 1,),
+                "hidden.channel_by_norm": (2 * L + 1, cfg.hidden_size),
+                "hidden.norm_moments": (2 * L + 1, 2, cfg.hidden_size)}
     assert {k: tuple(v.shape) for k, v in scores.items()} == expected
+    assert meta["hidden"]["norms"][:2] == ["layer0.input_norm", "layer0.pre_mlp_norm"]
+    assert meta["hidden"]["norms"][-1] == "final_norm" and len(meta["hidden"]["norms"]) == 2 * L + 1
     assert all(torch.isfinite(v).all() for v in scores.values())
     assert meta["calibration"]["samples"] == 8 and meta["calibration"]["tokens"] == 8 * cfg.seq_length
     assert meta["aggregation"] == {"seq": "mean", "batch": "l2"}

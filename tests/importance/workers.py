@@ -96,7 +96,8 @@ def reference_worker(rank, world, out_dir):
         valid = list(calibration_batches(synthetic_dataset(cfg, DEPTH_SAMPLES, 1), DEPTH_SAMPLES, MBS, 0, 1))
         acts = reference.capture(model, calib)
         groups = cfg.resolved().num_query_groups
-        expected = {agg: reference.reference_scores(acts, cfg.num_layers, cfg.num_attention_heads, groups, *agg)
+        expected = {agg: reference.reference_scores(acts, cfg.num_layers, cfg.num_attention_heads, groups, *agg,
+                                                    normalization=cfg.normalization, eps=cfg.layernorm_epsilon)
                     for agg in AGGS}
         L, k = cfg.num_layers, 2
         losses = {"baseline": reference.loss_without(model, valid, []),
@@ -237,7 +238,7 @@ def sequence_parallel_check(rank, out_dir, microbatches=3, s=8, b=2, h=6, heads=
             for _ in range(microbatches)]
     layer = _ShardedLayer()
     probes = ModelProbes([LayerProbe(layer, 0, InputProbe(layer.proj), InputProbe(layer.fc2),
-                                     [NormProbe("n0", layer.norm)])], None, num_layers=1, hidden_size=h,
+                                     [NormProbe("layer0.input_norm", layer.norm)])], None, num_layers=1, hidden_size=h,
                          num_attention_heads=heads, num_query_groups=2, kv_channels=d, ffn_hidden_size=ffn,
                          tp_size=2, sequence_parallel=True)
     tokens, units = slice(rank * s // 2, (rank + 1) * s // 2), lambda n: slice(rank * n // 2, (rank + 1) * n // 2)
@@ -250,7 +251,8 @@ def sequence_parallel_check(rank, out_dir, microbatches=3, s=8, b=2, h=6, heads=
                 col.end_microbatch()
         results[(seq_agg, batch_agg)] = reduce_statistics(col, batch_agg, ctx)
     cat = {k: torch.cat([mb[k] for mb in full], dim=1).double() for k in full[0]}
-    acts = {"proj0": cat["attn"], "fc2_0": cat["mlp"], "norm_in0": cat["hs"], "norm_mlp0": torch.zeros_like(cat["hs"]),
+    acts = {"proj0": cat["attn"], "fc2_0": cat["mlp"], "norm_in0": cat["hs"], "normx_in0": cat["hs"],
+            "norm_mlp0": torch.zeros_like(cat["hs"]),
             "layer_in0": cat["hs"], "layer_out0": cat["out"], "norm_final": torch.zeros_like(cat["hs"])}
     expected = {agg: reference.reference_scores(acts, 1, heads, 2, *agg) for agg in AGGS}
     torch.save({"got": results, "expected": expected}, Path(out_dir) / f"sp-rank{rank}.pt")

@@ -22,17 +22,26 @@ def reference_trim(full: Dict[str, torch.Tensor], plan: TrimPlan, cfg: ModelConf
     for name, w in full.items():
         match = re.match(r"decoder\.layers\.(\d+)\.(.+)", name)
         if match is None:
-            out[name] = _outer(name, w, hid)
+            out[name] = _outer(name, w, hid, plan, cfg)
             continue
         i, suffix = int(match.group(1)), match.group(2)
         if i in plan.layers:
             j = plan.layers.index(i)
-            out[f"decoder.layers.{j}.{suffix}"] = _layer_param(suffix, w, plan, j, cfg, hid)
+            out[f"decoder.layers.{j}.{suffix}"] = _layer_param(suffix, w, plan, j, cfg, hid) * _norm_scale(suffix, plan, i)
     return out
 
 
-def _outer(name: str, w: torch.Tensor, hid: torch.Tensor) -> torch.Tensor:
+def _outer(name: str, w: torch.Tensor, hid: torch.Tensor, plan: TrimPlan = None, cfg: ModelConfig = None):
+    if name == "decoder.final_layernorm.weight" and plan is not None and plan.norm_scale:
+        return w[hid] * plan.norm_scale[2 * cfg.num_layers]
     return w[:, hid] if w.dim() == 2 else w[hid]
+
+
+def _norm_scale(suffix: str, plan: TrimPlan, original_layer: int) -> float:
+    """The plan's factor on a layer norm's gamma (RMSNorm cases: no zero-centring, no bias)."""
+    if not plan.norm_scale or not suffix.endswith("layernorm.weight"):
+        return 1.0
+    return plan.norm_scale[2 * original_layer + (suffix.startswith("pre_mlp_layernorm"))]
 
 
 def _qkv_rows(plan: TrimPlan, j: int, cfg: ModelConfig) -> List[int]:

@@ -49,9 +49,14 @@ def _plan(case, ctx, tp, pp):
     from minitron_megatron.trim import plan_from_scores, validate_target
 
     new_cfg = validate_target(case.model, case.target, tp, pp, case.pp_layout if pp > 1 else None, PADDED)
-    return plan_from_scores(case.model, new_cfg, synthetic_scores(case.model, seed=5),
+    plan = plan_from_scores(case.model, new_cfg, synthetic_scores(case.model, seed=5),
                             drop_layers=case.target.drop_layers, depth_metric=case.depth_metric,
                             residual_heads=case.residual_heads)
+    if len(plan.hidden) < case.model.hidden_size:
+        # A distinct norm rescale factor per norm row: one landing on the wrong norm (another
+        # layer after depth pruning, another stage, the final norm) differs from the reference.
+        plan.norm_scale = [1 + 0.05 * (row + 1) for row in range(2 * case.model.num_layers + 1)]
+    return plan
 
 
 def _sgd_step_loss(model, cfg):
