@@ -458,10 +458,10 @@ def verdicts(results: dict, seeds) -> list:
                      + " (zero-shot agrees less than any k)"))
     if per("iterative"):
         r = per("iterative")
-        rows.append(("iterative (2 rounds) vs one-shot, same size and KD steps", "prune from the model closest "
+        rows.append(("iterative (2 rounds) beats one-shot, same size and KD steps", "prune from the model closest "
                      "to the target (15B -> 8B -> 4B: +1% HellaSwag, +4.6% MMLU)",
                      f"iterative {ms([x['iterative_kd'] for x in r])} vs one-shot {ms([x['one_shot_kd'] for x in r])}",
-                     holds([x["iterative_kd"] < x["one_shot_kd"] for x in r]) + " (iterative better)"))
+                     holds([x["iterative_kd"] < x["one_shot_kd"] for x in r])))
     if per("aggregation"):
         r = per("aggregation")
         mean = {k: statistics.fmean(x[k] for x in r) for k in r[0]}
