@@ -36,6 +36,20 @@ not say (architecture name, max_position_embeddings, sliding window, extra keys)
 derived from an import (prune, distill, train load=) carries it over."""
 
 
+def atomic_save_figure(fig, path) -> None:
+    """A matplotlib figure saved as PNG via a temporary file in the same directory and a rename
+    (the caller closes the figure)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def atomic_write_text(path, text: str, fault: Optional[str] = None) -> None:
     """Write `text` to `path` via a temporary file in the same directory and a rename.
 

@@ -1,11 +1,11 @@
 """Human-readable views of importance scores: a stdout summary and PNG plots."""
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List
 
 import torch
+
+from minitron_megatron.checkpoint.run_dir import atomic_save_figure
 
 WIDTH_PNG = "importance_width.png"
 DEPTH_PNG = "importance_depth.png"
@@ -43,18 +43,6 @@ def format_summary(scores: Dict[str, torch.Tensor], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def _save_figure(fig, path: Path) -> None:
-    """savefig to a temporary name in the same directory, then rename (atomic)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _heat(ax, t: torch.Tensor, title: str, xlabel: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -85,7 +73,7 @@ def save_plots(scores: Dict[str, torch.Tensor], meta: dict, run_dir) -> List[Pat
     axes[2].set_xlabel("channel")
     fig.tight_layout()
     paths = [run_dir / WIDTH_PNG]
-    _save_figure(fig, paths[0])
+    atomic_save_figure(fig, paths[0])
     plt.close(fig)
     depth = [n for n in ("depth.block_importance", "depth.loss_drop", "depth.contiguous") if n in scores]
     if depth:
@@ -97,6 +85,6 @@ def save_plots(scores: Dict[str, torch.Tensor], meta: dict, run_dir) -> List[Pat
             ax.set_xlabel("first layer of block" if name == "depth.contiguous" else "layer")
         fig.tight_layout()
         paths.append(run_dir / DEPTH_PNG)
-        _save_figure(fig, paths[-1])
+        atomic_save_figure(fig, paths[-1])
         plt.close(fig)
     return paths

@@ -6,8 +6,6 @@ written atomically (rank 0).
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List
 
@@ -87,15 +85,10 @@ def _pyplot():
 
 
 def _savefig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        rd.atomic_save_figure(fig, path)
     finally:
         _pyplot().close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_curves(root: Path, models: Dict[str, dict]) -> Path:

@@ -7,8 +7,6 @@ collecting search write the same candidates.json and report.md.
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List
 
@@ -68,15 +66,10 @@ def save_curves(round_dir: Path, entries: List[dict]) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(round_dir) / CURVES_PNG
-    fd, tmp = tempfile.mkstemp(dir=round_dir, prefix=f".{CURVES_PNG}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        rd.atomic_save_figure(fig, path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
