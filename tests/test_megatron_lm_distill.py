@@ -34,6 +34,7 @@ def _git_dir():
     return git_dir if tags.stdout.strip() == TAG else None
 
 
+@pytest.mark.slow
 def test_doc_snippet_distils_a_pruned_student_in_megatron_lm_at_pp2(tmp_path):
     """Catches docs/distill.md's snippet not running as written against pretrain_gpt.py at the
     tag (a renamed import, get_batch's arity, provider arguments), our DistillationModel failing
