@@ -146,3 +146,23 @@ def test_refuses_what_pretrain_gpt_cannot_load(tmp_path):
     assert args[args.index("--tokenizer-model") + 1] == "/hf/llama"
     assert checkpoint_args(FAMILIES["llama3.1"], PADDED, TP, 1,
                            tokenizer_path=str(tmp_path / "tokenizer.model")).tokenizer_type == "HuggingFaceTokenizer"
+
+
+def test_command_prints_the_run_dirs_flags_shell_quoted(tmp_path, capsys):
+    """Catches the printing entry point (`python -m minitron_megatron.checkpoint.megatron_lm RUN --tp N`,
+    what examples/megatron_lm/distill.sh and docs/distill.md launch with) drifting from
+    `pretrain_gpt_args`, and a bad run dir or TP passing silently instead of exiting non-zero."""
+    import shlex
+
+    from minitron_megatron.checkpoint import megatron_lm
+    from minitron_megatron.checkpoint.run_dir import write_model_yaml
+
+    run_dir = tmp_path / "pruned run"  # a space: the output must stay one shell word per flag
+    cfg = FAMILIES["pruned"]
+    write_model_yaml(run_dir, cfg, PADDED, None)
+    megatron_lm.main([str(run_dir), "--tp", str(TP)])
+    assert shlex.split(capsys.readouterr().out) == pretrain_gpt_args(cfg, PADDED, run_dir, tp=TP)
+    for argv in ([str(tmp_path / "missing")], [str(run_dir), "--tp", "3"]):  # 3 does not divide 1024
+        with pytest.raises(SystemExit) as error:
+            megatron_lm.main(argv)
+        assert str(error.value).startswith("error: ")

@@ -7,12 +7,15 @@
   metadata (`model.modules.padded_vocab_in_checkpoint`).
 - The `args` namespace our checkpoints carry for Megatron-LM's loader (`checkpoint_args`), and
   the `pretrain_gpt.py` arguments that load a run dir (`pretrain_gpt_args`, see
-  trim/MEGATRON_LM.md).
+  trim/MEGATRON_LM.md); `python -m minitron_megatron.checkpoint.megatron_lm RUN_DIR --tp N` prints them.
 """
 
+import argparse
+import shlex
+import sys
 from argparse import Namespace
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from minitron_megatron.checkpoint.dist import TRACKER
 from minitron_megatron.config.model import ModelConfig
@@ -159,3 +162,27 @@ def _activation_args(cfg: ModelConfig) -> List[str]:
     if cfg.activation not in flags:
         raise ValueError(f"pretrain_gpt.py has no flag for a non-gated {cfg.activation} MLP")
     return flags[cfg.activation]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Print a run dir's `pretrain_gpt.py` arguments on one line, shell-quoted, for
+    `$(python -m minitron_megatron.checkpoint.megatron_lm runs/pruned --tp 2)` in a launch script."""
+    from minitron_megatron.checkpoint.run_dir import read_model_yaml
+    from minitron_megatron.errors import ConfigError
+
+    parser = argparse.ArgumentParser(prog="python -m minitron_megatron.checkpoint.megatron_lm",
+                                     description="pretrain_gpt.py arguments that load a run dir")
+    parser.add_argument("run_dir")
+    parser.add_argument("--tp", type=int, default=1, help="the tensor parallel size of the Megatron-LM run")
+    parser.add_argument("--hf-tokenizer-dir", default=None, help="for run dirs with a Hugging Face tokenizer")
+    args = parser.parse_args(argv)
+    try:
+        cfg, padded_vocab, _ = read_model_yaml(args.run_dir)
+        flags = pretrain_gpt_args(cfg, padded_vocab, args.run_dir, args.tp, hf_tokenizer_dir=args.hf_tokenizer_dir)
+    except (ConfigError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    print(shlex.join(flags))
+
+
+if __name__ == "__main__":
+    main()

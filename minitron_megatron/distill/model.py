@@ -242,11 +242,16 @@ class DistillationModel(torch.nn.Module):
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True):
-        """Inverse of `sharded_state_dict`: student keys to the student, the rest to the projection."""
+        """Inverse of `sharded_state_dict`: student keys to the student, the rest to the projection.
+
+        A state with no projection at all is a plain student's (a pruned run dir: the start of
+        KD, e.g. Megatron-LM's `--load` of it): the projection keeps its initialisation, also
+        under `strict`. Resuming a KD run finds it in the checkpoint and loads it.
+        """
         projection = {k[len(PROJECTION):]: v for k, v in state_dict.items() if k.startswith(PROJECTION)}
         student = {k: v for k, v in state_dict.items() if not k.startswith(PROJECTION)}
         result = self.module.load_state_dict(student, strict=strict)
-        if self.kd_projection is not None:
+        if self.kd_projection is not None and projection:
             self.kd_projection.load_state_dict(projection, strict=strict)
         elif projection and strict:
             raise RuntimeError(f"unexpected projection weights {sorted(projection)} for a model without one")

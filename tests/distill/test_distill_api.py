@@ -73,3 +73,48 @@ def test_model_provider_wrapper_attaches_a_frozen_teacher(tmp_path):
     """Catches a teacher that trains, sits in the optimizer or the student's checkpoint,
     is not loaded, or does not follow the wrapper's device/dtype casts."""
     run_distributed(_provider_worker, 1, tmp_path)
+
+
+def _pruned_student_load_worker(rank, world, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    from minitron_megatron.checkpoint import dist as ckpt
+    from minitron_megatron.config.distill import DistillConfig
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.distill.api import distillation_model_provider
+    from minitron_megatron.model import build_gpt_model
+    from minitron_megatron.runtime import init_runtime
+
+    ctx = init_runtime(device="cpu", seed=3)
+    t_cfg, s_cfg = small_model(), small_model(num_layers=1, hidden_size=48, ffn_hidden_size=64)
+
+    def gpt(cfg):
+        return lambda pre_process=True, post_process=True, **_: build_gpt_model(cfg, ctx, ParallelConfig(), 256)
+
+    ckpt.save_checkpoint(tmp_path / "teacher", 1, gpt(t_cfg)(), ctx)
+    pruned = gpt(s_cfg)()
+    ckpt.save_checkpoint(tmp_path / "pruned", 1, pruned, ctx)  # a plain student: no kd_projection
+    provider = distillation_model_provider(gpt(s_cfg), teacher_provider=gpt(t_cfg),
+                                           teacher_checkpoint=str(tmp_path / "teacher"),
+                                           settings=DistillConfig(intermediate_loss="cosine"),
+                                           true_vocab_size=t_cfg.vocab_size)
+    model = provider(pre_process=True, post_process=True)
+    projection = model.kd_projection.weight.detach().clone()
+
+    # What Megatron-LM's load_checkpoint does with `--load PRUNED --dist-ckpt-strictness
+    # log_unexpected`: drop the requested keys the checkpoint lacks, then a strict load_state_dict.
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()},
+                                     str(ckpt.iteration_dir(tmp_path / "pruned", 1)), strict="log_unexpected")["model"]
+    assert "kd_projection.weight" not in loaded
+    model.load_state_dict(loaded, strict=True)
+    assert torch.equal(model.kd_projection.weight, projection)  # left at its initialisation
+    for (name, p), q in zip(model.module.named_parameters(), pruned.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_pruned_student_checkpoint_loads_into_a_model_with_a_projection(tmp_path):
+    """Catches Megatron-LM's `--load` of a pruned student (no kd_projection in its checkpoint)
+    failing for a provider built with an intermediate loss and differing hidden sizes: the
+    strict load_state_dict raised on the absent projection, and Megatron-LM only got through by
+    retrying with strict=False (printing `load_return: None`)."""
+    run_distributed(_pruned_student_load_worker, 1, tmp_path)
