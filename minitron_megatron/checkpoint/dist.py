@@ -10,7 +10,7 @@ tensors carry global offsets, so a checkpoint saved at one TP/PP loads at anothe
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -154,6 +154,13 @@ def _prune_old(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _committed_path(root) -> str:
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise FileNotFoundError(f"no committed checkpoint under {root} ({TRACKER} missing)")
+    return str(_committed_dir(root, iteration))
+
+
 def load_checkpoint(root, model, ctx: Optional[ParallelContext], optimizer=None, scheduler=None) -> dict:
     """Load model (and optimizer, scheduler, RNG when given) at this rank's TP/PP.
 
@@ -164,9 +171,7 @@ def load_checkpoint(root, model, ctx: Optional[ParallelContext], optimizer=None,
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root)
-    if iteration is None:
-        raise FileNotFoundError(f"no committed checkpoint under {root} ({TRACKER} missing)")
-    path = str(_committed_dir(root, iteration))
+    path = _committed_path(root)
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd}
     if optimizer is not None:
@@ -179,6 +184,60 @@ def load_checkpoint(root, model, ctx: Optional[ParallelContext], optimizer=None,
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
         _restore_rng(loaded["rng_state"])
     return {"iteration": loaded.get("iteration", iteration), "minitron": loaded.get("minitron", {})}
+
+
+def load_one_at_a_time(root, model, names: List[str], device) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, this rank's shard) of each parameter in `names`, in order, each read by its own
+    `dist_checkpointing.load` into fresh storage on `device` that only the caller then holds.
+
+    Why not `load_checkpoint`: it fills every parameter at once, and Megatron's load then joins
+    each GLU fc1 factory's `[gate; up]` halves into a new tensor (`apply_factory_merges`), so a
+    caller that only streams the weights out (the export) would hold the whole shard and a second
+    copy of every fc1. Here the model's parameters are never touched (a meta model will do): a
+    caller that drops each tensor before asking for the next holds one parameter at a time.
+
+    Collective over the world, like every `dist_checkpointing.load`: each rank makes as many calls
+    as the rank with the most names, and ranks with fewer (another pipeline stage, a replica that
+    reads nothing) make empty ones, so the caller must run the iterator to its end.
+    """
+    path = _committed_path(root)
+    entries = model.sharded_state_dict()  # ShardedTensor / fc1 ShardedTensorFactory per parameter
+    for step in range(_most_over_ranks(len(names))):
+        if step < len(names):
+            yield names[step], _load_entry(path, names[step], entries.pop(names[step]), device)
+        else:
+            _load_entry(path, None, None, device)
+
+
+def _load_entry(path: str, name: Optional[str], entry, device) -> Optional[torch.Tensor]:
+    """The tensor of one sharded-state-dict entry (nothing for `name=None`: an empty load that
+    keeps this rank in step). A function, so no reference to the request (which holds the read
+    buffer) outlives the call and none survives into the next load."""
+    from megatron.core import dist_checkpointing
+
+    request = {} if name is None else {name: _on_fresh_storage(entry, device)}
+    # Megatron's access check wants each call to cover every global tensor it touches; one
+    # layer of a layer-stacked key (`decoder.layers.*`, shape [num_layers, ...]) cannot.
+    loaded = dist_checkpointing.load(request, path, validate_access_integrity=False)
+    return None if name is None else loaded[name]
+
+
+def _on_fresh_storage(entry, device):
+    """`entry` (a ShardedTensor or factory) over a new empty tensor: torch_dist reads into it in
+    place, and the model's own parameter (meta, or storage nobody reads) stays untouched."""
+    from dataclasses import replace
+
+    return replace(entry, data=torch.empty(entry.data.shape, dtype=entry.data.dtype, device=device))
+
+
+def _most_over_ranks(count: int) -> int:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return count
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, count)
+    return max(counts)
 
 
 def _restore_rng(states) -> None:
