@@ -1,13 +1,14 @@
 """Run directory -> HF directory (any run dir, pruned ones included), at any TP/PP.
 
 The model is built on the meta device at the context's TP/PP: it only names the
-parameters and their shards. Parameters are then streamed one at a time: each rank
-loads its shard of one parameter from the checkpoint, TP rank 0 of each stage gathers
-the shards into the full tensor, splits it into HF tensors and writes them straight
-into safetensors files of bounded size (nothing buffered), which every stage writes in
-parallel; then the next. Rank 0 then names the files, writes the index, config.json,
-generation_config.json and the tokenizer files, and renames the temporary directory
-into place: a crash never leaves a directory that looks complete."""
+parameters and their shards. Parameters are then streamed: each rank reads its shards
+from the checkpoint a few at a time (`checkpoint.dist.stream_parameters`), TP rank 0
+of each stage gathers each parameter into the full tensor, splits it into HF tensors
+and writes them straight into safetensors files of bounded size (nothing buffered),
+which every stage writes in parallel, and drops it. Rank 0 then names the files,
+writes the index, config.json, generation_config.json and the tokenizer files, and
+renames the temporary directory into place: a crash never leaves a directory that
+looks complete."""
 
 import json
 import os
@@ -70,7 +71,7 @@ def export_hf(load: str, to_hf: str, options: ConvertConfig, parallel: ParallelC
     start = time.time()
     plan = plan_export(load, to_hf, options, parallel)
     # Meta build: the model only describes the parameters (names, shapes, TP attributes and the
-    # checkpoint's sharded keys); their values are read one at a time while streaming.
+    # checkpoint's sharded keys); their values are read a few at a time while streaming.
     model = build_gpt_model(plan.model_cfg, ctx, parallel, plan.padded_vocab, init="meta")
     params = count_model_parameters(model, ctx)
     tmp = plan.out_dir.parent / f".{plan.out_dir.name}.tmp"
@@ -99,9 +100,9 @@ def export_hf(load: str, to_hf: str, options: ConvertConfig, parallel: ParallelC
 
 
 def _stream_tensors(model, plan: ExportPlan, ctx: ParallelContext, tmp: Path, max_bytes: int):
-    """Load each parameter's shard, gather it on TP rank 0 of this stage and write its HF
-    tensors, then drop it before loading the next: one parameter is resident at a time. The
-    file list."""
+    """Load each parameter's shard, gather it on TP rank 0 of this stage, write its HF tensors
+    and drop it before taking the next: what is resident is at most one load's group (no more
+    bytes than the largest parameter) and one full tensor. The file list."""
     # Megatron's torch norms stay float32 in a bf16/fp16 model; HF files hold one dtype
     # (config.json's torch_dtype), and casting the imported values back is exact.
     dtype = getattr(torch, plan.model_cfg.params_dtype)
@@ -112,7 +113,7 @@ def _stream_tensors(model, plan: ExportPlan, ctx: ParallelContext, tmp: Path, ma
                   for hf_name, t in source.split(_meta_full(param, ctx.tp_size)).items()]
         writer = StreamingShardWriter(tmp, f"stage{ctx.pp_rank:03d}", max_bytes, layout)
     root = rd.checkpoint_root(plan.run_dir)
-    for name, shard in ckpt.load_one_at_a_time(root, model, list(params), ctx.device):  # collective
+    for name, shard in ckpt.stream_parameters(root, model, list(params), ctx.device):  # collective
         param, source = params[name]
         full = _gather_full(shard, param, ctx)  # None off TP rank 0
         del shard  # before the next load: the loop variable would keep it alive through it

@@ -99,8 +99,9 @@ def trim_run(src: Path, dst: Path, ctx) -> None:
 
 @contextlib.contextmanager
 def recording_loads(calls: list):
-    """Record, for every `dist_checkpointing.load` made inside, how many sharded tensors it asks
-    for and how many tensors that earlier loads returned are still alive when it starts."""
+    """Record, for every `dist_checkpointing.load` made inside, the bytes of the sharded tensors
+    it asks for (all, and the largest one) and how many tensors that earlier loads returned are
+    still alive when it starts."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedBase
@@ -108,7 +109,9 @@ def recording_loads(calls: list):
     original, returned = dist_checkpointing.load, []
 
     def load(request, *args, **kwargs):
-        calls.append({"sharded": sum(isinstance(v, ShardedBase) for v in nested_values(request)),
+        sizes = [v.data.numel() * v.data.element_size() for v in nested_values(request)
+                 if isinstance(v, ShardedBase) and v.data is not None]
+        calls.append({"bytes": sum(sizes), "largest": max(sizes, default=0),
                       "alive": sum(ref() is not None for ref in returned)})
         out = original(request, *args, **kwargs)
         returned.extend(weakref.ref(v) for v in nested_values(out) if isinstance(v, torch.Tensor))
@@ -135,7 +138,8 @@ def convert_everything(rank, world, root, families):
     summaries, loads = {}, []
 
     def export(cmd, ctx):
-        with recording_loads(loads):
+        loads.append([])
+        with recording_loads(loads[-1]):
             return convert(cmd, ctx)
 
     for layout, (tp, pp) in LAYOUTS.items():
