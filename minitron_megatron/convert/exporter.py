@@ -152,7 +152,7 @@ def _gather_full(shard: torch.Tensor, param, ctx: ParallelContext) -> Optional[t
     Each rank's shard goes straight into its rows or columns of the full tensor, one piece per
     partition_stride block, so TP rank 0 holds the full tensor, its shard and at most one other
     rank's piece. (A `dist.gather` held every shard, gloo's flat copy of them all and then their
-    concatenation: 3x the full tensor, 0.8 GiB for a 32k x 2048 bf16 embedding.)
+    concatenation: 3x the full tensor, 375 MiB for a 32000 x 2048 bf16 embedding.)
     """
     if ctx.tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
         return shard if ctx.tp_rank == 0 else None  # replicated: TP rank 0's copy is the full tensor
