@@ -1,7 +1,7 @@
 """Peak memory (RSS) and wall time of HF -> run dir -> HF conversion, relative to checkpoint size.
 
     python benchmarks/convert_memory.py                  # ~0.89B params (bf16, 1.77 GB), TP=2
-    python benchmarks/convert_memory.py --tp 1           # one process holds the whole model
+    python benchmarks/convert_memory.py --tp 1           # one process (the import holds the whole model)
 
 Three launches: `create` writes a synthetic Llama-shaped HF checkpoint (random bf16
 weights, ~1 GB safetensors files + index, a small BPE tokenizer) into --workdir,
@@ -11,6 +11,9 @@ rank reports its peak RSS (VmHWM, reset after start-up through /proc/self/clear_
 and its RSS before converting (imports done), so "peak - start" is what conversion
 costs. The last stdout line is a JSON summary: per direction, seconds and the worst
 rank's peak - start, also as a fraction of the checkpoint's size on disk.
+
+Last run at the defaults (2-core shared CPU, load 10-18): import 0.904 GiB = 0.548x
+(13.5 s), export 0.311 GiB = 0.189x (27.6 s), bit-exact.
 """
 
 import argparse

@@ -1,12 +1,14 @@
 """Run directory -> HF directory (any run dir, pruned ones included), at any TP/PP.
 
-The run dir is loaded at the context's TP/PP (each rank holds only its shard).
-Parameters are then streamed one at a time: TP shards are gathered on TP rank 0 of
-each stage, split into HF tensors and written straight into safetensors files of
-bounded size (nothing buffered), which every stage writes in parallel. Rank 0 then names the files, writes the
-index, config.json, generation_config.json and the tokenizer files, and renames the
-temporary directory into place: a crash never leaves a directory that looks complete.
-"""
+The model is built on the meta device at the context's TP/PP: it only names the
+parameters and their shards. Parameters are then streamed: each rank reads its shards
+from the checkpoint a few at a time (`checkpoint.dist.stream_parameters`), TP rank 0
+of each stage gathers each parameter into the full tensor, splits it into HF tensors
+and writes them straight into safetensors files of bounded size (nothing buffered),
+which every stage writes in parallel, and drops it. Rank 0 then names the files,
+writes the index, config.json, generation_config.json and the tokenizer files, and
+renames the temporary directory into place: a crash never leaves a directory that
+looks complete."""
 
 import json
 import os
@@ -19,6 +21,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
+from minitron_megatron.checkpoint import dist as ckpt
 from minitron_megatron.checkpoint import run_dir as rd
 from minitron_megatron.config.convert import ConvertConfig
 from minitron_megatron.config.model import ModelConfig
@@ -26,7 +29,7 @@ from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.convert import tensor_map as tm
 from minitron_megatron.convert.families import FAMILIES, Family, family_for_model, hf_config_from_model
 from minitron_megatron.convert.hf_io import StreamingShardWriter, finalize_shards, optional_json
-from minitron_megatron.convert.importer import HF_CONFIG, _check_target, assign_parameter
+from minitron_megatron.convert.importer import HF_CONFIG, _check_target
 from minitron_megatron.data.tokenizer import HFTokenizer, load_tokenizer, write_hf_tokenizer
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model import validate_model
@@ -63,18 +66,13 @@ def plan_export(load: str, to_hf: str, options: ConvertConfig, parallel: Paralle
 def export_hf(load: str, to_hf: str, options: ConvertConfig, parallel: ParallelConfig,
               ctx: ParallelContext) -> Dict:
     """Write the run dir `load` as a HF directory `to_hf`; the JSON summary."""
-    from minitron_megatron.checkpoint.dist import load_checkpoint
     from minitron_megatron.model import build_gpt_model, count_model_parameters
 
     start = time.time()
     plan = plan_export(load, to_hf, options, parallel)
-    # Meta build + empty storage: the checkpoint overwrites every value, so Megatron's CPU init
-    # (every weight plus a float32 master copy per layer) would be pure memory overhead.
+    # Meta build: the model only describes the parameters (names, shapes, TP attributes and the
+    # checkpoint's sharded keys); their values are read a few at a time while streaming.
     model = build_gpt_model(plan.model_cfg, ctx, parallel, plan.padded_vocab, init="meta")
-    for name, param in list(model.named_parameters()):
-        if param.is_meta:
-            assign_parameter(model, name, torch.empty(param.shape, dtype=param.dtype, device=ctx.device))
-    load_checkpoint(rd.checkpoint_root(plan.run_dir), model, None)
     params = count_model_parameters(model, ctx)
     tmp = plan.out_dir.parent / f".{plan.out_dir.name}.tmp"
     if ctx.is_main:
@@ -102,45 +100,86 @@ def export_hf(load: str, to_hf: str, options: ConvertConfig, parallel: ParallelC
 
 
 def _stream_tensors(model, plan: ExportPlan, ctx: ParallelContext, tmp: Path, max_bytes: int):
-    """Gather each parameter on TP rank 0 of this stage and write its HF tensors; file list."""
-    if ctx.dp_rank != 0:
-        return []  # other replicas hold the same weights
-    offset = tm.layer_offset_of(model)
+    """Load each parameter's shard, gather it on TP rank 0 of this stage, write its HF tensors
+    and drop it before taking the next: what is resident is at most one load's group (no more
+    bytes than the largest parameter) and one full tensor. The file list."""
     # Megatron's torch norms stay float32 in a bf16/fp16 model; HF files hold one dtype
     # (config.json's torch_dtype), and casting the imported values back is exact.
     dtype = getattr(torch, plan.model_cfg.params_dtype)
-    params = [(name, param, tm.source_for(name, plan.model_cfg, plan.family, offset))
-              for name, param in model.named_parameters()
-              if not (plan.model_cfg.share_embeddings_and_output_weights and name == "output_layer.weight")]
+    params = _exported_params(model, plan) if ctx.dp_rank == 0 else {}  # other replicas: same weights
     writer = None
-    if ctx.tp_rank == 0:
-        layout = [(hf_name, tuple(t.shape), dtype) for _, param, source in params
+    if ctx.tp_rank == 0 and params:
+        layout = [(hf_name, tuple(t.shape), dtype) for param, source in params.values()
                   for hf_name, t in source.split(_meta_full(param, ctx.tp_size)).items()]
         writer = StreamingShardWriter(tmp, f"stage{ctx.pp_rank:03d}", max_bytes, layout)
-    for name, param, source in params:
-        shards = _gather_tp(param.data, ctx)  # the last stage's tied embedding copy is skipped above
+    root = rd.checkpoint_root(plan.run_dir)
+    for name, shard in ckpt.stream_parameters(root, model, list(params), ctx.device):  # collective
+        param, source = params[name]
+        full = _gather_full(shard, param, ctx)  # None off TP rank 0
+        del shard  # before the next load: the loop variable would keep it alive through it
         if writer is not None:
-            for hf_name, tensor in source.split(tm.unshard(shards, param)).items():
-                writer.add(hf_name, tensor.to(dtype))
-        del shards
+            _write_hf_tensors(writer, source.split(full), dtype)
+        del full
     if writer is None:
         return []
     writer.close()
     return writer.files
 
 
+def _write_hf_tensors(writer: StreamingShardWriter, tensors: Dict[str, torch.Tensor], dtype) -> None:
+    """A function, not a loop in the caller: a loop variable left bound to the last tensor (a view
+    of the full one) would keep the full tensor alive through the next load."""
+    for hf_name, tensor in tensors.items():
+        writer.add(hf_name, tensor.to(dtype))
+
+
+def _exported_params(model, plan: ExportPlan) -> Dict[str, tuple]:
+    """name -> (meta parameter, Source) of every parameter this stage writes, in model order
+    (the last stage's tied copy of the embedding is the first stage's to write)."""
+    offset = tm.layer_offset_of(model)
+    tied = plan.model_cfg.share_embeddings_and_output_weights
+    return {name: (param, tm.source_for(name, plan.model_cfg, plan.family, offset))
+            for name, param in model.named_parameters() if not (tied and name == "output_layer.weight")}
+
+
 def _meta_full(param, tp_size: int) -> torch.Tensor:
     return torch.empty(tm.full_shape(param, tp_size), dtype=param.dtype, device="meta")
 
 
-def _gather_tp(shard: torch.Tensor, ctx: ParallelContext):
-    """Every TP rank's shard on TP rank 0 (a list in rank order there, None elsewhere)."""
-    if ctx.tp_size == 1:
-        return [shard]
-    dst = dist.get_global_rank(ctx.tp_group, 0)
-    gathered = [torch.empty_like(shard) for _ in range(ctx.tp_size)] if ctx.tp_rank == 0 else None
-    dist.gather(shard.contiguous(), gathered, dst=dst, group=ctx.tp_group)
-    return gathered
+def _gather_full(shard: torch.Tensor, param, ctx: ParallelContext) -> Optional[torch.Tensor]:
+    """The full (TP=1) tensor of `param` on TP rank 0 of this stage, None on the others.
+
+    Each rank's shard goes straight into its rows or columns of the full tensor, one piece per
+    partition_stride block, so TP rank 0 holds the full tensor, its shard and at most one other
+    rank's piece. (A `dist.gather` held every shard, gloo's flat copy of them all and then their
+    concatenation: 3x the full tensor, 375 MiB for a 32000 x 2048 bf16 embedding.)
+    """
+    if ctx.tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return shard if ctx.tp_rank == 0 else None  # replicated: TP rank 0's copy is the full tensor
+    dim, group = param.partition_dim, ctx.tp_group
+    if ctx.tp_rank != 0:
+        for _, local, length in tm.shard_pieces(param, ctx.tp_rank, ctx.tp_size):
+            dist.send(shard.narrow(dim, local, length).contiguous(), dst=dist.get_global_rank(group, 0), group=group)
+        return None
+    full = torch.empty(tm.full_shape(param, ctx.tp_size), dtype=shard.dtype, device=shard.device)
+    for rank in range(ctx.tp_size):
+        for start, local, length in tm.shard_pieces(param, rank, ctx.tp_size):
+            piece = full.narrow(dim, start, length)  # rows: contiguous; columns (row-parallel): strided
+            if rank == 0:
+                piece.copy_(shard.narrow(dim, local, length))
+            else:
+                _recv_into(piece, dist.get_global_rank(group, rank), group)
+    return full
+
+
+def _recv_into(target: torch.Tensor, src: int, group) -> None:
+    """Receive into `target` in place when it is contiguous, else through a buffer of its size."""
+    if target.is_contiguous():
+        dist.recv(target, src=src, group=group)
+        return
+    buffer = torch.empty(target.shape, dtype=target.dtype, device=target.device)
+    dist.recv(buffer, src=src, group=group)
+    target.copy_(buffer)
 
 
 def _write_metadata(plan: ExportPlan, out: Path):

@@ -208,17 +208,25 @@ def shard_ranges(size: int, tp_rank: int, tp_size: int, stride: int) -> List[Tup
     return [(j * block + tp_rank * chunk, j * block + (tp_rank + 1) * chunk) for j in range(stride)]
 
 
+def shard_pieces(param: torch.Tensor, tp_rank: int, tp_size: int) -> List[Tuple[int, int, int]]:
+    """Where TP rank `tp_rank`'s shard of `param` lies in the full tensor, along partition_dim:
+    (full start, local start, length) of each of its `partition_stride` blocks."""
+    dim, stride = param.partition_dim, int(getattr(param, "partition_stride", 1))
+    pieces, local = [], 0
+    for a, b in shard_ranges(full_shape(param, tp_size)[dim], tp_rank, tp_size, stride):
+        pieces.append((a, local, b - a))
+        local += b - a
+    return pieces
+
+
 def fill_shard(source, read: Reader, out: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> None:
     """Fill `out` (this rank's shard of `param`) from the HF tensors: only the rows/columns it holds."""
     if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
         source.read_into(read, 0, 0, out.shape[0], out)
         return
-    dim, stride = param.partition_dim, int(getattr(param, "partition_stride", 1))
-    full = full_shape(param, tp_size)
-    offset = 0
-    for a, b in shard_ranges(full[dim], tp_rank, tp_size, stride):
-        source.read_into(read, dim, a, b, out.narrow(dim, offset, b - a))
-        offset += b - a
+    dim = param.partition_dim
+    for start, local, length in shard_pieces(param, tp_rank, tp_size):
+        source.read_into(read, dim, start, start + length, out.narrow(dim, local, length))
 
 
 def full_shape(param: torch.Tensor, tp_size: int) -> Tuple[int, ...]:
@@ -227,15 +235,6 @@ def full_shape(param: torch.Tensor, tp_size: int) -> Tuple[int, ...]:
     if getattr(param, "tensor_model_parallel", False):
         shape[param.partition_dim] *= tp_size
     return tuple(shape)
-
-
-def unshard(shards: List[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
-    """The full tensor from every TP rank's shard (rank order), per partition_dim/stride."""
-    if len(shards) == 1 or not getattr(param, "tensor_model_parallel", False):
-        return shards[0]
-    dim, stride = param.partition_dim, int(getattr(param, "partition_stride", 1))
-    chunks = [s.chunk(stride, dim=dim) for s in shards]
-    return torch.cat([chunks[r][j] for j in range(stride) for r in range(len(shards))], dim=dim)
 
 
 def layer_offset_of(model) -> int:

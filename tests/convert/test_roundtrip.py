@@ -133,3 +133,16 @@ def test_rope_scaling_is_visible_in_the_reference(hf_models):
     tokens = torch.load(hf_models["llama"].parent / "tokens.pt")
     ref = torch.load(hf_models["llama"] / "reference_logits.pt")
     assert (reference_logits(plain.eval(), tokens) - ref).abs().max().item() > 100 * ATOL
+
+
+def test_export_loads_a_few_parameters_at_a_time(converted):
+    """Catches an export that loads the whole checkpoint at once (the shard plus Megatron's merged
+    copy of every GLU fc1: 0.85x of a Llama checkpoint per rank at TP=2) or keeps a loaded tensor
+    (a loop variable, a list of shards) alive into the next load: in every export above, at TP=2,
+    PP=2 and DP=2, no `dist_checkpointing.load` may ask for more bytes than the export's largest
+    parameter, and none of the tensors earlier loads returned may still be alive."""
+    ranks = [json.loads((converted / f"export-loads-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(max(c["largest"] for c in calls) > 0 for calls in ranks[0])  # rank 0 reads in every export
+    for calls in (calls for exports in ranks for calls in exports):  # one rank's loads in one export
+        assert max(c["bytes"] for c in calls) <= max(c["largest"] for c in calls), "a load asked for too much"
+        assert max(c["alive"] for c in calls) == 0, "a tensor from an earlier load was still alive"

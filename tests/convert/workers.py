@@ -1,6 +1,8 @@
 """Bodies of the multi-rank convert tests (module level: spawned processes unpickle them)."""
 
+import contextlib
 import json
+import weakref
 from pathlib import Path
 
 import torch
@@ -95,6 +97,33 @@ def trim_run(src: Path, dst: Path, ctx) -> None:
     save_trimmed(dst, result, plan, padded, tokenizer, ctx, summary={"trimmed": True})
 
 
+@contextlib.contextmanager
+def recording_loads(calls: list):
+    """Record, for every `dist_checkpointing.load` made inside, the bytes of the sharded tensors
+    it asks for (all, and the largest one) and how many tensors that earlier loads returned are
+    still alive when it starts."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    original, returned = dist_checkpointing.load, []
+
+    def load(request, *args, **kwargs):
+        sizes = [v.data.numel() * v.data.element_size() for v in nested_values(request)
+                 if isinstance(v, ShardedBase) and v.data is not None]
+        calls.append({"bytes": sum(sizes), "largest": max(sizes, default=0),
+                      "alive": sum(ref() is not None for ref in returned)})
+        out = original(request, *args, **kwargs)
+        returned.extend(weakref.ref(v) for v in nested_values(out) if isinstance(v, torch.Tensor))
+        return out
+
+    dist_checkpointing.load = load
+    try:
+        yield
+    finally:
+        dist_checkpointing.load = original
+
+
 def convert_everything(rank, world, root, families):
     """Import every family at TP=1, PP=2 and TP=2, take each run dir's logits, and export every
     run dir at a different layout than it was imported at; plus a pruned-shaped run dir."""
@@ -106,7 +135,13 @@ def convert_everything(rank, world, root, families):
 
     root = Path(root)
     tokens = torch.load(root / "hf" / "tokens.pt")
-    summaries = {}
+    summaries, loads = {}, []
+
+    def export(cmd, ctx):
+        loads.append([])
+        with recording_loads(loads[-1]):
+            return convert(cmd, ctx)
+
     for layout, (tp, pp) in LAYOUTS.items():
         ctx = init_runtime(tp=tp, pp=pp, device="cpu", seed=3)
         parallel = ParallelConfig(tp=tp, pp=pp)
@@ -119,27 +154,28 @@ def convert_everything(rank, world, root, families):
             if target != layout:
                 continue
             for family in families:
-                summaries[f"export {family} {source}@{layout}"] = convert(
+                summaries[f"export {family} {source}@{layout}"] = export(
                     ConvertCommand(load=str(root / f"{family}-{source}"), to_hf=str(root / f"out-{family}-{source}"),
                                    parallel=parallel, convert=ConvertConfig(max_shard_size_mb=1)), ctx)
         if layout == "pp2":  # a bf16 checkpoint, imported at PP=2 and exported at TP=2
             convert(ConvertCommand(from_hf=str(root / "hf" / "nemotron-bf16"), save=str(root / "bf16-pp2"),
                                    parallel=parallel), ctx)
         if layout == "tp2":
-            convert(ConvertCommand(load=str(root / "bf16-pp2"), to_hf=str(root / "out-bf16"), parallel=parallel), ctx)
+            export(ConvertCommand(load=str(root / "bf16-pp2"), to_hf=str(root / "out-bf16"), parallel=parallel), ctx)
         if layout == "tp1":
             make_pruned_like_run(root / "pruned", str(root / f"{families[0]}-tp1" / "tokenizer.model"), ctx)
-            convert(ConvertCommand(load=str(root / "pruned"), to_hf=str(root / "out-pruned-dp2"), parallel=parallel),
-                    ctx)  # two data-parallel replicas: only one may write
+            export(ConvertCommand(load=str(root / "pruned"), to_hf=str(root / "out-pruned-dp2"), parallel=parallel),
+                   ctx)  # two data-parallel replicas: only one may write
         if layout == "tp2":
             _save_if_writer(ctx, run_dir_logits(root / "pruned", ctx, tokens), root / "logits-pruned.pt")
             if "nemotron" in families:  # layernorm1p, partial rotary, squared ReLU through the trimmer
                 trim_run(root / "nemotron-tp2", root / "trimmed", ctx)
                 _save_if_writer(ctx, run_dir_logits(root / "trimmed", ctx, tokens), root / "logits-trimmed.pt")
-                summaries["export trimmed"] = convert(
+                summaries["export trimmed"] = export(
                     ConvertCommand(load=str(root / "trimmed"), to_hf=str(root / "out-trimmed"), parallel=parallel), ctx)
-            summaries["export pruned"] = convert(
+            summaries["export pruned"] = export(
                 ConvertCommand(load=str(root / "pruned"), to_hf=str(root / "out-pruned"), parallel=parallel), ctx)
+    (root / f"export-loads-rank{rank}.json").write_text(json.dumps(loads))
     if rank == 0:
         (root / "summaries.json").write_text(json.dumps(summaries, indent=1))
 
