@@ -3,7 +3,7 @@ combine, the norm rescale, and the (batch, seq) aggregation pair.
 
     python benchmarks/hidden_importance.py --teachers /work/runs/teachers/seed1234 \\
         /work/runs/teachers/seed1 /work/runs/teachers/seed2 --out /work/runs/hidden_importance
-    python benchmarks/hidden_importance.py ... --phase kd --kd-variants all/sum/none layers/sum/none
+    python benchmarks/hidden_importance.py ... --phase kd --kd-variants all/sum/none layers/sum/none [--kd-aggs mean,mean]
     python benchmarks/hidden_importance.py ... --phase table
 
 Phase `zero` (in one process, each teacher loaded once): per teacher and (batch, seq)
@@ -150,13 +150,16 @@ def kd(args) -> None:
     out = Path(args.out)
     results = out / "kd.jsonl"
     done = {(r["seed"], r["agg"], r["variant"], r["target"]) for r in read_jsonl(results)}
-    batch_agg, seq_agg = DEFAULT_AGG.split(",")
-    for teacher, target_name, variant in itertools.product(args.teachers, args.kd_targets, args.kd_variants):
+    for teacher, agg, target_name, variant in itertools.product(args.teachers, args.kd_aggs, args.kd_targets,
+                                                                 args.kd_variants):
         seed = seed_of(teacher)
-        if (seed, DEFAULT_AGG, variant, target_name) in done:
+        if (seed, agg, variant, target_name) in done:
             continue
+        batch_agg, seq_agg = agg.split(",")
         norms, combine, rescale = variant.split("/")
         name = f"{seed}-{target_name}-{variant.replace('/', '-')}"
+        if agg != DEFAULT_AGG:
+            name += f"-{batch_agg}-{seq_agg}"
         student, kd_dir = out / "students" / name, out / "kd" / name
         common = ["data=stdlib", "device=cpu"]
         target = [f"prune.target.{k}={v}" for k, v in TARGETS[target_name].items()]
@@ -173,7 +176,7 @@ def kd(args) -> None:
                       f"distill.save_interval={args.kd_steps}", f"distill.eval_samples={args.eval_samples}",
                       "distill.optim.lr=1e-3", "distill.optim.min_lr=1e-4", "distill.optim.warmup_steps=10",
                       f"save={kd_dir}")
-        record = {"seed": seed, "agg": DEFAULT_AGG, "variant": variant, "target": target_name,
+        record = {"seed": seed, "agg": agg, "variant": variant, "target": target_name,
                   "val_loss": summary["val_loss"], "steps": args.kd_steps,
                   "seconds": round(time.time() - start)}
         append_jsonl(results, record)
@@ -224,6 +227,7 @@ def main() -> None:
     parser.add_argument("--agg-variants", nargs="+", default=["all/sum/none", "layers/sum/none"],
                         help="hidden variants scored for the non-default aggregation pairs")
     parser.add_argument("--kd-variants", nargs="+", default=["all/sum/none", "layers/sum/none"])
+    parser.add_argument("--kd-aggs", nargs="+", default=[DEFAULT_AGG], help="(batch,seq) pairs of the KD phase")
     parser.add_argument("--kd-targets", nargs="+", default=["h96_f256", "h80_f80"], choices=list(TARGETS))
     parser.add_argument("--kd-steps", type=int, default=100)
     args = parser.parse_args()

@@ -79,11 +79,14 @@ class PruneConfig:
     """importance, random or magnitude (the latter two are ablation baselines)."""
     depth_metric: str = "block_importance"
     """block_importance, loss_drop or contiguous: ranks layers when num_layers is cut."""
-    norm_rescale: str = "none"
-    """none or calibrated (true/false also accepted): when hidden channels are cut, multiply each
-    kept norm weight by the calibration estimate of rms_kept / rms_full (LayerNorm: the std
+    norm_rescale: str = "auto"
+    """auto, calibrated or none (true/false also accepted): when hidden channels are cut, multiply
+    each kept norm weight by the calibration estimate of rms_kept / rms_full (LayerNorm: the std
     ratio, plus a bias shift for the mean), so that the norm's statistic over fewer channels
-    does not rescale its output. See trim/hidden.py."""
+    does not rescale its output. See trim/hidden.py. auto (the default, chosen by measurement:
+    docs/hidden_importance.md) calibrates when the scores carry the norm moments and keeps the
+    plain slice otherwise (random/magnitude baselines, older score files); calibrated requires
+    the moments."""
     residual_heads: bool = False
     """Fold pruned query heads into kept ones (the paper's head_i + (head_i - head_2K-i+1))."""
     scores: Optional[str] = None

@@ -29,7 +29,10 @@ HIDDEN_NORMS = ("all", "layers", "input", "pre_mlp")
 input / pre_mlp: only the layers' input (pre-attention) / pre-MLP norms."""
 HIDDEN_COMBINES = ("sum", "normalized")
 """sum: plain sum of the per-norm score vectors; normalized: each divided by its own sum first."""
-NORM_RESCALES = ("none", "calibrated")
+NORM_RESCALES = ("auto", "none", "calibrated")
+"""auto: calibrated when the scores carry the norm moments (every prune.method=importance run of
+this version), none otherwise (random/magnitude baselines, score files from before the moments);
+calibrated: required (an error without the moments); none: the plain slice."""
 BY_NORM_KEY = "hidden.channel_by_norm"
 MOMENTS_KEY = "hidden.norm_moments"
 
@@ -73,9 +76,11 @@ def validate_hidden(hidden_norms: str, hidden_combine: str, norm_rescale) -> Lis
 
 
 def rescale_mode(value) -> Optional[str]:
-    """'none' / 'calibrated' from a bool or a name (Hydra turns `true` into 'True' for a str
-    field); None when it is neither."""
+    """'auto' / 'none' / 'calibrated' from a bool or a name (Hydra turns `true` into 'True' for
+    a str field); None when it is none of them."""
     text = str(value).lower()
+    if text == "auto":
+        return "auto"
     if text in ("calibrated", "true"):
         return "calibrated"
     if text in ("none", "false"):

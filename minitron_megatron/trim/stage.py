@@ -51,14 +51,24 @@ def make_plan(prune: PruneConfig, model_cfg: ModelConfig, new_cfg: ModelConfig, 
     plan = plan_from_scores(model_cfg, new_cfg, scores, drop_layers=prune.target.drop_layers,
                             depth_metric=prune.depth_metric, residual_heads=prune.residual_heads,
                             method=prune.method)
-    if rescale_mode(prune.norm_rescale) == "calibrated" and len(plan.hidden) < plan.source["hidden_size"]:
-        if MOMENTS_KEY not in scores:
-            raise ConfigError(f"prune.norm_rescale=calibrated needs {MOMENTS_KEY!r} in the importance scores (a "
-                              "prune.method=importance run of this version); use prune.norm_rescale=none")
-        plan.norm_scale, plan.norm_shift = rescale_factors(scores[MOMENTS_KEY], plan.hidden,
-                                                           model_cfg.normalization)
-        plan.notes["norm_rescale"] = "calibrated"
+    if len(plan.hidden) < plan.source["hidden_size"]:
+        plan.notes["norm_rescale"] = apply_norm_rescale(plan, rescale_mode(prune.norm_rescale), scores,
+                                                        model_cfg.normalization)
     return plan
+
+
+def apply_norm_rescale(plan: TrimPlan, mode: str, scores: Dict[str, torch.Tensor], normalization: str) -> str:
+    """Set the plan's norm factors for prune.norm_rescale `mode`; returns what was done (for
+    trim_plan.json). `auto` calibrates when the scores carry the moments: every importance run
+    of this version does; random/magnitude scores and older score files do not."""
+    has_moments = MOMENTS_KEY in scores
+    if mode == "none" or (mode == "auto" and not has_moments):
+        return "none" if mode == "none" else f"none (auto: the scores have no {MOMENTS_KEY!r})"
+    if not has_moments:
+        raise ConfigError(f"prune.norm_rescale=calibrated needs {MOMENTS_KEY!r} in the importance scores (a "
+                          "prune.method=importance run of this version); use prune.norm_rescale=none or auto")
+    plan.norm_scale, plan.norm_shift = rescale_factors(scores[MOMENTS_KEY], plan.hidden, normalization)
+    return "calibrated"
 
 
 def hidden_variant(scores: Dict[str, torch.Tensor], prune: PruneConfig) -> Dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.prune import PruneConfig
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.trim.apply import rescale_norms
-from minitron_megatron.trim.hidden import combine_hidden, rescale_factors, validate_hidden
+from minitron_megatron.trim.hidden import MOMENTS_KEY, combine_hidden, rescale_factors, validate_hidden
 from minitron_megatron.trim.plan import keep_plan
 from minitron_megatron.trim.stage import make_plan
 
@@ -83,3 +83,25 @@ def test_rescale_needs_the_moments():
     prune = PruneConfig(norm_rescale="calibrated")
     with pytest.raises(ConfigError, match="prune.norm_rescale=calibrated needs 'hidden.norm_moments'"):
         make_plan(prune, cfg, new, scores={"hidden.channel": torch.rand(H)})
+
+
+def test_auto_rescale_calibrates_only_with_the_moments():
+    """The default (auto): the calibrated factors when the scores carry the moments, exactly
+    as an explicit `calibrated`; the plain slice, said in the plan's notes, when they do not
+    (random/magnitude baselines, older score files)."""
+    cfg = ModelConfig(name="t", num_layers=L, hidden_size=H, ffn_hidden_size=8, num_attention_heads=2)
+    new = ModelConfig(name="t", num_layers=L, hidden_size=4, ffn_hidden_size=8, num_attention_heads=2)
+    assert PruneConfig().norm_rescale == "auto"
+    gen = torch.Generator().manual_seed(0)
+    z2 = torch.rand(2 * L + 1, H, generator=gen) * 3
+    moments = torch.stack([torch.zeros(2 * L + 1, H), z2], 1)  # [2L+1, 2, h]: E[z], E[z^2]
+    with_moments = {"hidden.channel": torch.rand(H, generator=gen), MOMENTS_KEY: moments}
+    auto = make_plan(PruneConfig(), cfg, new, scores=with_moments)
+    calibrated = make_plan(PruneConfig(norm_rescale="calibrated"), cfg, new, scores=with_moments)
+    assert auto.notes["norm_rescale"] == "calibrated"
+    assert auto.norm_scale == calibrated.norm_scale and auto.norm_scale and any(s != 1 for s in auto.norm_scale)
+    old = make_plan(PruneConfig(), cfg, new, scores={"hidden.channel": with_moments["hidden.channel"]})
+    assert old.notes["norm_rescale"].startswith("none (auto") and not old.norm_scale
+    assert old.hidden == auto.hidden
+    random = make_plan(PruneConfig(method="random"), cfg, new, seed=1)
+    assert random.notes["norm_rescale"].startswith("none (auto") and not random.norm_scale
