@@ -14,24 +14,10 @@ and a table of validation LM losses (every eval interval) plus a JSON line.
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(module: str, *overrides: str) -> dict:
-    """Run `python -m minitron_megatron.<module>` and return its JSON summary."""
-    env = {**os.environ, "MINITRON_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", f"minitron_megatron.{module}", *overrides]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from commands import run  # benchmarks/commands.py
 
 
 def eval_curve(run_dir: Path) -> dict:

@@ -19,14 +19,13 @@ comes first; the last stdout line is a one-line JSON summary.
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from commands import start, summary  # noqa: E402  benchmarks/commands.py
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -77,26 +76,11 @@ def teacher_precisions(teacher: str, samples: int, micro_batch_size: int) -> dic
         destroy_runtime()
 
 
-def _start(stage: str, *overrides: str) -> subprocess.Popen:
-    """Start `python -m minitron_megatron.<stage>` (its JSON summary is its last stdout line)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MINITRON_NO_PROGRESS": "1"}
-    cmd = [sys.executable, "-m", f"minitron_megatron.{stage}", *overrides]
-    print("$", " ".join(cmd), flush=True)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _summary(proc: subprocess.Popen, stage: str) -> dict:
-    stdout, stderr = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"{stage} failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-4000:]}")
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
 def pruned_student(teacher: str, work: Path, target: list, samples: int) -> str:
     """The pruned student (made once; a finished run dir in `work` is reused)."""
     pruned = work / "pruned"
     if not (pruned / "summary.json").is_file():
-        _summary(_start("prune", f"load={teacher}", "data=stdlib", "device=cpu", *target, f"save={pruned}",
+        summary(start("prune", f"load={teacher}", "data=stdlib", "device=cpu", *target, f"save={pruned}",
                         f"evaluate.samples={samples}"), "prune")
     return str(pruned)
 
@@ -110,7 +94,7 @@ def start_distills(precisions, teacher: str, student: str, work: Path, steps: in
         if (save / "summary.json").is_file():
             runs[precision] = json.loads((save / "summary.json").read_text())
             continue
-        runs[precision] = _start(
+        runs[precision] = start(
             "distill", f"teacher.load={teacher}", f"student.load={student}", "data=stdlib", "device=cpu",
             f"teacher.precision={precision}", f"distill.steps={steps}", f"distill.eval_interval={steps}",
             f"distill.save_interval={steps}", "distill.tensorboard=false", f"evaluate.samples={samples}",
@@ -119,7 +103,7 @@ def start_distills(precisions, teacher: str, student: str, work: Path, steps: in
 
 
 def wait_distills(runs: dict) -> dict:
-    return {p: r if isinstance(r, dict) else _summary(r, f"distill teacher.precision={p}") for p, r in runs.items()}
+    return {p: r if isinstance(r, dict) else summary(r, f"distill teacher.precision={p}") for p, r in runs.items()}
 
 
 def main() -> None:

@@ -21,15 +21,12 @@ and OUT/kd.jsonl (a rerun skips what is done); phase `table` prints the markdown
 import argparse
 import itertools
 import json
-import os
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from statistics import mean
 
-ROOT = Path(__file__).resolve().parents[1]
+from commands import run as cli  # benchmarks/commands.py
 TARGETS = {
     "h96_f256": dict(hidden_size=96, ffn_hidden_size=256),
     "h96_f256_l3": dict(hidden_size=96, ffn_hidden_size=256, num_layers=3),
@@ -135,16 +132,6 @@ def zero_shot(args) -> None:
 
 
 # ---- phase kd: the CLI, one student and one distill run per (variant, seed, target) -------------
-
-def cli(module: str, *overrides: str) -> dict:
-    env = {**os.environ, "MINITRON_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", f"minitron_megatron.{module}", *overrides]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 def kd(args) -> None:
     out = Path(args.out)
