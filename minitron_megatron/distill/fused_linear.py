@@ -12,7 +12,9 @@ norm) and its vocab-parallel output weight shard, and walks over chunks of token
                 dh_s += G W_s, dW_s += G^T h_s                                   # [chunk, h], [V_s/tp, h]
 
 so no logits tensor of either model exists whole; the extra memory is one chunk's
-logits and float32 scratch, plus the (unavoidable) weight gradient.
+logits (two float32 [chunk, V/tp] buffers, reused in place for every intermediate, and a
+few MiB of scratch for the passes that go a vocab block at a time), plus the
+(unavoidable) weight gradient.
 
 Gradients are computed in the forward pass, as Liger-Kernel's fused-linear losses do,
 which saves re-running both output matmuls in backward. Their loss is a scalar;
@@ -41,22 +43,21 @@ import torch.distributed as dist
 
 from minitron_megatron.distill.losses import (
     KINDS,
-    TorchChunkMath,
     VocabLayout,
     _group_size_rank,
     _local_labels,
     _token_slices,
-    add_ce_grad,
-    ce_local_stats,
     global_kl,
     resolve_layout,
 )
 
 
-_CHUNK_ELEMENTS = 1 << 25
-"""Default chunk: 128 MiB per float32 [chunk, V/tp] buffer (three of them). Larger than
-the logits loss's chunks: each chunk's weight gradient is a rank-`chunk` update of the
-whole [V/tp, h] gradient, which small chunks make memory-bound."""
+_CHUNK_ELEMENTS = 1 << 26
+"""Default chunk: 256 MiB per float32 [chunk, V/tp] buffer (two of them): 256 tokens at
+V/tp = 262144. Larger than the logits loss's chunks: every chunk streams both [V/tp, h]
+output weights through its matmuls and updates the whole weight gradient, which small
+chunks make slow (measured on CPU at V 262144, h 4096: the logits matmul at 128 vs 256
+tokens, 121 vs 140 GFLOP/s)."""
 
 
 def default_chunk_tokens(vocab_local: int) -> int:
@@ -99,7 +100,7 @@ def fused_linear_kd_loss(
     labels: [...] global vocab ids, or None (no CE: the second result is None).
     kind, temperature, true_vocab_size: as for `losses.kd_logit_loss` (padding ids of
     either model are excluded from the KD distributions).
-    chunk_tokens: tokens per chunk (default: a float32 [chunk, v_s/tp] buffer is ~128 MiB).
+    chunk_tokens: tokens per chunk (default: a float32 [chunk, v_s/tp] buffer is ~256 MiB).
     ce_weight: how the caller weighs CE against KD in its loss; it only decides
     which tokens backward must recompute (exact for any upstream gradient).
     teacher_weight_cache: a dict kept by the caller across calls, to fetch the teacher's
@@ -165,14 +166,13 @@ class _FusedLinearKD(torch.autograd.Function):
             grad_h.mul_(lam)
         if grad_w is not None:
             grad_w.mul_(lam)
-        math = TorchChunkMath()
         fix = torch.nonzero((d_kd != 0) | (d_ce != 0)).view(-1)  # tokens to recompute
         for part in _token_slices(fix.numel(), cfg.chunk_tokens):
             rows = fix[part]
             if rows.numel() == 0:
                 continue
             s, t = _chunk_logits(h_s, w_s, h_t, w_t, rows)
-            g = _logit_grad(s, t, labels[rows], per_token[:, rows], d_kd[rows], d_ce[rows], cfg, math)
+            g = _recomputed_grad(s, t, labels[rows], per_token[:, rows], d_kd[rows], d_ce[rows], cfg)
             _accumulate(g, h_s, w_s, rows, grad_h, grad_w)
             del s, t, g
         if grad_h is not None and cfg.layout.tp_size > 1:
@@ -207,68 +207,123 @@ def _vocab_major(device: torch.device) -> bool:
 def _forward_chunk(s, t, labels, cfg: _FusedConfig, want_grad: bool):
     """Losses of one chunk and, if `want_grad`, G = d(KD + ce_weight * CE)/d s.
 
-    s: [chunk, V_s/tp], t: [chunk, n_valid] logits (consumed: the float32 buffers
-    are reused in place, so the whole step holds three [chunk, V/tp] float32 buffers).
+    s: [chunk, V_s/tp], t: [chunk, n_valid] logits, consumed: their float32 buffers are
+    reused in place, so a chunk holds two [chunk, V/tp] float32 buffers and one small
+    [chunk, block] scratch (see `_scratch_for`).
     Returns ([5, chunk] float32 lse_s, lse_t, KL, lse_ce, CE; G float32 [chunk, V_s/tp] or None).
     """
-    n, inv_t = cfg.layout.n_valid, 1.0 / cfg.temperature
-    s, t = s.float(), t.float()  # [chunk, V_s/tp], [chunk, n_valid]; no copy when already float32
+    s, t = _scaled(s, t, cfg)
+    scratch = _scratch_for(t)
     ce_apart = cfg.with_ce and cfg.temperature != 1.0  # at T=1 the CE reuses the KD's exponentials
-    ce_stats = ce_local_stats(s, labels, cfg.layout.student_start) if ce_apart else None
-    label_logit = _label_logit(s, labels, cfg) if cfg.with_ce else None
-    s_valid = s[:, :n]
-    if inv_t != 1.0:
-        s_valid.mul_(inv_t)
-        t.mul_(inv_t)
-    kd_stats, e_s, e_t, u = _kd_partials(s_valid, t, cfg.reverse)
-    if cfg.with_ce and not ce_apart:
-        ce_stats = _ce_partials_t1(s, n, kd_stats, label_logit, cfg.reverse)
+    ce_stats = _ce_stats_apart(s, labels, cfg, scratch) if ce_apart else None  # before s becomes e_s
+    label_logit = _label_logit(s, labels, cfg) if cfg.with_ce and not ce_apart else None
+    kd_stats, other = _kd_partials(s[:, : cfg.layout.n_valid], t, cfg.reverse, scratch)
+    if label_logit is not None:
+        ce_stats = _ce_partials_t1(s, cfg.layout.n_valid, kd_stats, label_logit, cfg.reverse)
     per_token = _reduce_chunk(kd_stats, ce_stats, cfg)
     if not want_grad:
         return per_token, None
     ones = torch.ones(s.shape[0], dtype=torch.float32, device=s.device)
-    return per_token, _grad_in_place(s, e_s, e_t, u, labels, per_token, kd_stats, ones, ones * cfg.ce_weight,
-                                     cfg, ce_apart)
+    return per_token, _grad_in_place(s, other, labels, per_token, kd_stats, ones, ones * cfg.ce_weight, cfg,
+                                     scratch)
 
 
-def _kd_partials(s_valid, t, reverse: bool):
-    """Local KD partials [5, chunk] (as `TorchChunkMath.local_stats`) and the buffers that the
-    gradient reuses: e_s = e^(s - m_s), e_t = e^(t - m_t) (forward KL only) and, in reverse
-    KL, u = e_s (s - t).
+def _recomputed_grad(s, t, labels, per_token, coef_kd, coef_ce, cfg: _FusedConfig):
+    """Backward's correction for some tokens: d(sum coef_kd * KD + coef_ce * CE)/d s from
+    their recomputed logits and the per-token results of forward (no TP communication:
+    the local maxima need not match forward's). Float32 [chunk, V_s/tp], over `s`."""
+    s, t = _scaled(s, t, cfg)
+    scratch = _scratch_for(t)
+    kd_stats, other = _kd_partials(s[:, : cfg.layout.n_valid], t, cfg.reverse, scratch)
+    return _grad_in_place(s, other, labels, per_token, kd_stats, coef_kd, coef_ce, cfg, scratch)
 
-    `t` is overwritten: by e_s in forward KL, by u in reverse KL; s_valid is left as it is.
-    All [chunk, n_valid] float32, in the layout of `t` (one new buffer). The row sums
-    of e (x - y) are taken from a product made in place, not a separate dot: on a
-    vocab-major chunk a batched row dot would copy its operands.
+
+def _scaled(s, t, cfg: _FusedConfig):
+    """Float32 logits (no copy when already float32), the KD columns divided by T:
+    s[:, :n_valid] holds s/T and t holds t/T; s's padding columns stay unscaled."""
+    s, t = s.float(), t.float()  # [chunk, V_s/tp], [chunk, n_valid]
+    if cfg.temperature != 1.0:
+        s[:, : cfg.layout.n_valid].mul_(1.0 / cfg.temperature)
+        t.mul_(1.0 / cfg.temperature)
+    return s, t
+
+
+_BLOCK_ELEMENTS = 1 << 20
+"""Scratch for the vocab-blocked passes: 4 MiB of float32, a [chunk, block] slice of the
+vocab at a time (at 256 tokens, 4096 ids: 64 blocks of a 262144 vocab)."""
+
+
+def _scratch_for(t: torch.Tensor) -> torch.Tensor:
+    """A float32 [chunk, block] buffer with t's layout (a block of t's columns, empty)."""
+    block = max(1, min(t.shape[1], _BLOCK_ELEMENTS // max(t.shape[0], 1)))
+    return torch.empty_like(t[:, :block])
+
+
+def _blocks(n: int, scratch: torch.Tensor):
+    """(columns, scratch view) for consecutive vocab blocks of n columns."""
+    step = scratch.shape[1]
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        yield slice(start, stop), scratch[:, : stop - start]
+
+
+def _kd_partials(s_valid, t, reverse: bool, scratch):
+    """Local KD partials [5, chunk] (as `TorchChunkMath.local_stats`), turning the two
+    buffers into what the gradient needs:
+
+        s_valid (s/T)  ->  e_s = e^(s/T - m_s)
+        t (t/T)        ->  forward KL: e_t = e^(t/T - m_t);  reverse KL: u = e_s (s - t)/T
+
+    e_t's normaliser (and, in forward KL, the row sums of e_t (t - s)/T) are taken a vocab
+    block at a time through `scratch`, so no third [chunk, n_valid] buffer exists.
+    All float32 [chunk, n_valid], in place, in t's layout.
     """
     if s_valid.shape[1] == 0:  # this rank holds only padding ids
         stats = torch.zeros(5, s_valid.shape[0], dtype=torch.float32, device=s_valid.device)
         stats[:2] = float("-inf")
-        return stats, s_valid, t, t
+        return stats, t
     m_s, m_t = s_valid.amax(dim=-1), t.amax(dim=-1)
-    e = torch.sub(t, m_t[:, None]).exp_()  # [chunk, n_valid], the one new buffer: e^(t - m_t)
-    z_t = e.sum(dim=-1)
+    z_t = torch.zeros_like(m_t)
+    w = torch.zeros_like(m_t)  # forward KL: sum e_t (t - s)
+    for cols, e in _blocks(t.shape[1], scratch):
+        t_b = t[:, cols]
+        z_t += torch.sub(t_b, m_t[:, None], out=e).exp_().sum(dim=-1)  # e = e^(t - m_t) of the block
+        t_b.sub_(s_valid[:, cols])  # t - s
+        if reverse:
+            t_b.neg_()  # s - t: u's second factor
+        else:
+            w += torch.mul(t_b, e, out=t_b).sum(dim=-1)
+            t_b.copy_(e)  # e_t
+    e_s = s_valid.sub_(m_s[:, None]).exp_()
+    z_s = e_s.sum(dim=-1)
     if reverse:  # x = s, y = t
-        e_s = torch.sub(s_valid, m_s[:, None], out=e).exp_()  # e_t is consumed
-        e_t = None
-        u = torch.sub(s_valid, t, out=t).mul_(e_s)  # e_s (s - t): its row sums are the KL's w
-        z_s = e_s.sum(dim=-1)
-        w = u.sum(dim=-1)
-        stats = torch.stack([m_s, m_t, z_s, z_t, w])
-    else:  # x = t, y = s
-        e_t = e
-        w = torch.sub(t, s_valid, out=t).mul_(e_t).sum(dim=-1)  # sum e_t (t - s), in place
-        e_s = torch.sub(s_valid, m_s[:, None], out=t).exp_()  # the product is consumed
-        u = None
-        z_s = e_s.sum(dim=-1)
-        stats = torch.stack([m_t, m_s, z_t, z_s, w])
-    return stats, e_s, e_t, u
+        w = t.mul_(e_s).sum(dim=-1)  # t holds u now
+        return torch.stack([m_s, m_t, z_s, z_t, w]), t
+    return torch.stack([m_t, m_s, z_t, z_s, w]), t  # x = t, y = s
 
 
 def _label_logit(s, labels, cfg: _FusedConfig):
-    """The label's (unscaled) logit where this rank owns it, else 0: [chunk]."""
+    """The label's unscaled logit where this rank owns it, else 0: [chunk] (s holds s/T
+    on the KD columns)."""
     index, owned = _local_labels(labels, cfg.layout.student_start, s.shape[1])
-    return s.gather(1, index[:, None]).squeeze(1) * owned
+    logit = s.gather(1, index[:, None]).squeeze(1)
+    if cfg.temperature != 1.0:
+        logit = torch.where(index < cfg.layout.n_valid, logit * cfg.temperature, logit)
+    return logit * owned
+
+
+def _ce_stats_apart(s, labels, cfg: _FusedConfig, scratch):
+    """Local CE partials [3, chunk] (max, sum-exp, label logit) at T != 1, over every local
+    column of the unscaled logits (the KD columns hold s/T), a vocab block at a time."""
+    n, temp = cfg.layout.n_valid, cfg.temperature
+    valid, pad = s[:, :n], s[:, n:]
+    m = valid.amax(dim=-1) * temp if n > 0 else torch.full_like(s[:, 0], float("-inf"))
+    if pad.shape[1] > 0:
+        m = torch.maximum(m, pad.amax(dim=-1))
+    z = torch.exp(pad - m[:, None]).sum(dim=-1)  # [chunk, padding ids here]: a few columns
+    for cols, e in _blocks(n, scratch):
+        z += torch.mul(valid[:, cols], temp, out=e).sub_(m[:, None]).exp_().sum(dim=-1)
+    return torch.stack([m, z, _label_logit(s, labels, cfg)])
 
 
 def _ce_partials_t1(s, n_valid, kd_stats, label_logit, reverse: bool):
@@ -304,40 +359,36 @@ def _reduce_chunk(kd_stats, ce_stats, cfg: _FusedConfig) -> torch.Tensor:
     return torch.stack([lse_s, lse_t, kl, lse_ce, lse_ce - sums[4]])
 
 
-def _grad_in_place(s, e_s, e_t, u, labels, per_token, kd_stats, coef_kd, coef_ce, cfg: _FusedConfig,
-                   ce_apart: bool):
+def _grad_in_place(s, other, labels, per_token, kd_stats, coef_kd, coef_ce, cfg: _FusedConfig, scratch):
     """G = d(coef_kd * KD + coef_ce * CE)/d s, written over `s` (float32 [chunk, V_s/tp]).
 
-    With q = softmax(s/T) = e_s e^(m_s - lse_s), p = e_t e^(m_t - lse_t):
-    forward KL: T (q - p); reverse KL: T q (log q - log p - KL), where
-    log q - log p = (s - t)/T - lse_s + lse_t, so with u = e_s (s - t)/T the reverse
-    gradient is a u + (a_ce - a c) e_s for c = lse_s - lse_t + KL. CE: softmax(s) -
-    onehot(label), which at T=1 is e_s e^(m_s - lse_ce) on the true vocab, so it only
-    changes e_s's factor.
+    s[:, :n_valid] holds e_s and `other` e_t or u (`_kd_partials`); s's padding columns
+    the unscaled logits. With q = softmax(s/T) = e_s e^(m_s - lse_s), p = e_t e^(m_t - lse_t):
+    forward KL: T (q - p) = a e_s - b e_t; reverse KL: T q (log q - log p - KL), where
+    log q - log p = (s - t)/T - lse_s + lse_t, so it is a u - a c e_s for
+    c = lse_s - lse_t + KL. CE: softmax(s) - onehot(label); on the true vocab
+    softmax(s) = e_s^T e^(T m_s - lse_ce), which at T=1 only changes e_s's factor.
     """
     n, temp = cfg.layout.n_valid, cfg.temperature
     lse_s, lse_t, kl, lse_ce = per_token[0], per_token[1], per_token[2], per_token[3]
     m_s, m_t = (kd_stats[0], kd_stats[1]) if cfg.reverse else (kd_stats[1], kd_stats[0])
     ce_grad = cfg.with_ce and bool((coef_ce != 0).any())
-    s_valid = s[:, :n]  # [chunk, n_valid], holds s/T
+    e_s = s[:, :n]  # [chunk, n_valid]
     if n > 0:
-        ce_soft = None
-        if ce_grad and ce_apart:  # T != 1: the CE's softmax is its own, taken before s is overwritten
-            ce_soft = torch.exp(s_valid * temp - lse_ce[:, None]).mul_(coef_ce[:, None])
         a = temp * coef_kd * torch.exp(m_s - lse_s)  # [chunk]
-        if ce_grad and not ce_apart:
-            a_ce = coef_ce * torch.exp(m_s - lse_ce)
+        factor = -a * (lse_s - lse_t + kl) if cfg.reverse else a.clone()  # e_s's factor
+        ce_factor = coef_ce * torch.exp(temp * m_s - lse_ce) if ce_grad else None  # e_s^T's
+        if ce_grad and temp != 1.0:  # e_s factor + e_s^T ce_factor, a vocab block at a time
+            for cols, p in _blocks(n, scratch):
+                e_b = e_s[:, cols]
+                p = torch.pow(e_b, temp, out=p).mul_(ce_factor[:, None])
+                e_b.mul_(factor[:, None]).add_(p)
         else:
-            a_ce = torch.zeros_like(a)
-        if cfg.reverse:  # G = e_s (a ((s - t) - c) + a_ce) = a u + (a_ce - a c) e_s
-            torch.mul(e_s, (a_ce - a * (lse_s - lse_t + kl))[:, None], out=s_valid)
-            s_valid.add_(u.mul_(a[:, None]))
-        else:  # G = e_s (a + a_ce) - e_t b
-            b = temp * coef_kd * torch.exp(m_t - lse_t)
-            torch.mul(e_s, (a + a_ce)[:, None], out=s_valid)
-            s_valid.sub_(e_t.mul_(b[:, None]))
-        if ce_soft is not None:
-            s_valid.add_(ce_soft)
+            e_s.mul_((factor + ce_factor if ce_grad else factor)[:, None])
+        if cfg.reverse:  # + a u
+            e_s.add_(other.mul_(a[:, None]))
+        else:  # - b e_t
+            e_s.sub_(other.mul_((temp * coef_kd * torch.exp(m_t - lse_t))[:, None]))
     pad = s[:, n:]  # padding ids: no KD gradient; CE over the padded vocab, at T=1 (unscaled)
     if ce_grad and pad.shape[1] > 0:
         pad.sub_(lse_ce[:, None]).exp_().mul_(coef_ce[:, None])
@@ -347,20 +398,6 @@ def _grad_in_place(s, e_s, e_t, u, labels, per_token, kd_stats, coef_kd, coef_ce
         index, owned = _local_labels(labels, cfg.layout.student_start, s.shape[1])
         s.scatter_add_(1, index[:, None], (-coef_ce * owned)[:, None])
     return s
-
-
-def _logit_grad(s, t, labels, per_token, coef_kd, coef_ce, cfg: _FusedConfig, math: TorchChunkMath):
-    """d(sum coef_kd * KD + coef_ce * CE) / d s for one chunk: float32 [chunk, V_s/tp]."""
-    n_valid = cfg.layout.n_valid
-    grad = torch.zeros(s.shape, dtype=torch.float32, device=s.device)  # padding ids: KD grad 0
-    lse_s, lse_t, kl, lse_ce = per_token[0], per_token[1], per_token[2], per_token[3]
-    if n_valid > 0:
-        # d(T^2 KL)/d s = T * dKL/d(s/T): student_grad takes coef * T as its scale.
-        math.student_grad(s[:, :n_valid], t, lse_s, lse_t, kl, coef_kd * cfg.temperature,
-                          1.0 / cfg.temperature, cfg.reverse, out=grad[:, :n_valid])
-    if cfg.with_ce and bool((coef_ce != 0).any()):
-        add_ce_grad(grad, s, labels, cfg.layout.student_start, lse_ce, coef_ce)
-    return grad
 
 
 def _accumulate(g, h_s, w_s, rows, grad_h, grad_w, first: bool = False) -> None:
