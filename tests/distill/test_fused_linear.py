@@ -131,6 +131,14 @@ def assert_matches(result: dict, ref: dict, rank: int = 0, world: int = 1):
 # ------------------------------------------------------------------ TP=1 against float64
 
 
+@pytest.fixture(autouse=True)
+def ragged_vocab_blocks(monkeypatch):
+    """In this process, the vocab-blocked passes take 64-element blocks: several per chunk
+    (5 ids at 12 tokens, 9 at 7, 64 at 1), the last one short. The model tests run in
+    subprocesses with the default (one block at these vocab sizes)."""
+    monkeypatch.setattr(fused_linear, "_block_elements", lambda device: 64)
+
+
 # Chunk sizes 1, 7 and one chunk for all 12 tokens, each with more than one upstream kind.
 CHUNK_UPSTREAM = [(1, "masked"), (7, "random"), (None, "uniform"), (None, "masked")]
 
