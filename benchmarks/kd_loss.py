@@ -17,7 +17,8 @@ student's d hidden and d weight)
 - fused_linear_masked: the same with 10% of the tokens masked out of the loss
   (a loss mask, as in training: backward recomputes those tokens' logits);
 - liger: Liger-Kernel's `LigerFusedLinearJSDLoss(beta=0)` (forward KL; pure PyTorch
-  chunked loss, `compiled=False`, chunk size = ours), when the package imports.
+  chunked loss, `compiled=False`, chunk size = ours), when the package imports
+  (`pip install liger-kernel`, 0.8.5 measured; not in requirements/, as it pulls in Triton).
 
 Each variant runs in a fresh subprocess, so one cannot inherit the other's heap:
 - CPU memory: the process's peak resident set (Linux VmHWM, reset through

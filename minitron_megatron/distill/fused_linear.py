@@ -19,12 +19,14 @@ few MiB of scratch for the passes that go a vocab block at a time), plus the
 Gradients are computed in the forward pass, as Liger-Kernel's fused-linear losses do,
 which saves re-running both output matmuls in backward. Their loss is a scalar;
 ours is per token (the objective masks and weighs tokens later), so the forward
-assumes the upstream gradient `lam * (1, ce_weight)` per token (kd, ce), the usual
-case: a loss mask scaled by 1/num_tokens, with every unmasked token alike. Backward
-takes lam as the most common upstream value, scales the precomputed sums by it,
-and recomputes the logits only of tokens whose upstream differs (masked tokens,
-or any upstream at all), adding their correction. The result is exact for every
-upstream; only the cost depends on it.
+assumes the upstream gradient `lam * w * (1, ce_weight)` per token (kd, ce), where w
+is the caller's loss mask when it passes one (`token_weights`), else 1: the usual
+case is that mask scaled by 1/num_tokens. Backward takes lam as the most common
+ratio upstream / w, scales the precomputed sums by it, and recomputes the logits
+only of tokens whose upstream differs (tokens masked by an unannounced mask, or
+any upstream at all), adding their correction. The result is exact for every
+upstream; only the cost depends on it. Tokens whose weight is 0 cost no gradient
+matmuls in forward either, and a chunk of them none at all.
 
 CE normalises over the student's whole padded vocabulary (as Megatron's LM loss,
 so "lm loss" stays comparable with `evaluate`); KD over the true vocabulary only.
@@ -90,6 +92,7 @@ def fused_linear_kd_loss(
     temperature: float = 1.0,
     chunk_tokens: Optional[int] = None,
     ce_weight: float = 0.0,
+    token_weights: Optional[torch.Tensor] = None,
     teacher_weight_cache: Optional[dict] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token (T^2 * KL, student CE) from hidden states and vocab-parallel output weights.
@@ -103,12 +106,16 @@ def fused_linear_kd_loss(
     chunk_tokens: tokens per chunk (default: a float32 [chunk, v_s/tp] buffer is ~256 MiB).
     ce_weight: how the caller weighs CE against KD in its loss; it only decides
     which tokens backward must recompute (exact for any upstream gradient).
+    token_weights: [...] like labels, optional: the loss mask (or any per-token weights)
+    the caller will multiply the losses by. Like ce_weight it only moves work: tokens it
+    zeroes get no gradient work at all (without it, backward recomputes them).
     teacher_weight_cache: a dict kept by the caller across calls, to fetch the teacher's
     re-sliced weight only once when padded vocab sizes differ at TP > 1.
     Returns float32 tensors shaped like `labels` / the leading dims of the hidden states.
     All TP ranks must call this with the same token count and arguments.
     """
-    _check_args(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, kind, temperature)
+    _check_args(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, kind, temperature,
+                token_weights)
     lead = student_hidden.shape[:-1]
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])  # [tokens, h_s]
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # [tokens, h_t]
@@ -123,7 +130,9 @@ def fused_linear_kd_loss(
         ce_weight=float(ce_weight) if with_ce else 0.0, with_ce=with_ce,
         grad_enabled=torch.is_grad_enabled(),
     )
-    kd, ce = _FusedLinearKD.apply(h_s, student_weight, h_t, w_t, flat_labels, cfg)
+    weights = (torch.ones(h_s.shape[0], dtype=torch.float32, device=h_s.device) if token_weights is None
+               else token_weights.detach().reshape(-1).float())  # [tokens]
+    kd, ce = _FusedLinearKD.apply(h_s, student_weight, h_t, w_t, flat_labels, weights, cfg)
     return kd.view(lead), (ce.view(lead) if with_ce else None)
 
 
@@ -131,7 +140,7 @@ class _FusedLinearKD(torch.autograd.Function):
     """Forward: losses and precomputed gradients; backward: scale + per-token corrections."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, labels, cfg: _FusedConfig):
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, weights, cfg: _FusedConfig):
         ctx.set_materialize_grads(False)  # an unused CE output gets None, not zeros
         # No gradient work in evaluation (no_grad), where needs_input_grad still says True.
         want_h = cfg.grad_enabled and ctx.needs_input_grad[0]
@@ -140,13 +149,19 @@ class _FusedLinearKD(torch.autograd.Function):
         per_token = torch.empty(5, n, dtype=torch.float32, device=h_s.device)  # lse_s, lse_t, kl, lse_ce, ce
         grad_h = torch.zeros(n, h_s.shape[1], dtype=torch.float32, device=h_s.device) if want_h else None
         grad_w = torch.empty_like(w_s, dtype=_acc_dtype(w_s)) if want_w else None  # the first chunk writes it
-        for i, rows in enumerate(_token_slices(n, cfg.chunk_tokens)):
+        written = False  # grad_w: the first chunk with a gradient writes it
+        for rows in _token_slices(n, cfg.chunk_tokens):
             s, t = _chunk_logits(h_s, w_s, h_t, w_t, rows)
-            per_token[:, rows], g = _forward_chunk(s, t, labels[rows], cfg, want_grad=want_h or want_w)
+            coef = weights[rows]
+            want_grad = (want_h or want_w) and bool((coef != 0).any())  # a fully masked chunk: losses only
+            per_token[:, rows], g = _forward_chunk(s, t, labels[rows], coef, cfg, want_grad)
             if g is not None:
-                _accumulate(g, h_s, w_s, rows, grad_h, grad_w, first=i == 0)
+                _accumulate(g, h_s, w_s, rows, grad_h, grad_w, first=not written)
+                written = True
             del s, t, g  # before the next chunk's matmuls: one chunk's buffers alive at a time
-        ctx.save_for_backward(h_s, w_s, h_t, w_t, labels, per_token)
+        if grad_w is not None and not written:
+            grad_w.zero_()
+        ctx.save_for_backward(h_s, w_s, h_t, w_t, labels, weights, per_token)
         ctx.cfg, ctx.grad_h, ctx.grad_w = cfg, grad_h, grad_w
         kd = per_token[2] * cfg.temperature**2
         ce = per_token[4].clone() if cfg.with_ce else per_token.new_zeros(0)
@@ -155,13 +170,14 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_kd, grad_ce):
-        h_s, w_s, h_t, w_t, labels, per_token = ctx.saved_tensors
+        h_s, w_s, h_t, w_t, labels, weights, per_token = ctx.saved_tensors
         cfg, grad_h, grad_w = ctx.cfg, ctx.grad_h, ctx.grad_w
         ctx.grad_h = ctx.grad_w = None  # once_differentiable: free them with the graph
         g_kd = _upstream(grad_kd, h_s.shape[0], h_s.device)
         g_ce = _upstream(grad_ce if cfg.with_ce else None, h_s.shape[0], h_s.device)
-        lam = _most_common(g_kd)
-        d_kd, d_ce = g_kd - lam, g_ce - lam * cfg.ce_weight  # what the precomputed sums missed
+        on = weights != 0
+        lam = _most_common(g_kd[on] / weights[on])
+        d_kd, d_ce = g_kd - lam * weights, g_ce - lam * cfg.ce_weight * weights  # what the sums missed
         if grad_h is not None:
             grad_h.mul_(lam)
         if grad_w is not None:
@@ -180,7 +196,7 @@ class _FusedLinearKD(torch.autograd.Function):
             dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=cfg.tp_group)
         out_h = grad_h.to(h_s.dtype) if grad_h is not None else None
         out_w = grad_w.to(w_s.dtype) if grad_w is not None else None
-        return out_h, out_w, None, None, None, None
+        return out_h, out_w, None, None, None, None, None
 
 
 def _chunk_logits(h_s, w_s, h_t, w_t, rows):
@@ -204,8 +220,8 @@ def _vocab_major(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _forward_chunk(s, t, labels, cfg: _FusedConfig, want_grad: bool):
-    """Losses of one chunk and, if `want_grad`, G = d(KD + ce_weight * CE)/d s.
+def _forward_chunk(s, t, labels, coef, cfg: _FusedConfig, want_grad: bool):
+    """Losses of one chunk and, if `want_grad`, G = d(coef * (KD + ce_weight * CE))/d s.
 
     s: [chunk, V_s/tp], t: [chunk, n_valid] logits, consumed: their float32 buffers are
     reused in place, so a chunk holds two [chunk, V/tp] float32 buffers and one small
@@ -223,8 +239,7 @@ def _forward_chunk(s, t, labels, cfg: _FusedConfig, want_grad: bool):
     per_token = _reduce_chunk(kd_stats, ce_stats, cfg)
     if not want_grad:
         return per_token, None
-    ones = torch.ones(s.shape[0], dtype=torch.float32, device=s.device)
-    return per_token, _grad_in_place(s, other, labels, per_token, kd_stats, ones, ones * cfg.ce_weight, cfg,
+    return per_token, _grad_in_place(s, other, labels, per_token, kd_stats, coef, coef * cfg.ce_weight, cfg,
                                      scratch)
 
 
@@ -476,7 +491,7 @@ def _fetch_teacher_rows(teacher_weight, layout: VocabLayout, group) -> torch.Ten
     return out
 
 
-def _check_args(h_s, w_s, h_t, w_t, labels, kind, temperature) -> None:
+def _check_args(h_s, w_s, h_t, w_t, labels, kind, temperature, token_weights) -> None:
     if kind not in KINDS:
         raise ValueError(f"fused_linear_kd_loss: kind={kind!r} is not allowed; use one of {KINDS}")
     if not temperature > 0:
@@ -489,4 +504,7 @@ def _check_args(h_s, w_s, h_t, w_t, labels, kind, temperature) -> None:
                          f"match hidden sizes {h_s.shape[-1]}, {h_t.shape[-1]}")
     if labels is not None and labels.shape != h_s.shape[:-1]:
         raise ValueError(f"fused_linear_kd_loss: labels {tuple(labels.shape)} must have the hidden "
+                         f"states' leading dims {tuple(h_s.shape[:-1])}")
+    if token_weights is not None and token_weights.shape != h_s.shape[:-1]:
+        raise ValueError(f"fused_linear_kd_loss: token_weights {tuple(token_weights.shape)} must have the hidden "
                          f"states' leading dims {tuple(h_s.shape[:-1])}")

@@ -186,9 +186,13 @@ class DistillationModel(torch.nn.Module):
         teacher_dtype = next(self.teacher.parameters()).dtype
         self.teacher.set_input_tensor(input_tensor[..., h_s:].detach().to(teacher_dtype).contiguous())
 
-    def forward(self, input_ids, position_ids, attention_mask, labels=None, **kwargs):
+    def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None, **kwargs):
         """Non-last stage: [s, b, h_s + h_t]. Last stage: per-token (kd, lm, is) [b, s, 3]
-        with `labels`, else the student's vocab-parallel logits [b, s, v_s/tp]."""
+        with `labels`, else the student's vocab-parallel logits [b, s, v_s/tp].
+
+        loss_mask [b, s], optional: the mask the loss function will apply. With
+        kd_impl=fused_linear, the tokens it masks then cost no gradient work (without it,
+        the loss's backward recomputes their logits); the results are the same."""
         s_layers = [s for s, _ in self.layer_pairs]
         t_layers = [t for _, t in self.layer_pairs]
         fused = self.kd_impl == "fused_linear" and labels is not None and self.module.post_process
@@ -210,7 +214,7 @@ class DistillationModel(torch.nn.Module):
             return fused_per_token_components(
                 student_out, output_weight(self.module), teacher_out, output_weight(self.teacher), labels,
                 self.settings, tp_group=tp_group, true_vocab_size=self.true_vocab_size, state_loss=state_loss,
-                teacher_weight_cache=self._teacher_rows_cache,
+                teacher_weight_cache=self._teacher_rows_cache, loss_mask=loss_mask,
             )
         return per_token_components(student_out, teacher_out, labels, self.settings, tp_group=tp_group,
                                     true_vocab_size=self.true_vocab_size, state_loss=state_loss,

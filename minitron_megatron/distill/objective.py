@@ -50,18 +50,21 @@ def fused_per_token_components(student_hidden: torch.Tensor, student_weight: tor
                                teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, labels: torch.Tensor,
                                settings: DistillConfig, *, tp_group, true_vocab_size: int,
                                state_loss: Optional[torch.Tensor] = None,
-                               teacher_weight_cache: Optional[dict] = None) -> torch.Tensor:
+                               teacher_weight_cache: Optional[dict] = None,
+                               loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[b, s, 3] float32 per-token (kd, lm, is) losses from final hidden states and output weights.
 
     *_hidden: [s, b, h] (Megatron's layout, after the final norm, replicated over TP);
     *_weight: [v_padded/tp, h] output-layer shards; labels: [b, s]. KD and the student
     CE come out of one fused pass (`fused_linear.py`); no logits tensor exists whole.
+    loss_mask: [b, s], optional: the mask the loss function will apply (tokens it masks
+    then cost no gradient work; the results are the same without it).
     """
     kd, lm = fused_linear_kd_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels.t(), tp_group=tp_group,
         true_vocab_size=true_vocab_size, kind=settings.logit_loss, temperature=settings.temperature,
         chunk_tokens=settings.kd_chunk_tokens, ce_weight=settings.ce_weight,
-        teacher_weight_cache=teacher_weight_cache,
+        teacher_weight_cache=teacher_weight_cache, token_weights=None if loss_mask is None else loss_mask.t(),
     )  # [s, b] each
     if settings.ce_weight <= 0:
         lm = lm.detach()  # reported only: its backward gets no work

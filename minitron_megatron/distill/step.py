@@ -22,7 +22,8 @@ def distill_forward_step(device: torch.device, loss: DistillLoss) -> Callable:
 
     def forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       loss_mask=batch["loss_mask"])
         return output, partial(loss, batch["loss_mask"])
 
     return forward_step

@@ -72,7 +72,8 @@ def shard_rows(w: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return w[rank * local : (rank + 1) * local]
 
 
-def ours(case: Case, rank: int = 0, world: int = 1, tp_group=None, cache=None, teacher_shard=None):
+def ours(case: Case, rank: int = 0, world: int = 1, tp_group=None, cache=None, teacher_shard=None,
+         token_weights=None):
     """Our (kd, ce) and gradients to the student hidden states and this rank's weight shard."""
     h_s, w_s, h_t, w_t, labels, up_kd, up_ce = case_inputs(case)
     h = h_s.clone().requires_grad_()
@@ -82,6 +83,7 @@ def ours(case: Case, rank: int = 0, world: int = 1, tp_group=None, cache=None, t
         h, w, h_t, teacher_shard, labels if case.ce else None, tp_group=tp_group,
         true_vocab_size=TRUE_VOCAB, kind=case.kind, temperature=case.temperature,
         chunk_tokens=case.chunk_tokens, ce_weight=case.ce_weight, teacher_weight_cache=cache,
+        token_weights=token_weights,
     )
     total = (kd * up_kd).sum() + ((ce * up_ce).sum() if case.ce else 0.0)
     total.backward()
@@ -174,6 +176,45 @@ def test_both_logit_layouts_match_float64(monkeypatch, vocab_major, kind, chunk_
     assert_matches(ours(case), reference(case))
 
 
+def _loss_mask(case: Case) -> torch.Tensor:
+    """The case's loss mask (its "masked" upstream is this mask / 7)."""
+    return (case_inputs(case)[5] != 0).float()
+
+
+@pytest.mark.parametrize("kind, temperature, chunk_tokens", [("forward_kl", 1.0, 1), ("reverse_kl", 2.0, 5)])
+def test_announced_loss_mask_skips_masked_tokens(monkeypatch, kind, temperature, chunk_tokens):
+    """token_weights = the loss mask: the same float64-exact results with no token
+    recomputed in backward and no gradient matmul for a fully masked chunk (chunk 1).
+    Catches a mask that changes the losses or gradients, or that saves no work."""
+    case = Case("mask-hint", kind=kind, temperature=temperature, teacher_padded=1152, chunk_tokens=chunk_tokens,
+                seed=13)
+    mask = _loss_mask(case)
+    assert 0 < mask.sum() < mask.numel()
+    recomputed, accumulated = [], []
+    real_grad, real_acc = fused_linear._recomputed_grad, fused_linear._accumulate
+    monkeypatch.setattr(fused_linear, "_recomputed_grad", lambda s, *a: recomputed.append(s.shape[0]) or
+                        real_grad(s, *a))
+    monkeypatch.setattr(fused_linear, "_accumulate", lambda g, h, w, rows, *a, **k: accumulated.append(rows) or
+                        real_acc(g, h, w, rows, *a, **k))
+    assert_matches(ours(case, token_weights=mask), reference(case))
+    assert recomputed == []
+    n_chunks = -(-mask.numel() // chunk_tokens)
+    assert len(accumulated) < n_chunks if chunk_tokens == 1 else len(accumulated) == n_chunks
+    accumulated.clear()
+    assert_matches(ours(case), reference(case))  # no hint: masked tokens are recomputed
+    assert sum(recomputed) == int((mask == 0).sum())
+
+
+def test_wrong_or_empty_loss_mask_stays_exact():
+    """A mask that is not the upstream's pattern (random upstream), and an all-zero mask
+    (no chunk writes the weight gradient in forward): still exact, through backward's
+    corrections."""
+    case = Case("mask-wrong", kind="reverse_kl", temperature=2.0, upstream="random", chunk_tokens=5, seed=14)
+    assert_matches(ours(case, token_weights=_loss_mask(Case("m", seed=14))), reference(case))
+    masked = Case("mask-empty", upstream="masked", chunk_tokens=5, seed=15)
+    assert_matches(ours(masked, token_weights=torch.zeros(LEAD)), reference(masked))
+
+
 def test_cpu_logits_are_vocab_major():
     assert fused_linear._vocab_major(torch.device("cpu"))
     assert not fused_linear._vocab_major(torch.device("cuda"))
@@ -213,7 +254,8 @@ def test_unused_ce_output_costs_no_correction():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(kind="kl"), "kind="), (dict(temperature=0.0), "temperature"), (dict(true_vocab_size=1100), "cover")],
+    [(dict(kind="kl"), "kind="), (dict(temperature=0.0), "temperature"), (dict(true_vocab_size=1100), "cover"),
+     (dict(token_weights=torch.ones(4, 3)), "token_weights")],
 )
 def test_bad_arguments_fail_clearly(kwargs, match):
     h_s, w_s, h_t, w_t, labels, _, _ = case_inputs(Case("bad"))
@@ -296,17 +338,22 @@ def _model_results(ctx, case: ModelCase) -> dict:
     tokens, labels = torch.randint(0, 250, (2, 2, 32), generator=gen)
     mask = (torch.rand(2, 32, generator=gen) > 0.2).float()
     out = {}
+    recomputed = []  # tokens the fused loss's backward recomputes: none when it knows the mask
+    real_grad = fused_linear._recomputed_grad
+    fused_linear._recomputed_grad = lambda s, *a: recomputed.append(s.shape[0]) or real_grad(s, *a)
     for impl in ("fused_linear", "torch"):
         settings = DistillConfig(kd_impl=impl, ce_weight=case.ce_weight, logit_loss=case.kind,
                                  temperature=case.temperature, kd_chunk_tokens=24)
         model = DistillationModel(student, teacher, settings, true_vocab_size=250, tp_group=ctx.tp_group, pp_size=1)
         assert model.kd_impl == impl
         student.zero_grad(set_to_none=True)
-        components = model(tokens, torch.arange(32).expand(2, -1), None, labels=labels)  # [b, s, 3]
+        components = model(tokens, torch.arange(32).expand(2, -1), None, labels=labels, loss_mask=mask)  # [b, s, 3]
         total, _, _ = DistillLoss(settings, has_state_loss=False)(mask, components)
         total.backward()
         grads = {n: p.grad.detach().clone() for n, p in student.named_parameters()}
         out[impl] = {"components": components.detach(), "total": total.detach(), "grads": grads}
+    fused_linear._recomputed_grad = real_grad
+    out["fused_linear"]["recomputed"] = sum(recomputed)
     return out
 
 
@@ -377,6 +424,7 @@ def test_tp2_teacher_rows_are_fetched_once(tp2_results):
 
 def _assert_impls_agree(result: dict):
     fused, chunked = result["fused_linear"], result["torch"]
+    assert fused["recomputed"] == 0  # the model passes the loss mask on, in the hidden states' [s, b] order
     # atol: a per-token T^2 KL of ~0.02 is ill-conditioned in float32 (a small difference of
     # log-sum-exps); against float64, each impl is off by up to 2.4e-6 in the reverse-KL T=2
     # case (measured), and their logits come from different GEMM orders.
