@@ -14,8 +14,9 @@ from final hidden states `[tokens, hidden]` and output weights `[vocab, hidden]`
 student's d hidden and d weight)
 - materialised+matmul: the two output layers, then `materialised` on their logits;
 - fused_linear: ours, `fused_linear_kd_loss` (no logits tensor exists whole);
-- fused_linear_masked: the same with 10% of the tokens masked out of the loss
-  (a loss mask, as in training: backward recomputes those tokens' logits);
+- fused_linear_masked: the same with 10% of the tokens masked out of the loss, the
+  mask passed as `token_weights`, as DistillationModel passes its loss mask (those
+  tokens then get no gradient work);
 - liger: Liger-Kernel's `LigerFusedLinearJSDLoss(beta=0)` (forward KL; pure PyTorch
   chunked loss, `compiled=False`, chunk size = ours), when the package imports
   (`pip install liger-kernel`, 0.8.5 measured; not in requirements/, as it pulls in Triton).
@@ -135,7 +136,7 @@ def linear_step(inputs, args):
         from minitron_megatron.distill.fused_linear import fused_linear_kd_loss
 
         kd, _ = fused_linear_kd_loss(h, w, h_t, w_t, tp_group=None, true_vocab_size=args.vocab,
-                                     chunk_tokens=args.chunk_tokens)
+                                     chunk_tokens=args.chunk_tokens, token_weights=weights)
         loss = kd.sum() if weights is None else (kd * weights).sum()
     loss.backward()
     return [h.grad, w.grad]
