@@ -49,8 +49,10 @@ from minitron_megatron.distill.losses import (
     _group_size_rank,
     _local_labels,
     _token_slices,
+    ce_local_stats,
     global_kl,
     resolve_layout,
+    vocab_blocks,
 )
 
 
@@ -228,11 +230,12 @@ def _forward_chunk(s, t, labels, coef, cfg: _FusedConfig, want_grad: bool):
     [chunk, block] scratch (see `_scratch_for`).
     Returns ([5, chunk] float32 lse_s, lse_t, KL, lse_ce, CE; G float32 [chunk, V_s/tp] or None).
     """
-    s, t = _scaled(s, t, cfg)
-    scratch = _scratch_for(t)
+    s, t = s.float(), t.float()  # [chunk, V_s/tp], [chunk, n_valid]; no copy when already float32
+    scratch = _scratch_for(s)
     ce_apart = cfg.with_ce and cfg.temperature != 1.0  # at T=1 the CE reuses the KD's exponentials
-    ce_stats = _ce_stats_apart(s, labels, cfg, scratch) if ce_apart else None  # before s becomes e_s
+    ce_stats = ce_local_stats(s, labels, cfg.layout.student_start, scratch) if ce_apart else None
     label_logit = _label_logit(s, labels, cfg) if cfg.with_ce and not ce_apart else None
+    _scale_kd_columns(s, t, cfg)
     kd_stats, other = _kd_partials(s[:, : cfg.layout.n_valid], t, cfg.reverse, scratch)
     if label_logit is not None:
         ce_stats = _ce_partials_t1(s, cfg.layout.n_valid, kd_stats, label_logit, cfg.reverse)
@@ -247,20 +250,19 @@ def _recomputed_grad(s, t, labels, per_token, coef_kd, coef_ce, cfg: _FusedConfi
     """Backward's correction for some tokens: d(sum coef_kd * KD + coef_ce * CE)/d s from
     their recomputed logits and the per-token results of forward (no TP communication:
     the local maxima need not match forward's). Float32 [chunk, V_s/tp], over `s`."""
-    s, t = _scaled(s, t, cfg)
-    scratch = _scratch_for(t)
+    s, t = s.float(), t.float()
+    scratch = _scratch_for(s)
+    _scale_kd_columns(s, t, cfg)
     kd_stats, other = _kd_partials(s[:, : cfg.layout.n_valid], t, cfg.reverse, scratch)
     return _grad_in_place(s, other, labels, per_token, kd_stats, coef_kd, coef_ce, cfg, scratch)
 
 
-def _scaled(s, t, cfg: _FusedConfig):
-    """Float32 logits (no copy when already float32), the KD columns divided by T:
-    s[:, :n_valid] holds s/T and t holds t/T; s's padding columns stay unscaled."""
-    s, t = s.float(), t.float()  # [chunk, V_s/tp], [chunk, n_valid]
+def _scale_kd_columns(s, t, cfg: _FusedConfig) -> None:
+    """The KD columns divided by T, in place: s[:, :n_valid] holds s/T and t holds t/T;
+    s's padding columns stay unscaled (they only enter the CE)."""
     if cfg.temperature != 1.0:
         s[:, : cfg.layout.n_valid].mul_(1.0 / cfg.temperature)
         t.mul_(1.0 / cfg.temperature)
-    return s, t
 
 
 def _block_elements(device: torch.device) -> int:
@@ -271,18 +273,11 @@ def _block_elements(device: torch.device) -> int:
     return 1 << 20 if device.type == "cpu" else 1 << 24
 
 
-def _scratch_for(t: torch.Tensor) -> torch.Tensor:
-    """A float32 [chunk, block] buffer with t's layout (a block of t's columns, empty)."""
-    block = max(1, min(t.shape[1], _block_elements(t.device) // max(t.shape[0], 1)))
-    return torch.empty_like(t[:, :block])
-
-
-def _blocks(n: int, scratch: torch.Tensor):
-    """(columns, scratch view) for consecutive vocab blocks of n columns."""
-    step = scratch.shape[1]
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        yield slice(start, stop), scratch[:, : stop - start]
+def _scratch_for(s: torch.Tensor) -> torch.Tensor:
+    """A float32 [chunk, block] buffer with s's layout (a block of s's columns, empty; s has
+    at least one column, the teacher's slice may have none on a rank of padding ids only)."""
+    block = max(1, min(s.shape[1], _block_elements(s.device) // max(s.shape[0], 1)))
+    return torch.empty_like(s[:, :block])
 
 
 def _kd_partials(s_valid, t, reverse: bool, scratch):
@@ -303,7 +298,7 @@ def _kd_partials(s_valid, t, reverse: bool, scratch):
     m_s, m_t = s_valid.amax(dim=-1), t.amax(dim=-1)
     z_t = torch.zeros_like(m_t)
     w = torch.zeros_like(m_t)  # forward KL: sum e_t (t - s)
-    for cols, e in _blocks(t.shape[1], scratch):
+    for cols, e in vocab_blocks(t.shape[1], scratch):
         t_b = t[:, cols]
         z_t += torch.sub(t_b, m_t[:, None], out=e).exp_().sum(dim=-1)  # e = e^(t - m_t) of the block
         t_b.sub_(s_valid[:, cols])  # t - s
@@ -321,27 +316,9 @@ def _kd_partials(s_valid, t, reverse: bool, scratch):
 
 
 def _label_logit(s, labels, cfg: _FusedConfig):
-    """The label's unscaled logit where this rank owns it, else 0: [chunk] (s holds s/T
-    on the KD columns)."""
+    """The label's logit where this rank owns it, else 0: [chunk]."""
     index, owned = _local_labels(labels, cfg.layout.student_start, s.shape[1])
-    logit = s.gather(1, index[:, None]).squeeze(1)
-    if cfg.temperature != 1.0:
-        logit = torch.where(index < cfg.layout.n_valid, logit * cfg.temperature, logit)
-    return logit * owned
-
-
-def _ce_stats_apart(s, labels, cfg: _FusedConfig, scratch):
-    """Local CE partials [3, chunk] (max, sum-exp, label logit) at T != 1, over every local
-    column of the unscaled logits (the KD columns hold s/T), a vocab block at a time."""
-    n, temp = cfg.layout.n_valid, cfg.temperature
-    valid, pad = s[:, :n], s[:, n:]
-    m = valid.amax(dim=-1) * temp if n > 0 else torch.full_like(s[:, 0], float("-inf"))
-    if pad.shape[1] > 0:
-        m = torch.maximum(m, pad.amax(dim=-1))
-    z = torch.exp(pad - m[:, None]).sum(dim=-1)  # [chunk, padding ids here]: a few columns
-    for cols, e in _blocks(n, scratch):
-        z += torch.mul(valid[:, cols], temp, out=e).sub_(m[:, None]).exp_().sum(dim=-1)
-    return torch.stack([m, z, _label_logit(s, labels, cfg)])
+    return s.gather(1, index[:, None]).squeeze(1) * owned
 
 
 def _ce_partials_t1(s, n_valid, kd_stats, label_logit, reverse: bool):
@@ -397,7 +374,7 @@ def _grad_in_place(s, other, labels, per_token, kd_stats, coef_kd, coef_ce, cfg:
         factor = -a * (lse_s - lse_t + kl) if cfg.reverse else a.clone()  # e_s's factor
         ce_factor = coef_ce * torch.exp(temp * m_s - lse_ce) if ce_grad else None  # e_s^T's
         if ce_grad and temp != 1.0:  # e_s factor + e_s^T ce_factor, a vocab block at a time
-            for cols, p in _blocks(n, scratch):
+            for cols, p in vocab_blocks(n, scratch):
                 e_b = e_s[:, cols]
                 p = torch.pow(e_b, temp, out=p).mul_(ce_factor[:, None])
                 e_b.mul_(factor[:, None]).add_(p)

@@ -179,15 +179,30 @@ class _VocabParallelCE(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def ce_local_stats(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int) -> torch.Tensor:
+def ce_local_stats(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
+                   scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """float32 [3, chunk]: local max, sum e^(logit - max), and the label's logit (0 where
-    another rank owns the label) over all local columns of `logits` [chunk, v/tp]."""
+    another rank owns the label) over all local columns of `logits` [chunk, v/tp].
+
+    scratch: a float32 [chunk, block] buffer; the exponentials then go a vocab block at a
+    time through it instead of through one [chunk, v/tp] temporary."""
     x = logits.float()  # [chunk, v/tp]; the tensor itself when already float32 (read only)
     m = x.amax(dim=-1)
-    z = torch.exp(x - m[:, None]).sum(dim=-1)
+    z = torch.zeros_like(m)
+    for cols, e in vocab_blocks(x.shape[1], torch.empty_like(x) if scratch is None else scratch):
+        z += torch.sub(x[:, cols], m[:, None], out=e).exp_().sum(dim=-1)
     index, owned = _local_labels(labels, vocab_start, x.shape[1])
     label_logit = x.gather(1, index[:, None]).squeeze(1) * owned
     return torch.stack([m, z, label_logit])
+
+
+def vocab_blocks(n: int, scratch: torch.Tensor):
+    """(columns, scratch view) for consecutive blocks of n vocab columns, each as wide as
+    `scratch` ([chunk, block], block >= 1) allows; the last one may be narrower."""
+    step = scratch.shape[1]
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        yield slice(start, stop), scratch[:, : stop - start]
 
 
 def add_ce_grad(out: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,

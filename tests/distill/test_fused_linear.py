@@ -303,6 +303,8 @@ TP2_CASES = [Case(f"tp-{k}-T{t:g}", kind=k, temperature=t, seed=20 + i)
     Case("tp-mismatched-rev-T2", kind="reverse_kl", temperature=2.0, teacher_padded=1152, upstream="random",
          seed=33),
     Case("tp-padding-only-rank", student_padded=2048, teacher_padded=1152, seed=34),
+    Case("tp-padding-only-rank-rev-T2", kind="reverse_kl", temperature=2.0, student_padded=2048,
+         teacher_padded=1152, seed=35),  # the CE's own (T != 1) pass on a rank with no KD columns
 ]
 
 
