@@ -1,24 +1,39 @@
 # make demo: the recipe on the embedded default. make test: the test suite.
-# Both create/update .venv by themselves. Without CUDA they pin the CPU torch build.
-VENV ?= .venv
+# Both create/update a venv by themselves. Without CUDA they pin the CPU torch build.
+#
+# PYTHON picks the interpreter, and with it the megatron-core (requirements/cpu.txt):
+#   make test                      python3 (3.10/3.11) -> .venv,            megatron-core 0.16.1
+#   make test PYTHON=python3.12    3.12                -> .venv-py3.12,     megatron-core 0.19.2
+# make test-compat runs the compatibility tier (tests marked `compat`) only.
+PYTHON ?= python3
+PY_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+ifeq ($(PY_VERSION),)
+$(error PYTHON=$(PYTHON) does not run; give an interpreter, e.g. PYTHON=python3.12 or PYTHON=$$(pyenv root)/versions/3.12.1/bin/python)
+endif
+VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-py$(PY_VERSION))
 PY := $(VENV)/bin/python
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 CONSTRAINTS := $(if $(HAS_CUDA),,-c requirements/cpu.txt)
+PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 2
 
 $(VENV)/.installed: setup.py pyproject.toml requirements/cpu.txt
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[test,triton]'
 	touch $@
 
-.PHONY: install test demo clean
+.PHONY: install test test-compat demo clean
 install: $(VENV)/.installed
 
-# One stdlib corpus build shared by every test process (built on first use).
+# One stdlib corpus build shared by every test process (built on first use; keyed by the
+# Python version, so the tiers keep separate corpora in one cache).
 test: export MINITRON_CACHE ?= $(CURDIR)/.cache
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -ra --durations=15 tests
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS) tests
+
+test-compat: PYTEST_ARGS += -m compat
+test-compat: test
 
 # The whole recipe (teacher -> search -> distil -> scratch and CE baselines -> report) into
 # runs/recipe; finished stages are reused, an unfinished one resumes. It ends with the table,

@@ -12,7 +12,9 @@ setup(
     package_data={"minitron_megatron.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16.1",  # tested with 0.16.1 (the newest for Python 3.11)
+        # Tested at both ends: 0.16.1 (the newest for Python 3.10/3.11) and 0.19.2 (Python 3.12);
+        # every difference lives in minitron_megatron/megatron_compat.py. 0.20 is untested.
+        "megatron-core>=0.16.1,<0.20",
         "sentencepiece",
         "hydra-core>=1.3,<1.4",
         "omegaconf>=2.3",

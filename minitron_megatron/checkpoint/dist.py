@@ -17,6 +17,7 @@ import torch
 
 from minitron_megatron.checkpoint.run_dir import atomic_write_text
 from minitron_megatron.errors import ConfigError
+from minitron_megatron.megatron_compat import load_common_state_dict, load_dist_checkpoint
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.runtime.faults import fault_point
 
@@ -74,9 +75,8 @@ def _rng_state(ctx: ParallelContext):
     }
     if torch.cuda.is_available():
         state["cuda_rng_state"] = torch.cuda.get_rng_state()
-    return ShardedObject(
-        "rng_state", [state], (ctx.pp_size, ctx.tp_size), (ctx.pp_rank, ctx.tp_rank), replica_id=ctx.dp_rank
-    )
+    return ShardedObject(key="rng_state", data=[state], global_shape=(ctx.pp_size, ctx.tp_size),
+                         global_offset=(ctx.pp_rank, ctx.tp_rank), replica_id=ctx.dp_rank)
 
 
 def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer=None, scheduler=None,
@@ -107,7 +107,7 @@ def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer
         state["minitron"] = extra
     if args is not None:
         state["args"] = args
-    dist_checkpointing.save(state, str(tmp))
+    dist_checkpointing.save(sharded_state_dict=state, checkpoint_dir=str(tmp))
     fault_point("checkpoint.write")
     ctx.barrier()
     if ctx.is_main:
@@ -133,9 +133,9 @@ def _copy_views_releasing(sharded: dict, model) -> None:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-    apply_factories(sharded)
+    apply_factories(sharded_state_dict=sharded)
     views = {}  # storage pointer -> the ShardedTensors that view part of it
-    for sh in nested_values(sharded):
+    for sh in nested_values(x=sharded):
         if isinstance(sh, ShardedTensor) and sh.data is not None and sh.data.device.type == "cpu":
             storage = sh.data.untyped_storage()
             if storage.nbytes() != sh.data.numel() * sh.data.element_size():
@@ -168,8 +168,6 @@ def load_checkpoint(root, model, ctx: Optional[ParallelContext], optimizer=None,
 
     Returns the checkpoint's non-tensor state: `iteration` and our `minitron` extras.
     """
-    from megatron.core import dist_checkpointing
-
     iteration = latest_iteration(root)
     path = _committed_path(root)
     model_sd = model.sharded_state_dict()
@@ -177,7 +175,7 @@ def load_checkpoint(root, model, ctx: Optional[ParallelContext], optimizer=None,
     if optimizer is not None:
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
         request["rng_state"] = _rng_state(ctx)
-    loaded = dist_checkpointing.load(request, path)
+    loaded = load_dist_checkpoint(sharded_state_dict=request, checkpoint_dir=path)
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
@@ -235,12 +233,10 @@ def _load_entries(path: str, entries: dict, device) -> dict:
     """{name: tensor} of these sharded-state-dict entries (none: an empty load that keeps this
     rank in step). A function, so no reference to the request, which holds the read buffers,
     outlives the call."""
-    from megatron.core import dist_checkpointing
-
     request = {name: _on_fresh_storage(entry, device) for name, entry in entries.items()}
     # Megatron's access check wants each call to cover every global tensor it touches; one
     # layer of a layer-stacked key (`decoder.layers.*`, shape [num_layers, ...]) cannot.
-    loaded = dist_checkpointing.load(request, path, validate_access_integrity=False)
+    loaded = load_dist_checkpoint(sharded_state_dict=request, checkpoint_dir=path, validate_access_integrity=False)
     return {name: loaded[name] for name in entries}
 
 
@@ -275,12 +271,10 @@ def _restore_rng(states) -> None:
     torch.set_rng_state(state["torch_rng_state"])
     if "cuda_rng_state" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng_state"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(states=state["rng_tracker_states"])
 
 
 def load_common(root) -> dict:
     """The checkpoint's replicated (non-tensor) state, read without building a model."""
-    from megatron.core import dist_checkpointing
-
     iteration = latest_iteration(root)
-    return dist_checkpointing.load_common_state_dict(str(_committed_dir(root, iteration)))
+    return load_common_state_dict(checkpoint_dir=str(_committed_dir(root, iteration)))

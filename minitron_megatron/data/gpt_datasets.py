@@ -34,7 +34,7 @@ def _split_ranges(sources: DataSources) -> List[SplitRange]:
     """Per split (train, valid, test): the share of each train prefix's sequences, or None."""
     if sources.valid_blend is not None:
         return [(0.0, 1.0), (0.0, 1.0), None]
-    return convert_split_vector_to_split_matrix(parse_and_normalize_split(sources.split))
+    return convert_split_vector_to_split_matrix(vector_a=parse_and_normalize_split(split=sources.split))
 
 
 def _tokens_in_range(lengths: numpy.ndarray, split_range: Tuple[float, float]) -> int:
@@ -166,7 +166,8 @@ def build_gpt_datasets(sources: DataSources, tokenizer: SentencePieceTokenizer, 
         raise ValueError("num_valid_samples is required when the validation blend has weights "
                          "(or several unweighted train prefixes share it through data.split)")
     sizes = [num_train_samples, num_valid_samples, 0]
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
+    builder = BlendedMegatronDatasetBuilder(cls=GPTDataset, sizes=sizes, is_built_on_rank=lambda: True,
+                                            config=config)
     if not _builds_caches_here():
         train_ds, valid_ds, _ = builder.build()
     else:

@@ -29,7 +29,7 @@ def write_indexed_dataset(
     """
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     tmp_prefix = f"{prefix}.tmp-{os.getpid()}"
-    builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=DType.optimal_dtype(vocab_size))
+    builder = IndexedDatasetBuilder(bin_path=tmp_prefix + ".bin", dtype=DType.optimal_dtype(cardinality=vocab_size))
     stats = IndexedStats(documents=0, tokens=0)
     try:
         for ids in documents:
@@ -55,7 +55,7 @@ def missing_files(prefix: str) -> list[str]:
 
 def read_documents(prefix: str) -> list[numpy.ndarray]:
     """All documents of an indexed dataset as token arrays (for tests and small data)."""
-    dataset = IndexedDataset(prefix)
+    dataset = IndexedDataset(path_prefix=prefix)
     bounds = numpy.array(dataset.document_indices)
     return [
         numpy.concatenate([numpy.array(dataset[i]) for i in range(int(bounds[d]), int(bounds[d + 1]))])
@@ -66,7 +66,7 @@ def read_documents(prefix: str) -> list[numpy.ndarray]:
 def sequence_lengths(prefix: str) -> numpy.ndarray:
     """Token count of every sequence (Megatron's unit for --split) of `prefix`."""
     # Copy while the dataset is alive: its arrays view an mmap closed on deletion.
-    dataset = IndexedDataset(prefix)
+    dataset = IndexedDataset(path_prefix=prefix)
     lengths = numpy.array(dataset.sequence_lengths, dtype=numpy.int64)
     del dataset
     return lengths

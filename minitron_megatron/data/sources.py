@@ -46,7 +46,7 @@ def parse_blend(values: List[str], setting: str) -> Tuple[Blend, Dict[str, str]]
 
     Paths given with a `.bin`/`.idx` suffix are accepted as their prefix.
     """
-    prefixes, weights = get_blend_from_list(list(values))
+    prefixes, weights = get_blend_from_list(blend=list(values))
     stride, first = (2, 1) if weights is not None else (1, 0)
     names = [f"{setting}[{first + stride * i}]" for i in range(len(prefixes))]
     if weights is not None:

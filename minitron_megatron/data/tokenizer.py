@@ -8,36 +8,39 @@ its own -1 id and masks them out of the loss.
 import hashlib
 import io
 import json
-import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import sentencepiece
-
-try:  # megatron-core >= 0.14 renamed the dataset tokenizer ABC
-    from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer as _MegatronTokenizer
-except ImportError:  # pragma: no cover - older megatron-core
-    from megatron.core.datasets.megatron_tokenizer import MegatronTokenizer as _MegatronTokenizer
-
 
 TRAIN_THREADS = 2
 """Fixed, not os.cpu_count(): the model file records it, and the same corpus must give a
 byte-identical tokenizer on every machine (runs compare tokenizer file digests)."""
 
 
-class _DropLegacyWarning(logging.Filter):
-    """Megatron warns on every construction that this ABC is 'legacy'; it is still the
-    interface GPTDataset calls (0.16), so the warning is noise for our users."""
+class _DatasetTokenizer:
+    """What Megatron's `GPTDataset` reads of a tokenizer: `vocab_size`, `eod`, and
+    `unique_identifiers` (json-dumped into the index-cache key).
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "legacy tokenizer system" not in record.getMessage()
+    Why not Megatron's own base class: it moved (0.16's
+    `datasets.megatron_tokenizer.MegatronLegacyTokenizer` is gone in 0.19, whose
+    `tokenizers.MegatronTokenizerBase` takes a config dict and has no identifiers) and
+    no dataset code checks the type. The identifiers are built exactly as 0.16's legacy
+    base built them, so index caches keep their keys across versions.
+    """
+
+    def __init__(self, *tokenizer_paths: str, **tokenizer_options) -> None:
+        self.unique_identifiers = OrderedDict()
+        self.unique_identifiers["class"] = type(self).__name__
+        self.unique_identifiers["tokenizer_path"] = list(tokenizer_paths)
+        for option, value in tokenizer_options.items():
+            self.unique_identifiers[option] = str(value)
+        self.unique_description = json.dumps(self.unique_identifiers, indent=4)
 
 
-logging.getLogger(_MegatronTokenizer.__module__).addFilter(_DropLegacyWarning())
-
-
-class SentencePieceTokenizer(_MegatronTokenizer):
+class SentencePieceTokenizer(_DatasetTokenizer):
     """A sentencepiece model; `eod` is its end-of-sentence id."""
 
     def __init__(self, model_path: str) -> None:
@@ -142,7 +145,7 @@ def _token_text(token: Union[None, str, dict]) -> Optional[str]:
     return token.get("content") if isinstance(token, dict) else token
 
 
-class HFTokenizer(_MegatronTokenizer):
+class HFTokenizer(_DatasetTokenizer):
     """A Hugging Face fast tokenizer, with Megatron-LM's HuggingFaceTokenizer semantics:
     `tokenize` applies the tokenizer's post-processor (so Llama 3 documents start with
     <|begin_of_text|>), `eod` is the EOS token, `vocab_size` counts added tokens."""

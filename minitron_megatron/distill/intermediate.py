@@ -126,7 +126,7 @@ def intermediate_loss(student_states: Dict, teacher_states: Dict, pairs: Sequenc
         from megatron.core import tensor_parallel
 
         # Forward all-gather, backward split: each rank's tokens get their own gradient.
-        total = tensor_parallel.gather_from_sequence_parallel_region(total, tensor_parallel_output_grad=False)
+        total = tensor_parallel.gather_from_sequence_parallel_region(input_=total, tensor_parallel_output_grad=False)
     return total.transpose(0, 1)  # [b, s]
 
 

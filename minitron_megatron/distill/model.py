@@ -241,7 +241,7 @@ class DistillationModel(torch.nn.Module):
 
             # Replicated over TP and DP (replica ids from Megatron's parallel state).
             local = self.kd_projection.state_dict(prefix="", keep_vars=True)
-            state.update(make_sharded_tensors_for_checkpoint(local, f"{prefix}{PROJECTION}",
+            state.update(make_sharded_tensors_for_checkpoint(state_dict=local, prefix=f"{prefix}{PROJECTION}",
                                                              sharded_offsets=sharded_offsets))
         return state
 

@@ -94,7 +94,7 @@ def _fp8_forward_impl(gemm: Fp8Gemm, input, weight, bias, gradient_accumulation_
     if sequence_parallel:
         from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-        input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
+        input = gather_from_sequence_parallel_region(input_=input, tensor_parallel_output_grad=True, group=tp_group)
     out = gemm(input)
     return out + bias if bias is not None else out
 

@@ -37,7 +37,7 @@ def padded_vocab_in_checkpoint(root) -> int:
     iteration = latest_iteration(root)
     if iteration is None:
         raise ConfigError(f"load={root}: no {TRACKER}, so no committed checkpoint")
-    metadata = dist_checkpointing.load_tensors_metadata(str(_committed_dir(Path(root), iteration)))
+    metadata = dist_checkpointing.load_tensors_metadata(checkpoint_dir=str(_committed_dir(Path(root), iteration)))
     for key in VOCAB_WEIGHT_KEYS:
         if key in metadata:
             return int(metadata[key].global_shape[0])

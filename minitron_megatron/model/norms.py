@@ -47,5 +47,5 @@ def with_zero_centered_gamma(layer_spec, config, pp_rank: int):
 
     layer = replace(layer_spec, submodules=replace(layer_spec.submodules, input_layernorm=ZeroCenteredGammaNorm,
                                                    pre_mlp_layernorm=ZeroCenteredGammaNorm))
-    num_layers = get_num_layers_to_build(config, vp_stage=None, pp_rank=pp_rank)
+    num_layers = get_num_layers_to_build(config=config, vp_stage=None, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=ZeroCenteredGammaNorm)

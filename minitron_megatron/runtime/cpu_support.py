@@ -10,7 +10,10 @@ Megatron-core assumes CUDA in a handful of places on the GPT path we use
    found-inf/scale tensors, gradient clipping);
 4. `torch.cuda.synchronize()` in pipeline p2p;
 5. type-name checks such as `assert grad.type() == "torch.cuda.FloatTensor"` in
-   gradient clipping (found on 0.16.1, not in ENVIRONMENT.md's list).
+   gradient clipping (found on 0.16.1, not in ENVIRONMENT.md's list);
+6. `torch.cuda.current_stream()` waited on before the DDP grad reduce (megatron-core
+   0.19's `param_and_grad_buffer.start_grad_sync`, for CUDA-graph replays): on the
+   CPU there is one stream, so a stream that waits on nothing stands in.
 
 `enable()` redirects exactly these to the CPU, and is called by `init_runtime`
 only when the run's device is the CPU (also on a machine that has CUDA: the CPU
@@ -54,6 +57,19 @@ class _CudaToCpuMode(TorchFunctionMode):
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": _CPU}
         return func(*args, **kwargs)
+
+
+class _HostStream:
+    """The CPU's one stream: work is in program order, so every wait is already met."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
 
 
 class CpuRNGStatesTracker:
@@ -154,6 +170,7 @@ class _Patches:
 
         self.current_device = torch.cuda.current_device
         self.synchronize = torch.cuda.synchronize
+        self.current_stream = torch.cuda.current_stream
         self.tracker = (mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED)
         self.mode = _CudaToCpuMode()
 
@@ -168,6 +185,7 @@ class _Patches:
         self.mode.__exit__(None, None, None)
         torch.cuda.current_device = self.current_device
         torch.cuda.synchronize = self.synchronize
+        torch.cuda.current_stream = self.current_stream
         mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = self.tracker
 
 
@@ -183,6 +201,8 @@ def enable() -> None:
     patches = _Patches()
     torch.cuda.current_device = lambda: _CPU
     torch.cuda.synchronize = lambda device=None: None
+    host_stream = _HostStream()
+    torch.cuda.current_stream = lambda device=None: host_stream
     # Entered for the life of the runtime, not around calls: the schedules and optimizer
     # create these tensors from many call sites, including user forward-step functions.
     patches.mode.__enter__()

@@ -101,7 +101,7 @@ def set_seed(seed: int, ctx: ParallelContext) -> None:
     else:
         from megatron.core import tensor_parallel
 
-        tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed=seed, force_reset_rng=True)
 
 
 def init_runtime(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 1234) -> ParallelContext:

@@ -12,7 +12,7 @@ def wrap_float16(model):
         return model
     from megatron.core.transformer.module import Float16Module
 
-    return Float16Module(model.config, model)
+    return Float16Module(config=model.config, module=model)
 
 
 def wrap_ddp(model, tconfig) -> "DistributedDataParallel":  # noqa: F821
@@ -60,11 +60,11 @@ def build_optimizer(model_chunks: List, optim: OptimConfig, tconfig, total_steps
         params_dtype=tconfig.params_dtype,
         use_distributed_optimizer=False,
     )
-    optimizer = get_megatron_optimizer(config, model_chunks)
+    optimizer = get_megatron_optimizer(config=config, model_chunks=model_chunks)
     warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
     samples = max(total_steps, 1) * global_batch_size
     scheduler = OptimizerParamScheduler(
-        optimizer,
+        optimizer=optimizer,
         init_lr=0.0,
         max_lr=optim.lr,
         min_lr=optim.min_lr,

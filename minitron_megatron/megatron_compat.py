@@ -1,0 +1,84 @@
+"""Every difference between the megatron-core releases we support, in one module.
+
+Tested at both ends of the range: 0.16.1 (the newest release for Python 3.10/3.11) and 0.19.2
+(Python 3.12; 0.17 and later require it). The rest of the package never asks which release it
+runs on, and calls Megatron with keyword arguments only, so parameters that releases insert or
+remove mid-signature cannot shift ours (tests/test_layers.py checks both rules).
+
+What changed, and where it is handled:
+- 0.17.0 moved a dist checkpoint's common (unsharded) state from `common.pt` into the
+  torch_dist shards, as a ShardedObject `common_state`. 0.17+ reads both layouts; 0.16 reads
+  only `common.pt`, so on 0.16 `load_dist_checkpoint` / `load_common_state_dict` read the
+  shards' copy when there is no `common.pt` (a run dir written by 0.17+, or a Megatron-LM
+  checkpoint of that age).
+- 0.17.0 removed `megatron.core.datasets.megatron_tokenizer` (the dataset tokenizer ABC).
+  No version check is needed: `data/tokenizer.py` implements the few attributes GPTDataset
+  reads instead of inheriting from either release's base class.
+- 0.17.0's DDP waits on `torch.cuda.current_stream()` before each grad reduce: handled, with
+  the other CUDA assumptions, by `runtime/cpu_support.py` (a stream that waits on nothing).
+"""
+
+import io
+from importlib import metadata
+from pathlib import Path
+
+from packaging.version import Version
+
+MEGATRON_CORE = Version(metadata.version("megatron-core"))
+TESTED_RANGE = ("0.16.1", "0.19.2")
+
+COMMON_STATE_IN_SHARDS = MEGATRON_CORE >= Version("0.17.0")
+"""Whether this release writes (and reads) the common state inside the torch_dist shards."""
+
+LEGACY_COMMON_FILE = "common.pt"
+
+
+def load_dist_checkpoint(sharded_state_dict: dict, checkpoint_dir: str, **kwargs):
+    """`dist_checkpointing.load` that also reads, on 0.16, a checkpoint written by 0.17+."""
+    from megatron.core import dist_checkpointing
+
+    if not COMMON_STATE_IN_SHARDS:
+        kwargs["common_strategy"] = _common_state_reader_016()
+    return dist_checkpointing.load(sharded_state_dict=sharded_state_dict, checkpoint_dir=str(checkpoint_dir),
+                                   **kwargs)
+
+
+def load_common_state_dict(checkpoint_dir: str) -> dict:
+    """A dist checkpoint's common state (no model needed), whichever release wrote it."""
+    from megatron.core import dist_checkpointing
+
+    if not COMMON_STATE_IN_SHARDS and not (Path(checkpoint_dir) / LEGACY_COMMON_FILE).is_file():
+        return _common_state_from_shards(checkpoint_dir)
+    return dist_checkpointing.load_common_state_dict(checkpoint_dir=str(checkpoint_dir))
+
+
+def _common_state_from_shards(checkpoint_dir) -> dict:
+    """The `common_state` object 0.17+ saves among the shards, read as 0.17's
+    `load_common_state_dict` reads it (one object, replicated: no process group needed)."""
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as torch_dcp_load
+
+    key = ShardedObject(key="common_state", data=None, global_shape=(1,), global_offset=(0,)).unique_key
+    state = {key: io.BytesIO()}
+    torch_dcp_load(state, storage_reader=FileSystemReader(str(checkpoint_dir)), no_dist=True)
+    loaded = state[key]
+    if isinstance(loaded, io.BytesIO):
+        loaded.seek(0)
+        loaded = torch.load(loaded, weights_only=True)
+    return loaded[0]
+
+
+def _common_state_reader_016():
+    """0.16's common-load strategy, reading the shards' copy when `common.pt` is absent.
+    Built on call: its base class lives in modules that 0.17 deleted."""
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    class CommonStateReader(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            if (Path(checkpoint_dir) / LEGACY_COMMON_FILE).is_file():
+                return super().load_common(checkpoint_dir)
+            return _common_state_from_shards(checkpoint_dir)
+
+    return CommonStateReader()
