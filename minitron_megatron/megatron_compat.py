@@ -27,6 +27,12 @@ from packaging.version import Version
 MEGATRON_CORE = Version(metadata.version("megatron-core"))
 TESTED_RANGE = ("0.16.1", "0.19.2")
 
+MEGATRON_LM_TAG = "core_v0.16.1" if MEGATRON_CORE < Version("0.17.0") else "core_v0.19.0"
+"""The Megatron-LM tag whose training code (`megatron/training`, `pretrain_gpt.py`; on no package
+index) goes with this megatron-core: what examples/megatron_lm and the interop tests run. Its
+`check_checkpoint_args` fields, rng-state layout and sample-counted scheduler are the same at
+both tags (tests/test_megatron_lm_interop.py reads them from each tag's source)."""
+
 COMMON_STATE_IN_SHARDS = MEGATRON_CORE >= Version("0.17.0")
 """Whether this release writes (and reads) the common state inside the torch_dist shards."""
 

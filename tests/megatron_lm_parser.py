@@ -1,6 +1,7 @@
 """Megatron-LM's own argument parser and `core_transformer_config_from_args`, from its source.
 
-Megatron-LM's training code is not on the package index. When a checkout of tag core_v0.16.1
+Megatron-LM's training code is not on the package index. When a checkout of the tag that goes
+with the installed megatron-core (megatron_compat.MEGATRON_LM_TAG: core_v0.16.1 or core_v0.19.0)
 is at hand (`MEGATRON_LM_SOURCE=DIR` holding megatron/training, or `MEGATRON_LM_GIT=GIT_DIR`
 of a clone, from which the tag is archived), the tests run it in a subprocess (`main` below)
 against the installed megatron-core; otherwise they are skipped.
@@ -14,10 +15,17 @@ import tarfile
 import io
 from pathlib import Path
 
-TAG = "core_v0.16.1"
+from minitron_megatron.megatron_compat import MEGATRON_LM_TAG as TAG
+
 DEFAULT_GIT = "/work/.mirror/NVIDIA+Megatron-LM/repo"
-PACKAGES = ("megatron/training", "megatron/legacy", "megatron/rl", "megatron/post_training")
-"""What `import megatron.training.arguments` pulls in besides megatron.core."""
+
+
+def packages(git_dir: str) -> list:
+    """Megatron-LM's packages beside megatron/core at TAG (what `import megatron.training.arguments`
+    pulls in: megatron/legacy at core_v0.16.1; megatron/inference and elastification at core_v0.19.0)."""
+    names = subprocess.run(["git", "-C", git_dir, "ls-tree", "--name-only", TAG, "megatron/"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    return [name for name in names if name != "megatron/core"]
 
 
 def source_dir(cache: Path):
@@ -29,7 +37,7 @@ def source_dir(cache: Path):
         return None
     out = cache / f"megatron-lm-{TAG}"
     if not (out / "megatron" / "training" / "arguments.py").is_file():
-        archive = subprocess.run(["git", "-C", git_dir, "archive", TAG, *PACKAGES], capture_output=True, check=True)
+        archive = subprocess.run(["git", "-C", git_dir, "archive", TAG, *packages(git_dir)], capture_output=True, check=True)
         tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(out)
     return out
 

@@ -24,7 +24,9 @@ ROOT=$(cd "$HERE/../.." && pwd)
 WORK=$(mkdir -p "${1:-/tmp/minitron-megatron-lm}" && cd "${1:-/tmp/minitron-megatron-lm}" && pwd)
 PYTHON=${PYTHON:-python}
 TP=${TP:-1} PP=${PP:-1} NPROC=${NPROC:-2} ITERS=${ITERS:-5} SAVE=${SAVE:-1}
-TAG=core_v0.16.1
+# The tag whose training code goes with the installed megatron-core (core_v0.16.1 with 0.16.x,
+# core_v0.19.0 with 0.19.x): minitron_megatron/megatron_compat.py pairs them.
+TAG=${TAG:-$(PYTHONPATH="$ROOT" $PYTHON -c 'from minitron_megatron.megatron_compat import MEGATRON_LM_TAG as t; print(t)')}
 : "${MEGATRON_LM_GIT:?set MEGATRON_LM_GIT to the git dir of a Megatron-LM clone with tag $TAG}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 cd "$WORK"
@@ -45,11 +47,14 @@ if [ ! -f data/kd_text_document.idx ]; then
 fi
 
 # 3. Megatron-LM's training code at the tag, without its megatron/core: the installed
-#    megatron-core (the same 0.16.1) is used, `megatron` being a namespace package.
-if [ ! -f megatron-lm/pretrain_gpt.py ]; then
-  mkdir -p megatron-lm
-  git --git-dir "$MEGATRON_LM_GIT" archive "$TAG" megatron/training megatron/legacy megatron/rl \
-    megatron/post_training pretrain_gpt.py model_provider.py gpt_builders.py | tar -x -C megatron-lm
+#    megatron-core (the release the tag was cut from) is used, `megatron` being a namespace package.
+if [ ! -f megatron-lm/pretrain_gpt.py ] || [ "$(cat megatron-lm/TAG 2>/dev/null)" != "$TAG" ]; then
+  rm -rf megatron-lm && mkdir -p megatron-lm && echo "$TAG" > megatron-lm/TAG
+  # Every package beside megatron/core (the tags differ: megatron/legacy went after 0.16).
+  PACKAGES=$(git --git-dir "$MEGATRON_LM_GIT" ls-tree --name-only "$TAG" megatron/ | grep -v '^megatron/core$')
+  # shellcheck disable=SC2086
+  git --git-dir "$MEGATRON_LM_GIT" archive "$TAG" $PACKAGES pretrain_gpt.py model_provider.py gpt_builders.py \
+    | tar -x -C megatron-lm
 fi
 $PYTHON "$HERE/build_script.py" megatron-lm/pretrain_gpt.py "$ROOT/docs/distill.md" megatron-lm/pretrain_gpt_distill.py
 
