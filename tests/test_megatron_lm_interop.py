@@ -1,5 +1,6 @@
 """Our checkpoints as Megatron-LM's `load_checkpoint` reads them (megatron/training/checkpointing.py
-at tag core_v0.16.1, which is not on the package index: its expectations are encoded here).
+at tags core_v0.16.1 and core_v0.19.0, which are not on the package index: their expectations
+are encoded here, and `test_expectations_hold_at_each_tag` re-reads them from each tag's source).
 
 - `args`: an argparse Namespace; `check_checkpoint_args` compares num_layers, hidden_size,
   num_attention_heads, add_position_embedding, max_position_embeddings,
@@ -12,7 +13,11 @@ at tag core_v0.16.1, which is not on the package index: its expectations are enc
 """
 
 import math
+import re
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.dist_utils import run_distributed
 from tests.model_utils import small_model
@@ -102,3 +107,42 @@ def test_checkpoint_carries_megatron_lm_args_rng_layout_and_sample_scheduler(tmp
     layout (Megatron-LM exits "Unable to load rng state"), a scheduler counting steps where
     Megatron-LM counts samples, and a tokenizer type that pads the vocab differently."""
     run_distributed(_worker, 1, str(tmp_path / "ckpt"))
+
+
+TAGS = ("core_v0.16.1", "core_v0.19.0")
+DIST_CKPT_SKIPS = {"padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                   "data_parallel_random_init", "global_batch_size"}
+"""check_checkpoint_args fields never compared for our checkpoints: the first three only for
+non-dist (or pre-3.0) checkpoints, the last two only when those features are switched on."""
+
+
+def _tag_source(tag: str, path: str) -> str:
+    from tests.megatron_lm_parser import DEFAULT_GIT
+
+    proc = subprocess.run(["git", "--git-dir", DEFAULT_GIT, "show", f"{tag}:{path}"], capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip(f"no Megatron-LM git dir with tag {tag} at {DEFAULT_GIT}")
+    return proc.stdout
+
+
+def _function(source: str, name: str) -> str:
+    return re.search(rf"^def {name}\(.*?(?=^def )", source, flags=re.S | re.M).group(0)
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_expectations_hold_at_each_tag(tag):
+    """Catches Megatron-LM changing what a resume of our checkpoints relies on: the fields
+    check_checkpoint_args compares, the rng_state dict's keys and its (pp, tp) sharding, and the
+    scheduler stepped in samples (`increment=` a global batch)."""
+    checkpointing = _tag_source(tag, "megatron/training/checkpointing.py")
+    compared = set(re.findall(r"_compare\(\s*'(\w+)'", _function(checkpointing, "check_checkpoint_args")))
+    assert compared - DIST_CKPT_SKIPS == set(CHECKED_ARGS), compared
+    rng = _function(checkpointing, "get_rng_state")
+    assert set(re.findall(r"'(\w+_rng_state|rng_tracker_states)':", rng)) == MEGATRON_LM_RNG_KEYS | {"cuda_rng_state"}
+    assert re.search(r"ShardedObject\(\s*f?'(\{key_prefix\})?rng_state',\s*rng_state_list,\s*\(pp_size, tp_size\)", rng)
+    training = _tag_source(tag, "megatron/training/training.py")
+    # increment = num_microbatches * micro_batch_size * data_parallel_size (x gtp_weight_remat_size,
+    # 1 by default, at core_v0.19.0): one global batch of samples per step.
+    increment = re.search(r"increment = \(?\s*(get_num_microbatches\(\)[^)]*?)\)?\s*opt_param_scheduler\.step\(increment=increment\)",
+                          training, flags=re.S)
+    assert increment and "args.micro_batch_size" in increment.group(1) and "args.data_parallel_size" in increment.group(1)

@@ -7,6 +7,9 @@ from minitron_megatron.model import padded_vocab_size, parameter_count
 from tests.dist_utils import run_distributed
 from tests.model_utils import gather_tp, small_model
 
+# The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
+pytestmark = pytest.mark.compat
+
 
 def _loss_and_grads(rank, world, model_kwargs, out_path):
     from minitron_megatron.config.parallel import ParallelConfig

@@ -12,10 +12,15 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from minitron_megatron.checkpoint import run_dir as rd
 from minitron_megatron.checkpoint.dist import latest_iteration
 from minitron_megatron.runtime.preemption import PREEMPTED_EXIT
 from tests.commands import ROOT, SMALL, command_env, command_line, run_command, step_losses, summary
+
+# The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
+pytestmark = pytest.mark.compat
 
 STEPS = 16
 RUN = [*SMALL, f"train.steps={STEPS}", "train.eval_interval=100", "train.save_interval=100"]

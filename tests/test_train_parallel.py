@@ -7,6 +7,9 @@ import pytest
 
 from tests.commands import SMALL, run_command, step_losses, summary
 
+# The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
+pytestmark = pytest.mark.compat
+
 STEPS = ["train.steps=4", "train.eval_interval=4", "train.save_interval=4"]
 EVAL = ["device=cpu", "evaluate.samples=16", "evaluate.micro_batch_size=4"]
 

@@ -15,6 +15,9 @@ from minitron_megatron.checkpoint.dist import latest_iteration
 from minitron_megatron.runtime.faults import FAULT_ENV, FAULT_EXIT
 from tests.commands import run_command, step_losses, summary, SMALL
 
+# The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
+pytestmark = pytest.mark.compat
+
 RUN = [*SMALL, "train.steps=8", "train.eval_interval=4", "train.save_interval=2"]
 
 

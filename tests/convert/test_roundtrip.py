@@ -15,6 +15,9 @@ from tests.convert.hf_models import family_configs, reference_logits
 from tests.convert.workers import EXPORT_AT, LAYOUTS, convert_everything
 from tests.dist_utils import run_distributed
 
+# The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
+pytestmark = pytest.mark.compat
+
 FAMILIES = sorted(family_configs())  # float32; "nemotron-bf16" is the bf16 round trip
 ATOL = 1e-4
 

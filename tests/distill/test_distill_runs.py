@@ -16,6 +16,9 @@ from minitron_megatron.checkpoint import run_dir as rd
 from minitron_megatron.checkpoint.dist import latest_iteration
 from tests.commands import SMALL, run_command, summary
 
+# The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
+pytestmark = pytest.mark.compat
+
 STUDENT_ARCH = ["model.num_layers=2", "model.hidden_size=48", "model.ffn_hidden_size=96"]
 DISTILL = [
     "device=cpu", "distill.micro_batch_size=4", "distill.global_batch_size=8",

@@ -22,6 +22,9 @@ from minitron_megatron.distill.model import fused_linear_unsupported
 from minitron_megatron.distill.objective import DistillLoss
 from tests.dist_utils import run_distributed
 
+# The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
+pytestmark = pytest.mark.compat
+
 TRUE_VOCAB = 1000
 LEAD = (3, 4)  # [s, b]: 12 tokens
 H_S, H_T = 16, 24

@@ -6,6 +6,9 @@ import torch
 
 from tests.importance import workers
 
+# The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
+pytestmark = pytest.mark.compat
+
 REL = 1e-5
 
 

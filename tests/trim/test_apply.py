@@ -15,6 +15,9 @@ from tests.model_utils import gather_tp
 from tests.trim.cases import CASES, GQA, PADDED, PP_CASES, batches, synthetic_scores
 from tests.trim.reference import reference_trim
 
+# The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
+pytestmark = pytest.mark.compat
+
 
 # ---- workers (spawned processes) ---------------------------------------------------------------
 
