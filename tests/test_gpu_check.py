@@ -1,7 +1,15 @@
-"""benchmarks/gpu_check.sh's dry run: it checks its inputs and prints its plan (no GPU needed)."""
+"""benchmarks/gpu_check.sh's dry run (it checks its inputs and prints its plan) and the device of
+kd_step's collectives, without a GPU."""
 
+import importlib.util
 import subprocess
 
+import pytest
+import torch
+import torch.distributed as dist
+
+from minitron_megatron.runtime import destroy_runtime, init_runtime
+from minitron_megatron.runtime.device_guard import CollectiveDeviceError, collectives_on
 from tests.commands import ROOT
 
 NEEDED = ["megatron_core-0.16.1", "hydra_core-1.3.2", "omegaconf-2.3.0", "antlr4_python3_runtime-4.9.3",
@@ -34,3 +42,28 @@ def test_missing_or_duplicate_wheels_are_named(tmp_path):
     proc = _dry_run(tmp_path)
     assert proc.returncode == 2
     assert "no megatron_core-*.whl" in proc.stderr and "2 versions of tqdm" in proc.stderr, proc.stderr
+
+
+def test_kd_step_reduces_its_peaks_on_the_runs_device():
+    """Catches a collective handed a tensor on torch's default device rather than the run's:
+    kd_step.py built its memory peaks without device=, so on CUDA (where the default group is
+    NCCL) every rank raised after the timings and rank 0 never wrote --out. On CPU the run's
+    device is the default device and gloo takes the tensor, so the test moves torch's default
+    device to meta, as a GPU machine's default (CPU) differs from its run's device (CUDA), and
+    lets the guard refuse what NCCL refuses."""
+    spec = importlib.util.spec_from_file_location("benchmarks_kd_step", ROOT / "benchmarks" / "kd_step.py")
+    kd_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kd_step)
+    original = dist.all_reduce
+    ctx = init_runtime(tp=1, pp=1, device="cpu", seed=1)  # as kd_step's worker starts
+    times = {name: [3.0, 1.0, 2.0] for name in kd_step.PARTS}
+    peaks = {name: 1000.0 * (i + 1) for i, name in enumerate(kd_step.PARTS)}
+    try:
+        with torch.device("meta"), collectives_on(ctx.device):
+            with pytest.raises(CollectiveDeviceError, match="tensor on meta"):
+                dist.all_reduce(torch.tensor([1.0], dtype=torch.float64))  # the old kd_step.py:208
+            result = kd_step.gather_result(times, peaks, ctx)
+    finally:
+        destroy_runtime()
+    assert result["kd"] == {"seconds": 2.0, "all_seconds": [3.0, 1.0, 2.0], "peak_bytes": 3000}
+    assert dist.all_reduce is original  # the guard is gone with its block
