@@ -2,7 +2,9 @@
 kd_step's collectives, without a GPU."""
 
 import importlib.util
+import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,3 +69,37 @@ def test_kd_step_reduces_its_peaks_on_the_runs_device():
         destroy_runtime()
     assert result["kd"] == {"seconds": 2.0, "all_seconds": [3.0, 1.0, 2.0], "peak_bytes": 3000}
     assert dist.all_reduce is original  # the guard is gone with its block
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _wheel(folder, name: str, version: str, tags: str = "py3-none-any"):
+    path = folder / f"{name.replace('-', '_')}-{version}-{tags}.whl"
+    path.write_bytes(b"")
+    return path
+
+
+def test_megatron_core_wheel_is_the_python312_pin():
+    """Catches the GPU check bringing another megatron-core than the one the Python 3.12 tier
+    is tested with: the wheel list must take the version requirements/cpu.txt pins."""
+    pins = re.findall(r'^megatron-core==(\S+); python_version >= "3.12"$', (ROOT / "requirements/cpu.txt").read_text(),
+                      flags=re.M)
+    listed = subprocess.run([sys.executable, "benchmarks/gpu_wheels.py", "--list"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert len(pins) == 1 and f"megatron-core=={pins[0]}" in listed, (pins, listed)
+    assert {"hydra-core", "omegaconf", "antlr4-python3-runtime"} <= {line.split("==")[0] for line in listed}
+
+
+def test_a_wheel_for_another_python_is_refused(tmp_path):
+    gpu_wheels = _bench("gpu_wheels")
+    for name, (version, _) in gpu_wheels.required().items():
+        _wheel(tmp_path, name, version, "cp311-cp311-manylinux_2_28_x86_64" if name == "megatron-core" else "py3-none-any")
+    version = gpu_wheels.required()["megatron-core"][0]
+    files, problems = gpu_wheels.check(tmp_path)
+    assert not files and problems == [f"--wheels {tmp_path}: megatron_core-{version}-cp311-cp311-manylinux_2_28_x86_64"
+                                      ".whl does not install on CPython 3.12 x86-64 Linux"]
