@@ -203,10 +203,14 @@ done
 
 echo
 [[ $DRY_RUN == 1 ]] && echo "dry run (nothing ran but the benchmarks' --check):"
-printf '%-14s %-52s %8s\n' step status seconds
+width=4
+for name in "${STEPS[@]}"; do
+    [[ ${#name} -le $width ]] || width=${#name}
+done
+printf '%-*s  %-52s %8s\n' "$width" step status seconds
 failed=0
 for name in "${STEPS[@]}"; do
-    printf '%-14s %-52s %8s\n' "$name" "${STATUS[$name]}" "${SECONDS_TAKEN[$name]:--}"
+    printf '%-*s  %-52s %8s\n' "$width" "$name" "${STATUS[$name]}" "${SECONDS_TAKEN[$name]:--}"
     [[ ${STATUS[$name]} == ok ]] || failed=1
 done
 echo "status: $STATUS_FILE, logs: $LOG_DIR/"
