@@ -204,14 +204,25 @@ def worker(args) -> None:
             if round_ > 0:
                 times[name].append(elapsed)
                 peaks[name] = max(peaks[name], mem.peak)
-    # Every rank's peak, the largest reported: the stage that holds the most.
-    peak_t = torch.tensor([peaks[n] for n in PARTS], dtype=torch.float64)
-    dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
-    if ctx.rank == 0:
-        result = {name: {"seconds": sorted(ts)[len(ts) // 2], "all_seconds": ts, "peak_bytes": int(p)}
-                  for (name, ts), p in zip(times.items(), peak_t.tolist())}
+    result = gather_result(times, peaks, ctx)
+    if result is not None:
         Path(args.out).write_text(json.dumps(result))
     destroy_runtime()
+
+
+def gather_result(times: dict, peaks: dict, ctx):
+    """Rank 0's result (median seconds and every rank's largest peak per part: the stage that
+    holds the most); None on the other ranks. The peaks travel on the run's device: on CUDA
+    the default group is NCCL, which refuses a CPU tensor (tests/test_gpu_check.py)."""
+    import torch
+    import torch.distributed as dist
+
+    peak_t = torch.tensor([peaks[n] for n in PARTS], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
+    if ctx.rank != 0:
+        return None
+    return {name: {"seconds": sorted(ts)[len(ts) // 2], "all_seconds": ts, "peak_bytes": int(p)}
+            for (name, ts), p in zip(times.items(), peak_t.tolist())}
 
 
 # --------------------------------------------------------------------------- driver
