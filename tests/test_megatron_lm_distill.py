@@ -1,8 +1,9 @@
 """docs/distill.md's Megatron-LM drop-in, run as written, at PP=2 in Megatron-LM's own loop.
 
 `examples/megatron_lm/distill.sh` trains a small teacher and prunes it with our commands,
-pastes the doc's snippet over the `__main__` block of Megatron-LM's pretrain_gpt.py (tag
-core_v0.16.1, archived from a git dir) and trains the student by KD under torchrun over gloo
+pastes the doc's snippet for the tag over the `__main__` block of Megatron-LM's pretrain_gpt.py
+(the tag paired with the installed megatron-core, megatron_compat.MEGATRON_LM_TAG: core_v0.16.1
+or core_v0.19.0, archived from a git dir) and trains the student by KD under torchrun over gloo
 (2 ranks, PP=2). `SAVE=0` keeps it cheap (~50 s of CPU): the script's default also saves and
 reads the saved student back with our `evaluate` (run by hand, docs/distill.md). Skipped
 without a Megatron-LM git dir (`MEGATRON_LM_GIT`, default the mirror tests/megatron_lm_parser.py
@@ -37,7 +38,7 @@ def _git_dir():
 @pytest.mark.slow
 def test_doc_snippet_distils_a_pruned_student_in_megatron_lm_at_pp2(tmp_path):
     """Catches docs/distill.md's snippet not running as written against pretrain_gpt.py at the
-    tag (a renamed import, get_batch's arity, provider arguments), our DistillationModel failing
+    tag (a renamed import, get_batch's arity, provider arguments, pretrain()'s signature), our DistillationModel failing
     in Megatron-LM's pipeline schedule (receive buffers sized from config.hidden_size, the
     'counter-productive to free a view' assertion of deallocate_pipeline_outputs on a loss that is
     a view), Megatron-LM's loop not reporting our loss keys, and a student that does not learn."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Knowledge distillation of one of our pruned students inside Megatron-LM's own pretrain_gpt.py
-# loop (tag core_v0.16.1), with the drop-in snippet of docs/distill.md taken verbatim from the doc:
+# loop (tag core_v0.16.1 or core_v0.19.0, the one paired with the installed megatron-core), with
+# the drop-in snippet of docs/distill.md for that tag taken verbatim from the doc:
 #
 #   our train -> runs/teacher, our prune -> runs/pruned, our preprocess -> data/,
 #   pretrain_gpt_distill.py = Megatron-LM's pretrain_gpt.py with its __main__ block replaced by
@@ -56,7 +57,9 @@ if [ ! -f megatron-lm/pretrain_gpt.py ] || [ "$(cat megatron-lm/TAG 2>/dev/null)
   git --git-dir "$MEGATRON_LM_GIT" archive "$TAG" $PACKAGES pretrain_gpt.py model_provider.py gpt_builders.py \
     | tar -x -C megatron-lm
 fi
-$PYTHON "$HERE/build_script.py" megatron-lm/pretrain_gpt.py "$ROOT/docs/distill.md" megatron-lm/pretrain_gpt_distill.py
+# The doc has one snippet per tag (pretrain_gpt.py's __main__ block and get_batch differ).
+$PYTHON "$HERE/build_script.py" megatron-lm/pretrain_gpt.py "$ROOT/docs/distill.md" megatron-lm/pretrain_gpt_distill.py \
+  --tag "$TAG"
 
 # 4. Distil in Megatron-LM's loop: the student's own arguments (its --load), data, schedule.
 FLAGS=$($PYTHON -m minitron_megatron.checkpoint.megatron_lm runs/pruned --tp "$TP")  # shell-quoted

@@ -7,12 +7,15 @@ that multiprocessing spawns (dist_checkpointing's writer starts a Manager, whose
 the script). No Megatron-LM file is changed. Only torchrun's workers are patched (they have
 RANK set; the launcher itself does not).
 
-Megatron-LM (tag core_v0.16.1) assumes CUDA in a few places that megatron-core's own CPU support
-(`minitron_megatron.runtime.cpu_support`) does not cover; each patch names the place.
+Megatron-LM (tags core_v0.16.1 and core_v0.19.0) assumes CUDA in a few places that megatron-core's
+own CPU support (`minitron_megatron.runtime.cpu_support`) does not cover; each patch names the
+place, and patches only what the tag has (core_v0.19.0 has no megatron/legacy, hence no fused
+kernels to build).
 """
 
 import contextlib
 import functools
+import importlib.util
 import os
 import sys
 import types
@@ -56,14 +59,15 @@ def _patch_torch_cuda() -> None:
 
 def _patch_megatron_lm() -> None:
     import megatron.core.datasets.utils as dataset_utils
-    import megatron.legacy.fused_kernels as fused_kernels
     import megatron.training.arguments as arguments
     import megatron.training.training as training
 
     # initialize.py `_compile_dependencies`: runs `make` in megatron/core/datasets (the pip wheel
-    # ships the compiled helpers_cpp and no Makefile) and builds CUDA kernels with nvcc.
+    # ships the compiled helpers_cpp and no Makefile) and, at core_v0.16.1 only, builds CUDA
+    # kernels with nvcc (megatron/legacy/fused_kernels, gone with megatron/legacy at core_v0.19.0).
     dataset_utils.compile_helpers = lambda: None
-    fused_kernels.load = lambda args: None
+    if importlib.util.find_spec("megatron.legacy") is not None:
+        importlib.import_module("megatron.legacy.fused_kernels").load = lambda args: None
     # arguments.py `validate_args` at TP>1 reads the GPU's compute capability; answer as a
     # pre-Blackwell GPU (that branch asks for CUDA_DEVICE_MAX_CONNECTIONS=1, as on most GPUs).
     arguments.get_device_arch_version = lambda: 0
