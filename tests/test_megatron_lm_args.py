@@ -16,6 +16,9 @@ from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.parallel import ParallelConfig
 from tests import megatron_lm_parser
 
+# The compatibility tier (Python 3.12, megatron-core 0.19.2, Megatron-LM core_v0.19.0) runs this file too.
+pytestmark = pytest.mark.compat
+
 TP = 2
 PADDED = 1024
 

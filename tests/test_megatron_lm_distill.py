@@ -23,6 +23,9 @@ from minitron_megatron.runtime.distributed import free_port
 from tests.commands import ROOT, SMALL, command_env
 from tests.megatron_lm_parser import DEFAULT_GIT, TAG
 
+# The compatibility tier (Python 3.12, megatron-core 0.19.2, Megatron-LM core_v0.19.0) runs this file too.
+pytestmark = pytest.mark.compat
+
 SCRIPT = ROOT / "examples" / "megatron_lm" / "distill.sh"
 ITERS = 3
 

@@ -22,6 +22,9 @@ import pytest
 from tests.dist_utils import run_distributed
 from tests.model_utils import small_model
 
+# The compatibility tier (Python 3.12, megatron-core 0.19.2, Megatron-LM core_v0.19.0) runs this file too.
+pytestmark = pytest.mark.compat
+
 MEGATRON_LM_RNG_KEYS = {"random_rng_state", "np_rng_state", "torch_rng_state", "rng_tracker_states"}
 CHECKED_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "add_position_embedding",
                 "max_position_embeddings", "make_vocab_size_divisible_by", "tokenizer_type")
