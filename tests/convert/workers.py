@@ -108,13 +108,13 @@ def recording_loads(calls: list):
 
     original, returned = dist_checkpointing.load, []
 
-    def load(request, *args, **kwargs):
-        sizes = [v.data.numel() * v.data.element_size() for v in nested_values(request)
+    def load(sharded_state_dict, **kwargs):  # our calls pass every argument by keyword
+        sizes = [v.data.numel() * v.data.element_size() for v in nested_values(x=sharded_state_dict)
                  if isinstance(v, ShardedBase) and v.data is not None]
         calls.append({"bytes": sum(sizes), "largest": max(sizes, default=0),
                       "alive": sum(ref() is not None for ref in returned)})
-        out = original(request, *args, **kwargs)
-        returned.extend(weakref.ref(v) for v in nested_values(out) if isinstance(v, torch.Tensor))
+        out = original(sharded_state_dict=sharded_state_dict, **kwargs)
+        returned.extend(weakref.ref(v) for v in nested_values(x=out) if isinstance(v, torch.Tensor))
         return out
 
     dist_checkpointing.load = load
