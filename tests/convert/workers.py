@@ -241,3 +241,86 @@ def recipe_on_imported(rank, world, root, hf_dir):
         _save_if_writer(ctx, run_dir_logits(root / run, ctx, tokens), root / f"logits-{run}.pt")
     if rank == 0:
         (root / "summaries.json").write_text(json.dumps(summaries, indent=1))
+
+
+RUN_DIR_KINDS = ("train", "prune", "distill", "import")
+"""Every kind of run dir the commands write (search's candidates are prune and distill run dirs
+written by the same calls; `run`'s stages are train, search and distill)."""
+STACKED_MODEL = dict(name="stacked", num_layers=4, hidden_size=64, ffn_hidden_size=512, num_attention_heads=4,
+                     num_query_groups=2, kv_channels=16, seq_length=64)
+"""tests/commands.py's SMALL with a wider MLP: the decoder's bytes (1.7 MiB) exceed the largest
+parameter's (the 4096 x 64 embedding, 1 MiB), and so do the pruned model's (1.0 MiB > 0.75 MiB),
+so a streamed export reads each layer-stacked key (`decoder.layers.*`, [4, ...]) in pieces."""
+LOOP = dict(steps=2, micro_batch_size=4, global_batch_size=4, eval_interval=100, eval_samples=8,
+            save_interval=100, log_interval=1, tensorboard=False)
+
+
+def _commands(root: Path, hf_dir: str, parallel) -> dict:
+    """kind -> (the library call its command makes, its config), in dependency order."""
+    from minitron_megatron.config.commands import (ConvertCommand, DistillCommand, EvaluateConfig, PruneCommand,
+                                                   TrainCommand)
+    from minitron_megatron.config.distill import DistillConfig, ModelSource
+    from minitron_megatron.config.model import ModelConfig
+    from minitron_megatron.config.prune import ImportanceConfig, PruneConfig, TrimTarget
+    from minitron_megatron.config.train import OptimConfig, TrainConfig
+    from minitron_megatron.convert import convert
+    from minitron_megatron.distill.loop import distill
+    from minitron_megatron.recipes.prune import prune
+    from minitron_megatron.train.loop import pretrain
+
+    run = {kind: str(root / kind) for kind in RUN_DIR_KINDS}
+    common = dict(parallel=parallel, device="cpu", evaluate=EvaluateConfig(samples=8, micro_batch_size=4))
+    optim = OptimConfig(warmup_steps=1)
+    target = TrimTarget(hidden_size=48, ffn_hidden_size=384)
+    return {
+        "train": (pretrain, TrainCommand(model=ModelConfig(**STACKED_MODEL), save=run["train"],
+                                         train=TrainConfig(**LOOP, optim=optim), **common)),
+        "prune": (prune, PruneCommand(load=run["train"], save=run["prune"], **common, prune=PruneConfig(
+            target=target, importance=ImportanceConfig(calibration_samples=8, micro_batch_size=4, depth_metrics=None)))),
+        "distill": (distill, DistillCommand(teacher=ModelSource(load=run["train"]),
+                                            student=ModelSource(load=run["prune"]), save=run["distill"],
+                                            distill=DistillConfig(**LOOP, optim=optim), **common)),
+        "import": (convert, ConvertCommand(from_hf=hf_dir, save=run["import"], parallel=parallel)),
+    }
+
+
+def _export_every_run_dir(root: Path, ctx, layout: str) -> list:
+    """Export each kind of run dir to root/hf-<kind>-<layout>; the loads each export made."""
+    from minitron_megatron.config.commands import ConvertCommand
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.convert import convert
+
+    loads = []
+    for kind in RUN_DIR_KINDS:
+        loads.append([])
+        with recording_loads(loads[-1]):
+            convert(ConvertCommand(load=str(root / kind), to_hf=str(root / f"hf-{kind}-{layout}"),
+                                   parallel=ParallelConfig(tp=ctx.tp_size)), ctx)
+    return loads
+
+
+def write_every_run_dir(rank, world, root, hf_dir):
+    """At TP=2, as the commands do: train a teacher, prune it, distil the pruned model from it and
+    import a HF Llama; then our logits of each run dir and its export at TP=2."""
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.runtime import init_runtime
+
+    root = Path(root)
+    ctx = init_runtime(tp=2, pp=1, device="cpu", seed=3)
+    for stage, cfg in _commands(root, hf_dir, ParallelConfig(tp=2)).values():
+        stage(cfg, ctx)
+    tokens = torch.load(root / "tokens.pt")
+    for kind in RUN_DIR_KINDS:
+        _save_if_writer(ctx, run_dir_logits(root / kind, ctx, tokens), root / f"logits-{kind}.pt")
+    loads = _export_every_run_dir(root, ctx, "tp2")
+    (root / f"loads-tp2-rank{rank}.json").write_text(json.dumps(loads))
+
+
+def export_every_run_dir_alone(rank, world, root):
+    """Export each run dir at TP=1 in a world of one process (the `convert` command without
+    torchrun): Megatron then places the shards a load leaves out on this same rank."""
+    from minitron_megatron.runtime import init_runtime
+
+    root = Path(root)
+    loads = _export_every_run_dir(root, init_runtime(tp=1, pp=1, device="cpu", seed=3), "tp1")
+    (root / "loads-tp1-rank0.json").write_text(json.dumps(loads))
