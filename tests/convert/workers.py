@@ -97,25 +97,36 @@ def trim_run(src: Path, dst: Path, ctx) -> None:
     save_trimmed(dst, result, plan, padded, tokenizer, ctx, summary={"trimmed": True})
 
 
-@contextlib.contextmanager
-def recording_loads(calls: list):
-    """Record, for every `dist_checkpointing.load` made inside, the bytes of the sharded tensors
-    it asks for (all, and the largest one) and how many tensors that earlier loads returned are
-    still alive when it starts."""
-    from megatron.core import dist_checkpointing
+def _read_into(sharded_state_dict) -> list:
+    """The tensors a load reads into, one per parameter: a request tensor that is a view (an fc1
+    half, a layer with its layer axis in its shape) counts as the tensor it views."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
-    original, returned = dist_checkpointing.load, []
+    targets = {}
+    for v in nested_values(x=sharded_state_dict):
+        if isinstance(v, ShardedBase) and isinstance(v.data, torch.Tensor):
+            tensor = v.data if v.data._base is None else v.data._base
+            targets[id(tensor)] = tensor
+    return list(targets.values())
+
+
+@contextlib.contextmanager
+def recording_loads(calls: list):
+    """Record, for every `dist_checkpointing.load` made inside, the bytes of the tensors it
+    reads into (all, and the largest one) and how many tensors that earlier loads read into
+    are still alive when it starts."""
+    from megatron.core import dist_checkpointing
+
+    original, earlier = dist_checkpointing.load, []
 
     def load(sharded_state_dict, **kwargs):  # our calls pass every argument by keyword
-        sizes = [v.data.numel() * v.data.element_size() for v in nested_values(x=sharded_state_dict)
-                 if isinstance(v, ShardedBase) and v.data is not None]
+        targets = _read_into(sharded_state_dict)
+        sizes = [t.numel() * t.element_size() for t in targets]
         calls.append({"bytes": sum(sizes), "largest": max(sizes, default=0),
-                      "alive": sum(ref() is not None for ref in returned)})
-        out = original(sharded_state_dict=sharded_state_dict, **kwargs)
-        returned.extend(weakref.ref(v) for v in nested_values(x=out) if isinstance(v, torch.Tensor))
-        return out
+                      "alive": sum(ref() is not None for ref in earlier)})
+        earlier.extend(weakref.ref(t) for t in targets)
+        return original(sharded_state_dict=sharded_state_dict, **kwargs)
 
     dist_checkpointing.load = load
     try:
