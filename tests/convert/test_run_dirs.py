@@ -2,9 +2,10 @@
 
 One spawn of 2 gloo processes writes, at TP=2, a trained teacher (with its optimizer state), a
 pruned and a distilled model and an imported HF Llama, and exports each at TP=2
-(workers.write_every_run_dir); one spawn of a single process exports each again at TP=1, as
-`python -m minitron_megatron.convert load=RUN to_hf=DIR` does without torchrun
-(workers.export_every_run_dir_alone). This process loads every export with transformers.
+(workers.write_every_run_dir); one spawn of a single process trains a teacher at TP=1 too and
+exports every run dir at TP=1, as `python -m minitron_megatron.convert load=RUN to_hf=DIR` does
+without torchrun (workers.export_every_run_dir_alone). This process loads every export with
+transformers and compares its logits with the run dir's own.
 """
 
 import json
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from tests.convert.hf_models import reference_logits
-from tests.convert.workers import RUN_DIR_KINDS, export_every_run_dir_alone, write_every_run_dir
+from tests.convert.workers import ALONE_KINDS, RUN_DIR_KINDS, export_every_run_dir_alone, write_every_run_dir
 from tests.dist_utils import run_distributed
 
 ATOL = 1e-4
@@ -46,7 +47,7 @@ def _exported(root, kind: str, layout: str):
 def _check_export(root, kind: str, layout: str) -> None:
     model = _exported(root, kind, layout)
     tokens = torch.load(root / "tokens.pt")  # [2, 64]
-    ours = torch.load(root / f"logits-{kind}.pt")  # the run dir's own model at TP=2
+    ours = torch.load(root / f"logits-{kind}.pt")  # the run dir's GPTModel, loaded from its checkpoint
     got = reference_logits(model, tokens)
     assert got.shape == ours.shape == (*tokens.shape, model.config.vocab_size)
     diff = (got - ours).abs().max().item()
@@ -55,13 +56,13 @@ def _check_export(root, kind: str, layout: str) -> None:
 
 @pytest.mark.parametrize("kind", RUN_DIR_KINDS)
 def test_run_dir_exports_at_tp2(written, kind):
-    """Catches an export that cannot read what a command wrote next to the model (a trained
-    run's optimizer state and RNG, a pruned run's plan, a distilled student's KD state), at
-    TP=2 from a TP=2 checkpoint: transformers loads it cleanly and computes our logits."""
+    """Catches an export that cannot read what a command wrote next to the model (a trained or
+    distilled run's optimizer and RNG state, a pruned run's importance and plan), at TP=2 from a
+    TP=2 checkpoint: transformers loads it cleanly and computes our logits."""
     _check_export(written, kind, "tp2")
 
 
-@pytest.mark.parametrize("kind", RUN_DIR_KINDS)
+@pytest.mark.parametrize("kind", ALONE_KINDS)
 def test_run_dir_exports_in_one_process(exported_alone, kind):
     """Issue 18: catches a streamed export that asks one `dist_checkpointing.load` for some of a
     layer-stacked key's layers (`decoder.layers.*`, [num_layers, ...]) in a single-process
@@ -76,7 +77,7 @@ def test_single_process_exports_read_layers_in_pieces(exported_alone):
     TP=1 export takes more loads than the embedding, the decoder and the output layer would
     (so some layer-stacked key was read in pieces), and no load asks for more bytes than the
     export's largest parameter."""
-    for kind, calls in zip(RUN_DIR_KINDS, json.loads((exported_alone / "loads-tp1-rank0.json").read_text())):
+    for kind, calls in zip(ALONE_KINDS, json.loads((exported_alone / "loads-tp1-rank0.json").read_text())):
         assert len(calls) > 3, f"{kind}: the decoder fits one load, so nothing was read in pieces"
         assert max(c["bytes"] for c in calls) <= max(c["largest"] for c in calls), f"{kind}: a load asked for too much"
         assert max(c["alive"] for c in calls) == 0, f"{kind}: a tensor from an earlier load was still alive"

@@ -255,8 +255,10 @@ def recipe_on_imported(rank, world, root, hf_dir):
 
 
 RUN_DIR_KINDS = ("train", "prune", "distill", "import")
-"""Every kind of run dir the commands write (search's candidates are prune and distill run dirs
-written by the same calls; `run`'s stages are train, search and distill)."""
+"""Every kind of run dir the commands write, all at TP=2 (search's candidates are prune and
+distill run dirs written by the same calls; `run`'s stages are train, search and distill)."""
+ALONE_KINDS = RUN_DIR_KINDS + ("train-tp1",)
+"""What the one-process export reads: those, and a teacher trained at TP=1 (whole-layer chunks)."""
 STACKED_MODEL = dict(name="stacked", num_layers=4, hidden_size=64, ffn_hidden_size=512, num_attention_heads=4,
                      num_query_groups=2, kv_channels=16, seq_length=64)
 """tests/commands.py's SMALL with a wider MLP: the decoder's bytes (1.7 MiB) exceed the largest
@@ -266,43 +268,54 @@ LOOP = dict(steps=2, micro_batch_size=4, global_batch_size=4, eval_interval=100,
             save_interval=100, log_interval=1, tensorboard=False)
 
 
+def _common(parallel) -> dict:
+    from minitron_megatron.config.commands import EvaluateConfig
+
+    return dict(parallel=parallel, device="cpu", evaluate=EvaluateConfig(samples=8, micro_batch_size=4))
+
+
+def _train_command(save: Path, parallel):
+    from minitron_megatron.config.commands import TrainCommand
+    from minitron_megatron.config.model import ModelConfig
+    from minitron_megatron.config.train import OptimConfig, TrainConfig
+
+    return TrainCommand(model=ModelConfig(**STACKED_MODEL), save=str(save),
+                        train=TrainConfig(**LOOP, optim=OptimConfig(warmup_steps=1)), **_common(parallel))
+
+
 def _commands(root: Path, hf_dir: str, parallel) -> dict:
     """kind -> (the library call its command makes, its config), in dependency order."""
-    from minitron_megatron.config.commands import (ConvertCommand, DistillCommand, EvaluateConfig, PruneCommand,
-                                                   TrainCommand)
+    from minitron_megatron.config.commands import ConvertCommand, DistillCommand, PruneCommand
     from minitron_megatron.config.distill import DistillConfig, ModelSource
-    from minitron_megatron.config.model import ModelConfig
     from minitron_megatron.config.prune import ImportanceConfig, PruneConfig, TrimTarget
-    from minitron_megatron.config.train import OptimConfig, TrainConfig
+    from minitron_megatron.config.train import OptimConfig
     from minitron_megatron.convert import convert
     from minitron_megatron.distill.loop import distill
     from minitron_megatron.recipes.prune import prune
     from minitron_megatron.train.loop import pretrain
 
     run = {kind: str(root / kind) for kind in RUN_DIR_KINDS}
-    common = dict(parallel=parallel, device="cpu", evaluate=EvaluateConfig(samples=8, micro_batch_size=4))
-    optim = OptimConfig(warmup_steps=1)
-    target = TrimTarget(hidden_size=48, ffn_hidden_size=384)
+    importance = ImportanceConfig(calibration_samples=8, micro_batch_size=4, depth_metrics=None)  # width only
+    prune_cfg = PruneConfig(target=TrimTarget(hidden_size=48, ffn_hidden_size=384), importance=importance)
     return {
-        "train": (pretrain, TrainCommand(model=ModelConfig(**STACKED_MODEL), save=run["train"],
-                                         train=TrainConfig(**LOOP, optim=optim), **common)),
-        "prune": (prune, PruneCommand(load=run["train"], save=run["prune"], **common, prune=PruneConfig(
-            target=target, importance=ImportanceConfig(calibration_samples=8, micro_batch_size=4, depth_metrics=None)))),
+        "train": (pretrain, _train_command(root / "train", parallel)),
+        "prune": (prune, PruneCommand(load=run["train"], save=run["prune"], prune=prune_cfg, **_common(parallel))),
         "distill": (distill, DistillCommand(teacher=ModelSource(load=run["train"]),
                                             student=ModelSource(load=run["prune"]), save=run["distill"],
-                                            distill=DistillConfig(**LOOP, optim=optim), **common)),
+                                            distill=DistillConfig(**LOOP, optim=OptimConfig(warmup_steps=1)),
+                                            **_common(parallel))),
         "import": (convert, ConvertCommand(from_hf=hf_dir, save=run["import"], parallel=parallel)),
     }
 
 
-def _export_every_run_dir(root: Path, ctx, layout: str) -> list:
-    """Export each kind of run dir to root/hf-<kind>-<layout>; the loads each export made."""
+def _export_run_dirs(root: Path, kinds, ctx, layout: str) -> list:
+    """Export each run dir root/<kind> to root/hf-<kind>-<layout>; the loads each export made."""
     from minitron_megatron.config.commands import ConvertCommand
     from minitron_megatron.config.parallel import ParallelConfig
     from minitron_megatron.convert import convert
 
     loads = []
-    for kind in RUN_DIR_KINDS:
+    for kind in kinds:
         loads.append([])
         with recording_loads(loads[-1]):
             convert(ConvertCommand(load=str(root / kind), to_hf=str(root / f"hf-{kind}-{layout}"),
@@ -323,15 +336,21 @@ def write_every_run_dir(rank, world, root, hf_dir):
     tokens = torch.load(root / "tokens.pt")
     for kind in RUN_DIR_KINDS:
         _save_if_writer(ctx, run_dir_logits(root / kind, ctx, tokens), root / f"logits-{kind}.pt")
-    loads = _export_every_run_dir(root, ctx, "tp2")
+    loads = _export_run_dirs(root, RUN_DIR_KINDS, ctx, "tp2")
     (root / f"loads-tp2-rank{rank}.json").write_text(json.dumps(loads))
 
 
 def export_every_run_dir_alone(rank, world, root):
-    """Export each run dir at TP=1 in a world of one process (the `convert` command without
-    torchrun): Megatron then places the shards a load leaves out on this same rank."""
+    """In a world of one process (the `convert` command without torchrun): train a teacher at TP=1
+    (and take its logits), then export it and every TP=2 run dir at TP=1."""
+    from minitron_megatron.config.parallel import ParallelConfig
     from minitron_megatron.runtime import init_runtime
+    from minitron_megatron.train.loop import pretrain
 
     root = Path(root)
-    loads = _export_every_run_dir(root, init_runtime(tp=1, pp=1, device="cpu", seed=3), "tp1")
+    ctx = init_runtime(tp=1, pp=1, device="cpu", seed=3)
+    pretrain(_train_command(root / "train-tp1", ParallelConfig()), ctx)
+    _save_if_writer(ctx, run_dir_logits(root / "train-tp1", ctx, torch.load(root / "tokens.pt")),
+                    root / "logits-train-tp1.pt")
+    loads = _export_run_dirs(root, ALONE_KINDS, ctx, "tp1")
     (root / "loads-tp1-rank0.json").write_text(json.dumps(loads))
