@@ -9,6 +9,7 @@ tensors carry global offsets, so a checkpoint saved at one TP/PP loads at anothe
 
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -194,7 +195,7 @@ def stream_parameters(root, model, names: List[str], device) -> Iterator[Tuple[s
     copy of every fc1. Here the model's parameters are never touched (a meta model will do).
     Consecutive parameters share one `dist_checkpointing.load` up to the bytes of the largest one
     (a transformer layer or two, next to a vocab-parallel embedding), so a load holds no more than
-    the largest parameter would alone (plus Megatron's read buffer and, for fc1, its merged copy),
+    the largest parameter would alone (plus Megatron's read buffer),
     in a few loads rather than one per tensor: each load synchronises every rank several times,
     and 99 of them took 10-13 s of a 1.65 GiB export on 2 shared cores, 18 took 4-5 s.
 
@@ -231,21 +232,42 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 def _load_entries(path: str, entries: dict, device) -> dict:
     """{name: tensor} of these sharded-state-dict entries (none: an empty load that keeps this
-    rank in step). A function, so no reference to the request, which holds the read buffers,
-    outlives the call."""
-    request = {name: _on_fresh_storage(entry, device) for name, entry in entries.items()}
+    rank in step), read into fresh storage on `device`; the model's own parameters (meta, or
+    storage nobody reads) stay untouched. A function, so no reference to the request, which
+    holds the read buffers, outlives the call."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    fresh = {name: torch.empty(entry.data.shape, dtype=entry.data.dtype, device=device)
+             for name, entry in entries.items()}
+    request = {name: replace(entry, data=fresh[name]) for name, entry in entries.items()}
+    # GLU fc1's factory becomes its [gate; up] halves, views of the fresh tensor: torch_dist reads
+    # into the request's tensors in place, so fc1 needs no merge (which would copy it).
+    apply_factories(sharded_state_dict=request)
+    dict_list_map_inplace(f=_layer_axes_in_local_shape, x=request)
     # Megatron's access check wants each call to cover every global tensor it touches; one
     # layer of a layer-stacked key (`decoder.layers.*`, shape [num_layers, ...]) cannot.
-    loaded = load_dist_checkpoint(sharded_state_dict=request, checkpoint_dir=path, validate_access_integrity=False)
-    return {name: loaded[name] for name in entries}
+    load_dist_checkpoint(sharded_state_dict=request, checkpoint_dir=path, validate_access_integrity=False)
+    return fresh
 
 
-def _on_fresh_storage(entry, device):
-    """`entry` (a ShardedTensor or factory) over a new empty tensor: torch_dist reads into it in
-    place, and the model's own parameter (meta, or storage nobody reads) stays untouched."""
-    from dataclasses import replace
+def _layer_axes_in_local_shape(entry):
+    """A ShardedTensor with prepended axes (one layer of a layer-stacked key) as the same slice
+    with those axes, of size 1, in its local shape, over a view of the same data.
 
-    return replace(entry, data=torch.empty(entry.data.shape, dtype=entry.data.dtype, device=device))
+    Why: Megatron reads a tensor with prepended axes through a torch ShardedTensor on a regular
+    grid that it completes itself, placing every grid cell this rank does not ask for on rank
+    (rank + 1) % world_size. In a one-process world (`convert` without torchrun) that is this
+    rank, so a load asking for some of a key's layers, but not all, failed ("Number of local
+    shards (3) does not match ... (4)"). Without prepended axes Megatron (with torch >= 2.6,
+    which every megatron-core we support requires) hands DCP just the shards asked for, and DCP
+    reads whatever part of the stored chunks they cover: any layers, any TP slice."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if not isinstance(entry, ShardedTensor) or not entry.prepend_axis_num:
+        return entry
+    shape = (1,) * entry.prepend_axis_num + tuple(entry.local_shape)
+    return replace(entry, data=entry.data.view(shape), local_shape=shape, prepend_axis_num=0)
 
 
 def _most_over_ranks(count: int) -> int:

@@ -97,25 +97,36 @@ def trim_run(src: Path, dst: Path, ctx) -> None:
     save_trimmed(dst, result, plan, padded, tokenizer, ctx, summary={"trimmed": True})
 
 
-@contextlib.contextmanager
-def recording_loads(calls: list):
-    """Record, for every `dist_checkpointing.load` made inside, the bytes of the sharded tensors
-    it asks for (all, and the largest one) and how many tensors that earlier loads returned are
-    still alive when it starts."""
-    from megatron.core import dist_checkpointing
+def _read_into(sharded_state_dict) -> list:
+    """The tensors a load reads into, one per parameter: a request tensor that is a view (an fc1
+    half, a layer with its layer axis in its shape) counts as the tensor it views."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
-    original, returned = dist_checkpointing.load, []
+    targets = {}
+    for v in nested_values(x=sharded_state_dict):
+        if isinstance(v, ShardedBase) and isinstance(v.data, torch.Tensor):
+            tensor = v.data if v.data._base is None else v.data._base
+            targets[id(tensor)] = tensor
+    return list(targets.values())
 
-    def load(request, *args, **kwargs):
-        sizes = [v.data.numel() * v.data.element_size() for v in nested_values(request)
-                 if isinstance(v, ShardedBase) and v.data is not None]
+
+@contextlib.contextmanager
+def recording_loads(calls: list):
+    """Record, for every `dist_checkpointing.load` made inside, the bytes of the tensors it
+    reads into (all, and the largest one) and how many tensors that earlier loads read into
+    are still alive when it starts."""
+    from megatron.core import dist_checkpointing
+
+    original, earlier = dist_checkpointing.load, []
+
+    def load(sharded_state_dict, **kwargs):  # our calls pass every argument by keyword
+        targets = _read_into(sharded_state_dict)
+        sizes = [t.numel() * t.element_size() for t in targets]
         calls.append({"bytes": sum(sizes), "largest": max(sizes, default=0),
-                      "alive": sum(ref() is not None for ref in returned)})
-        out = original(request, *args, **kwargs)
-        returned.extend(weakref.ref(v) for v in nested_values(out) if isinstance(v, torch.Tensor))
-        return out
+                      "alive": sum(ref() is not None for ref in earlier)})
+        earlier.extend(weakref.ref(t) for t in targets)
+        return original(sharded_state_dict=sharded_state_dict, **kwargs)
 
     dist_checkpointing.load = load
     try:
@@ -241,3 +252,105 @@ def recipe_on_imported(rank, world, root, hf_dir):
         _save_if_writer(ctx, run_dir_logits(root / run, ctx, tokens), root / f"logits-{run}.pt")
     if rank == 0:
         (root / "summaries.json").write_text(json.dumps(summaries, indent=1))
+
+
+RUN_DIR_KINDS = ("train", "prune", "distill", "import")
+"""Every kind of run dir the commands write, all at TP=2 (search's candidates are prune and
+distill run dirs written by the same calls; `run`'s stages are train, search and distill)."""
+ALONE_KINDS = RUN_DIR_KINDS + ("train-tp1",)
+"""What the one-process export reads: those, and a teacher trained at TP=1 (whole-layer chunks)."""
+STACKED_MODEL = dict(name="stacked", num_layers=4, hidden_size=64, ffn_hidden_size=512, num_attention_heads=4,
+                     num_query_groups=2, kv_channels=16, seq_length=64)
+"""tests/commands.py's SMALL with a wider MLP: the decoder's bytes (1.7 MiB) exceed the largest
+parameter's (the 4096 x 64 embedding, 1 MiB), and so do the pruned model's (1.0 MiB > 0.75 MiB),
+so a streamed export reads each layer-stacked key (`decoder.layers.*`, [4, ...]) in pieces."""
+LOOP = dict(steps=2, micro_batch_size=4, global_batch_size=4, eval_interval=100, eval_samples=8,
+            save_interval=100, log_interval=1, tensorboard=False)
+
+
+def _common(parallel) -> dict:
+    from minitron_megatron.config.commands import EvaluateConfig
+
+    return dict(parallel=parallel, device="cpu", evaluate=EvaluateConfig(samples=8, micro_batch_size=4))
+
+
+def _train_command(save: Path, parallel):
+    from minitron_megatron.config.commands import TrainCommand
+    from minitron_megatron.config.model import ModelConfig
+    from minitron_megatron.config.train import OptimConfig, TrainConfig
+
+    return TrainCommand(model=ModelConfig(**STACKED_MODEL), save=str(save),
+                        train=TrainConfig(**LOOP, optim=OptimConfig(warmup_steps=1)), **_common(parallel))
+
+
+def _commands(root: Path, hf_dir: str, parallel) -> dict:
+    """kind -> (the library call its command makes, its config), in dependency order."""
+    from minitron_megatron.config.commands import ConvertCommand, DistillCommand, PruneCommand
+    from minitron_megatron.config.distill import DistillConfig, ModelSource
+    from minitron_megatron.config.prune import ImportanceConfig, PruneConfig, TrimTarget
+    from minitron_megatron.config.train import OptimConfig
+    from minitron_megatron.convert import convert
+    from minitron_megatron.distill.loop import distill
+    from minitron_megatron.recipes.prune import prune
+    from minitron_megatron.train.loop import pretrain
+
+    run = {kind: str(root / kind) for kind in RUN_DIR_KINDS}
+    importance = ImportanceConfig(calibration_samples=8, micro_batch_size=4, depth_metrics=None)  # width only
+    prune_cfg = PruneConfig(target=TrimTarget(hidden_size=48, ffn_hidden_size=384), importance=importance)
+    return {
+        "train": (pretrain, _train_command(root / "train", parallel)),
+        "prune": (prune, PruneCommand(load=run["train"], save=run["prune"], prune=prune_cfg, **_common(parallel))),
+        "distill": (distill, DistillCommand(teacher=ModelSource(load=run["train"]),
+                                            student=ModelSource(load=run["prune"]), save=run["distill"],
+                                            distill=DistillConfig(**LOOP, optim=OptimConfig(warmup_steps=1)),
+                                            **_common(parallel))),
+        "import": (convert, ConvertCommand(from_hf=hf_dir, save=run["import"], parallel=parallel)),
+    }
+
+
+def _export_run_dirs(root: Path, kinds, ctx, layout: str) -> list:
+    """Export each run dir root/<kind> to root/hf-<kind>-<layout>; the loads each export made."""
+    from minitron_megatron.config.commands import ConvertCommand
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.convert import convert
+
+    loads = []
+    for kind in kinds:
+        loads.append([])
+        with recording_loads(loads[-1]):
+            convert(ConvertCommand(load=str(root / kind), to_hf=str(root / f"hf-{kind}-{layout}"),
+                                   parallel=ParallelConfig(tp=ctx.tp_size)), ctx)
+    return loads
+
+
+def write_every_run_dir(rank, world, root, hf_dir):
+    """At TP=2, as the commands do: train a teacher, prune it, distil the pruned model from it and
+    import a HF Llama; then our logits of each run dir and its export at TP=2."""
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.runtime import init_runtime
+
+    root = Path(root)
+    ctx = init_runtime(tp=2, pp=1, device="cpu", seed=3)
+    for stage, cfg in _commands(root, hf_dir, ParallelConfig(tp=2)).values():
+        stage(cfg, ctx)
+    tokens = torch.load(root / "tokens.pt")
+    for kind in RUN_DIR_KINDS:
+        _save_if_writer(ctx, run_dir_logits(root / kind, ctx, tokens), root / f"logits-{kind}.pt")
+    loads = _export_run_dirs(root, RUN_DIR_KINDS, ctx, "tp2")
+    (root / f"loads-tp2-rank{rank}.json").write_text(json.dumps(loads))
+
+
+def export_every_run_dir_alone(rank, world, root):
+    """In a world of one process (the `convert` command without torchrun): train a teacher at TP=1
+    (and take its logits), then export it and every TP=2 run dir at TP=1."""
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.runtime import init_runtime
+    from minitron_megatron.train.loop import pretrain
+
+    root = Path(root)
+    ctx = init_runtime(tp=1, pp=1, device="cpu", seed=3)
+    pretrain(_train_command(root / "train-tp1", ParallelConfig()), ctx)
+    _save_if_writer(ctx, run_dir_logits(root / "train-tp1", ctx, torch.load(root / "tokens.pt")),
+                    root / "logits-train-tp1.pt")
+    loads = _export_run_dirs(root, ALONE_KINDS, ctx, "tp1")
+    (root / "loads-tp1-rank0.json").write_text(json.dumps(loads))
