@@ -34,6 +34,7 @@ from minitron_megatron.data.tokenizer import HFTokenizer, load_tokenizer, write_
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model import validate_model
 from minitron_megatron.runtime.context import ParallelContext
+from minitron_megatron.runtime.progress import Progress
 
 
 @dataclass
@@ -113,13 +114,15 @@ def _stream_tensors(model, plan: ExportPlan, ctx: ParallelContext, tmp: Path, ma
                   for hf_name, t in source.split(_meta_full(param, ctx.tp_size)).items()]
         writer = StreamingShardWriter(tmp, f"stage{ctx.pp_rank:03d}", max_bytes, layout)
     root = rd.checkpoint_root(plan.run_dir)
-    for name, shard in ckpt.stream_parameters(root, model, list(params), ctx.device):  # collective
-        param, source = params[name]
-        full = _gather_full(shard, param, ctx)  # None off TP rank 0
-        del shard  # before the next load: the loop variable would keep it alive through it
-        if writer is not None:
-            _write_hf_tensors(writer, source.split(full), dtype)
-        del full
+    with Progress("export", len(params), unit="tensor", enabled=ctx.is_main) as progress:  # rank 0's stage
+        for name, shard in ckpt.stream_parameters(root, model, list(params), ctx.device):  # collective
+            param, source = params[name]
+            full = _gather_full(shard, param, ctx)  # None off TP rank 0
+            del shard  # before the next load: the loop variable would keep it alive through it
+            if writer is not None:
+                _write_hf_tensors(writer, source.split(full), dtype)
+            del full
+            progress.update()
     if writer is None:
         return []
     writer.close()

@@ -26,6 +26,7 @@ from minitron_megatron.data.tokenizer import HFTokenizer, bundle_hf_tokenizer
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model import padded_vocab_size, validate_model
 from minitron_megatron.runtime.context import ParallelContext
+from minitron_megatron.runtime.progress import Progress
 
 HF_CONFIG = rd.HF_CONFIG
 """The imported config.json, kept in the run dir: export reuses its non-architectural keys."""
@@ -133,13 +134,16 @@ def load_hf_weights(model, plan: ImportPlan, ctx: ParallelContext) -> int:
     reader = HFReader(plan.hf_dir)
     offset = tm.layer_offset_of(model)
     read = 0
-    for name, param in list(model.named_parameters()):
-        source = tm.source_for(name, plan.model_cfg, plan.family, offset)
-        target = torch.empty(param.shape, dtype=param.dtype) if param.is_meta else param.data
-        tm.fill_shard(source, reader.read, target, param, ctx.tp_rank, ctx.tp_size)
-        if param.is_meta:
-            assign_parameter(model, name, target)
-        read += target.numel()
+    named = list(model.named_parameters())
+    with Progress("import", len(named), unit="tensor", enabled=ctx.is_main) as progress:  # rank 0's share
+        for name, param in named:
+            source = tm.source_for(name, plan.model_cfg, plan.family, offset)
+            target = torch.empty(param.shape, dtype=param.dtype) if param.is_meta else param.data
+            tm.fill_shard(source, reader.read, target, param, ctx.tp_rank, ctx.tp_size)
+            if param.is_meta:
+                assign_parameter(model, name, target)
+            read += target.numel()
+            progress.update()
     return read
 
 

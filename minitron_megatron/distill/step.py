@@ -12,7 +12,7 @@ import torch
 
 from minitron_megatron.distill.objective import DistillLoss
 from minitron_megatron.runtime.context import ParallelContext
-from minitron_megatron.train.step import reported_means, run_schedule, train_step
+from minitron_megatron.train.step import reported_means, run_schedule, tracked_batches, train_step
 
 METRIC_NAMES = {"loss": "loss", "kd loss": "kd_loss", "lm loss": "lm_loss", "is loss": "is_loss", "alpha": "alpha"}
 
@@ -51,8 +51,10 @@ def evaluate_distill(model_chunks, batches, ctx: ParallelContext, num_microbatch
     """Student LM loss (`val_loss`, comparable with `evaluate`) and KD loss on validation data."""
     for chunk in model_chunks:
         chunk.eval()
-    outputs = run_schedule(distill_forward_step(ctx.device, loss), iter(batches), model_chunks,
-                           num_microbatches, micro_batch_size, seq_length, forward_only=True)
+    data, progress = tracked_batches(batches, ctx, "evaluate")
+    with progress:
+        outputs = run_schedule(distill_forward_step(ctx.device, loss), data, model_chunks,
+                               num_microbatches, micro_batch_size, seq_length, forward_only=True)
     for chunk in model_chunks:
         chunk.train()
     means = reported_means(outputs, _metric_names(k for k in loss.reported_keys if k != "alpha"), ctx)

@@ -41,14 +41,16 @@ def calibration_pass(model_chunks: List[torch.nn.Module], batches: List[dict], c
                      micro_batch_size: int, seq_length: int,
                      after_microbatch: Optional[Callable[[], None]] = None) -> None:
     """One forward-only pass over `batches` (this DP rank's microbatches) in eval mode."""
-    from minitron_megatron.train.step import run_schedule
+    from minitron_megatron.train.step import run_schedule, tracked_batches
 
     modes = [chunk.training for chunk in model_chunks]
     for chunk in model_chunks:
         chunk.eval()
+    data, progress = tracked_batches(batches, ctx, "importance calibration")
     try:
-        run_schedule(calibration_forward_step(ctx.device, after_microbatch), iter(batches), model_chunks,
-                     len(batches), micro_batch_size, seq_length, forward_only=True)
+        with progress:
+            run_schedule(calibration_forward_step(ctx.device, after_microbatch), data, model_chunks,
+                         len(batches), micro_batch_size, seq_length, forward_only=True)
     finally:
         for chunk, mode in zip(model_chunks, modes):
             chunk.train(mode)

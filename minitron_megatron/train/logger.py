@@ -1,4 +1,4 @@
-"""Progress bar, per-step JSONL log, TensorBoard and (offline) wandb, on rank 0 only."""
+"""Progress (bar or log lines), per-step JSONL log, TensorBoard and (offline) wandb, on rank 0 only."""
 
 import json
 import os
@@ -11,6 +11,7 @@ from minitron_megatron.checkpoint.run_dir import atomic_write_text
 from minitron_megatron.config.train import TrainConfig
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.runtime.faults import fault_point
+from minitron_megatron.runtime.progress import Progress
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -32,8 +33,7 @@ class TrainLogger:
             return
         self.path = Path(run_dir) / TRAIN_LOG
         self._truncate(start_step)
-        self.bar = tqdm(total=cfg.steps, initial=start_step, desc=prefix, dynamic_ncols=True,
-                        disable=os.environ.get("MINITRON_NO_PROGRESS") == "1")
+        self.progress = Progress(prefix, cfg.steps, unit="step", initial=start_step)
         self.tb = self._tensorboard(run_dir) if cfg.tensorboard else None
         self.wandb = self._wandb(run_dir) if cfg.wandb else None
 
@@ -88,15 +88,15 @@ class TrainLogger:
         if not self.active:
             return
         self._emit(step, metrics, "step")
-        self.bar.update(1)
         if step % self.cfg.log_interval == 0:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+            self.progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+        self.progress.update(1)
 
     def log_eval(self, step: int, metrics: dict) -> None:
         if not self.active:
             return
         self._emit(step, metrics, "eval")
-        self.bar.write(f"step {step}: val_loss {metrics['val_loss']:.4f} ppl {metrics['ppl']:.2f}")
+        tqdm.write(f"step {step}: val_loss {metrics['val_loss']:.4f} ppl {metrics['ppl']:.2f}")
 
     def __enter__(self) -> "TrainLogger":
         return self
@@ -107,7 +107,7 @@ class TrainLogger:
     def close(self) -> None:
         if not self.active:
             return
-        self.bar.close()
+        self.progress.close()
         if self.tb:
             self.tb.close()
         if self.wandb:

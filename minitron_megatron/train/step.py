@@ -5,12 +5,13 @@ The forward step and loss follow Megatron-LM's `pretrain_gpt.py` contract, so
 """
 
 from functools import partial
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from minitron_megatron.runtime.context import ParallelContext
+from minitron_megatron.runtime.progress import Progress, track
 
 
 def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -105,16 +106,27 @@ def train_step(model_chunks, optimizer, scheduler, data_iterator, ctx: ParallelC
     }
 
 
+def tracked_batches(batches, ctx: ParallelContext, desc: Optional[str]):
+    """(iterator over `batches`, its Progress): rank 0 shows the microbatches as the schedule
+    takes them; `desc=None` shows nothing (a pass inside a stage with its own progress)."""
+    progress = Progress(desc or "", len(batches), unit="microbatch", enabled=ctx.is_main and desc is not None,
+                        leave=False)
+    return track(batches, progress), progress
+
+
 @torch.no_grad()
 def evaluate_loss(model_chunks, batches, ctx: ParallelContext, num_microbatches: int,
-                  micro_batch_size: int, seq_length: int) -> dict:
-    """Token-weighted mean LM loss over `num_microbatches` microbatches of every DP rank."""
+                  micro_batch_size: int, seq_length: int, desc: Optional[str] = "evaluate") -> dict:
+    """Token-weighted mean LM loss over `num_microbatches` microbatches of every DP rank;
+    `desc` names its progress (None: none)."""
     import math
 
     for chunk in model_chunks:
         chunk.eval()
-    outputs = run_schedule(lm_forward_step(ctx.device), iter(batches), model_chunks,
-                           num_microbatches, micro_batch_size, seq_length, forward_only=True)
+    data, progress = tracked_batches(batches, ctx, desc)
+    with progress:
+        outputs = run_schedule(lm_forward_step(ctx.device), data, model_chunks,
+                               num_microbatches, micro_batch_size, seq_length, forward_only=True)
     for chunk in model_chunks:
         chunk.train()
     loss_sum, tokens = reduce_reported(outputs, "lm loss", ctx).tolist()
