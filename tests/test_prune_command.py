@@ -8,7 +8,7 @@ import pytest
 
 from minitron_megatron.checkpoint import run_dir as rd
 from minitron_megatron.runtime.faults import FAULT_ENV, FAULT_EXIT
-from tests.commands import SMALL, run_command, summary
+from tests.commands import run_command, summary
 from tests.dist_utils import run_distributed
 
 PRUNE = ["prune.importance.calibration_samples=16", "prune.importance.depth_samples=16",
@@ -16,11 +16,9 @@ PRUNE = ["prune.importance.calibration_samples=16", "prune.importance.depth_samp
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """One briefly trained teacher run dir shared by this module's prune runs."""
-    save = tmp_path_factory.mktemp("prune") / "teacher"
-    run_command("train", *SMALL, "train.steps=3", "train.eval_interval=3", f"save={save}")
-    return save
+def teacher(small_teacher):
+    """The session's briefly trained teacher run dir (tests/conftest.py), read by every prune run."""
+    return small_teacher
 
 
 def test_prune_at_tp2_writes_a_loadable_smaller_model(tmp_path, teacher):

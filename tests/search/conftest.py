@@ -1,13 +1,9 @@
-"""One tiny teacher for every search test (trained for 3 steps: the search only needs a
-loadable model whose candidates differ; its quality does not matter here)."""
+"""One tiny teacher for every search test: the session's `small_teacher` (tests/conftest.py;
+the search only needs a loadable model whose candidates differ)."""
 
 import pytest
 
-from tests.commands import SMALL, run_command
-
 
 @pytest.fixture(scope="session")
-def teacher(tmp_path_factory):
-    save = tmp_path_factory.mktemp("search-teacher") / "teacher"
-    run_command("train", *SMALL, "train.steps=3", "train.eval_interval=3", f"save={save}")
-    return save
+def teacher(small_teacher):
+    return small_teacher
