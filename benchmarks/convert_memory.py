@@ -66,7 +66,7 @@ def create_hf(a, hf_dir: Path) -> None:
 
     cfg = ModelConfig(name="bench", num_layers=a.layers, hidden_size=a.hidden, ffn_hidden_size=a.ffn,
                       num_attention_heads=a.heads, num_query_groups=a.groups, kv_channels=a.hidden // a.heads,
-                      seq_length=4096, vocab_size=a.vocab, params_dtype="bfloat16")
+                      max_position_embeddings=4096, vocab_size=a.vocab, params_dtype="bfloat16")
     tmp = hf_dir.parent / f".{hf_dir.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

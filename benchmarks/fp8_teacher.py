@@ -67,7 +67,7 @@ def teacher_precisions(teacher: str, samples: int, micro_batch_size: int) -> dic
             ckpt.load_checkpoint(rd.checkpoint_root(teacher), model, ctx)
             model = apply_teacher_precision(model.eval(), precision)
             start = time.perf_counter()
-            loss = evaluate_loss([model], batches, ctx, len(batches), micro_batch_size, run.model_cfg.seq_length)
+            loss = evaluate_loss([model], batches, ctx, len(batches), micro_batch_size, run.seq_length)
             results[precision] = {"val_loss": loss["val_loss"], "tokens": loss["tokens"],
                                   "linear_bytes": _linear_bytes(model), "model_bytes": _model_bytes(model),
                                   "eval_seconds": round(time.perf_counter() - start, 1)}

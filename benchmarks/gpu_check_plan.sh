@@ -9,7 +9,7 @@ RUN_DIR=/tmp/minitron_gpu_check/runs
 SITE=/tmp/site  # the wheels install here; the machine's own packages stay as they are
 KD_STEP_ARGS=(--configs 1x1 --hidden 4096 --heads 32 --groups 8 --layers 4 --vocab 128256 --seq 4096
               --micro-batch 1 --microbatches 4 --dtype bfloat16 --device cuda)
-SMALL=(model=tiny model.num_layers=2 model.seq_length=128 device=cuda data=stdlib
+SMALL=(model=tiny model.num_layers=2 seq_length=128 device=cuda data=stdlib
        evaluate.samples=16 evaluate.micro_batch_size=4)
 # The test files with GPU tests (Triton KD kernels at speed, Transformer Engine builds where
 # TE is installed): collecting only these keeps the other files' imports out of the way.

@@ -89,7 +89,7 @@ def zero_shot(args) -> None:
         model = load_source(run, cfg, ctx)
         mbs = cfg.evaluate.micro_batch_size
         valid = run.valid_batches(mbs, ctx, args.eval_samples)
-        seq = run.model_cfg.seq_length
+        seq = run.seq_length
 
         def evaluate(m) -> float:
             return evaluate_loss([m], valid, ctx, len(valid), mbs, seq)["val_loss"]

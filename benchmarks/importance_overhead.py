@@ -54,8 +54,8 @@ def _batches(cfg, samples: int, mbs: int, device):
     gen = torch.Generator().manual_seed(0)
     out = []
     for _ in range(samples // mbs):
-        tokens = torch.randint(0, cfg.vocab_size, (mbs, cfg.seq_length), generator=gen)
-        out.append({"tokens": tokens, "position_ids": torch.arange(cfg.seq_length).expand(mbs, -1).clone()})
+        tokens = torch.randint(0, cfg.vocab_size, (mbs, cfg.max_position_embeddings), generator=gen)
+        out.append({"tokens": tokens, "position_ids": torch.arange(cfg.max_position_embeddings).expand(mbs, -1).clone()})
     return out
 
 
@@ -93,12 +93,12 @@ def main() -> None:
     batches = _batches(cfg, args.samples, args.micro_batch_size, ctx.device)
 
     def plain():
-        calibration_pass([model], batches, ctx, args.micro_batch_size, cfg.seq_length)
+        calibration_pass([model], batches, ctx, args.micro_batch_size, cfg.max_position_embeddings)
 
     def hooked(block_importance: bool):
         def run():
             with ImportanceCollector(probes, args.seq_agg, ctx, block_importance=block_importance) as col:
-                calibration_pass([model], batches, ctx, args.micro_batch_size, cfg.seq_length, col.end_microbatch)
+                calibration_pass([model], batches, ctx, args.micro_batch_size, cfg.max_position_embeddings, col.end_microbatch)
             reduce_statistics(col, args.batch_agg, ctx)
 
         return run
@@ -122,7 +122,7 @@ def main() -> None:
         "seconds_hooks": best["hooks"],
         "clock": "wall" if ctx.device.type == "cuda" else "process_cpu",
         "samples": args.samples,
-        "tokens": args.samples * cfg.seq_length,
+        "tokens": args.samples * cfg.max_position_embeddings,
         "model": args.model,
         "device": str(ctx.device),
         "aggregation": f"seq={args.seq_agg},batch={args.batch_agg}",

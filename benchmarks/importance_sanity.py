@@ -107,7 +107,7 @@ def main() -> None:
     ckpt.load_checkpoint(rd.checkpoint_root(args.load), model, ctx)
     probes = find_probes([model])
     valid = run.valid_batches(mbs, ctx)
-    loss = lambda: evaluate_loss([model], valid, ctx, len(valid), mbs, run.model_cfg.seq_length)["val_loss"]  # noqa
+    loss = lambda: evaluate_loss([model], valid, ctx, len(valid), mbs, run.seq_length)["val_loss"]  # noqa
     results = {"baseline": loss(), "fraction": args.fraction}
     for kind in ("mlp.neuron", "attn.head", "hidden.channel"):
         table = scores[kind] if kind != "hidden.channel" else scores[kind][None]

@@ -47,7 +47,7 @@ def model_config(a):
 
     return ModelConfig(name="bench", num_layers=a.layers, hidden_size=a.hidden, ffn_hidden_size=a.ffn,
                        num_attention_heads=a.heads, num_query_groups=a.groups, kv_channels=a.hidden // a.heads,
-                       seq_length=256, vocab_size=a.vocab)
+                       max_position_embeddings=256, vocab_size=a.vocab)
 
 
 def _mem_gib(field: str) -> float:

@@ -41,7 +41,7 @@ print("made", w / "hf_teacher")
 PYEOF
 
 # 2. HF -> run dir, at TP=2 (each rank reads only its slices).
-launch minitron_megatron.convert from_hf="$W/hf_teacher" save="$W/teacher" parallel.tp=2 convert.seq_length=128
+launch minitron_megatron.convert from_hf="$W/hf_teacher" save="$W/teacher" parallel.tp=2 seq_length=128
 
 # 3. The corpus as a Megatron indexed dataset, tokenized with the imported HF tokenizer.
 "$PY" -m minitron_megatron.data.preprocess --input "$W/docs.jsonl" \

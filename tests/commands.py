@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A small variant of the tiny preset so multi-process tests take seconds per step.
 SMALL = [
     "model=tiny", "model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=192",
-    "model.kv_channels=16", "model.seq_length=64",
+    "model.kv_channels=16", "seq_length=64",
     "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_samples=16",
     "train.log_interval=1", "train.optim.warmup_steps=2", "device=cpu",
     "evaluate.samples=16", "evaluate.micro_batch_size=4",  # the summary's val_loss, as `evaluate` measures it

@@ -9,7 +9,7 @@ from minitron_megatron.config.model import ModelConfig
 def small_model(**overrides) -> ModelConfig:
     """A model small enough for multi-process CPU tests (seconds per step)."""
     base = dict(name="test", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                num_query_groups=2, kv_channels=16, seq_length=32, vocab_size=250,
+                num_query_groups=2, kv_channels=16, max_position_embeddings=32, vocab_size=250,
                 make_vocab_size_divisible_by=64)
     base.update(overrides)
     return ModelConfig(**base)
@@ -43,7 +43,7 @@ def make_run_dir(run_dir, ctx) -> None:
     from minitron_megatron.model import build_gpt_model, padded_vocab_size
 
     sources = prepare_data(DataConfig())
-    cfg = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=192, kv_channels=16, seq_length=64,
+    cfg = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=192, kv_channels=16, max_position_embeddings=64,
                       vocab_size=load_tokenizer(sources.tokenizer_model).vocab_size)
     padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
     model = build_gpt_model(cfg, ctx, ParallelConfig(tp=ctx.tp_size), padded)

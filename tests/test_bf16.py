@@ -38,7 +38,7 @@ from tests.dist_utils import run_distributed
 
 STEPS = 3
 MODEL = dict(name="tiny-bf16", num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-             num_query_groups=2, kv_channels=8, seq_length=32, params_dtype="bfloat16")
+             num_query_groups=2, kv_channels=8, max_position_embeddings=32, params_dtype="bfloat16")
 LOOP = dict(steps=STEPS, micro_batch_size=2, global_batch_size=4, eval_interval=100, eval_samples=4,
             save_interval=100, log_interval=1, tensorboard=False)
 

@@ -128,8 +128,8 @@ def _logits(model, ctx):
     import torch.distributed as dist
 
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, CFG.vocab_size, (2, CFG.seq_length), generator=gen)
-    positions = torch.arange(CFG.seq_length).expand(2, -1)
+    tokens = torch.randint(0, CFG.vocab_size, (2, CFG.max_position_embeddings), generator=gen)
+    positions = torch.arange(CFG.max_position_embeddings).expand(2, -1)
     with torch.no_grad():
         local = model(tokens, positions, None).float()  # [b, s, V/tp]
     if ctx.tp_size == 1:

@@ -115,7 +115,7 @@ def test_checkpoint_args_use_megatron_lm_names(megatron_lm, family):
 
 ARCHITECTURE_CHANGES = dict(
     num_layers=3, hidden_size=96, ffn_hidden_size=128, num_attention_heads=16, num_query_groups=1, kv_channels=12,
-    seq_length=128, normalization="LayerNorm", layernorm_epsilon=1e-6, layernorm_zero_centered_gamma=True,
+    max_position_embeddings=128, normalization="LayerNorm", layernorm_epsilon=1e-6, layernorm_zero_centered_gamma=True,
     gated_linear_unit=False, activation="squared_relu", rotary_base=10000, rotary_percent=0.5, rope_scaling=True,
     share_embeddings_and_output_weights=True, add_bias_linear=True, add_qkv_bias=True, init_method_std=0.01,
     params_dtype="bfloat16", hidden_dropout=0.1, attention_dropout=0.1,

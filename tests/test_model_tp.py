@@ -21,9 +21,9 @@ def _loss_and_grads(rank, world, model_kwargs, out_path):
     padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
     model = build_gpt_model(cfg, ctx, ParallelConfig(tp=world), padded)
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (3, cfg.seq_length), generator=gen)
-    labels = torch.randint(0, cfg.vocab_size, (3, cfg.seq_length), generator=gen)
-    position_ids = torch.arange(cfg.seq_length).expand(3, -1)
+    tokens = torch.randint(0, cfg.vocab_size, (3, cfg.max_position_embeddings), generator=gen)
+    labels = torch.randint(0, cfg.vocab_size, (3, cfg.max_position_embeddings), generator=gen)
+    position_ids = torch.arange(cfg.max_position_embeddings).expand(3, -1)
     loss = model(tokens, position_ids, None, labels=labels).mean()  # [b, s] -> scalar
     loss.backward()
     grads = {n: gather_tp(p.grad, p, ctx.tp_group, ctx.tp_size) for n, p in model.named_parameters()}

@@ -27,8 +27,8 @@ def is_megatron_lm_dir(path) -> bool:
     return (path / TRACKER).is_file() and not (path / "model.yaml").is_file()
 
 
-def checkpoint_args(cfg: ModelConfig, padded_vocab: int, tp: int, pp: int, *, global_batch_size: int = 0,
-                    consumed_train_samples: int = 0, iteration: int = 0,
+def checkpoint_args(cfg: ModelConfig, padded_vocab: int, tp: int, pp: int, *, seq_length: Optional[int] = None,
+                    global_batch_size: int = 0, consumed_train_samples: int = 0, iteration: int = 0,
                     tokenizer_path: Optional[str] = None) -> Namespace:
     """The `args` namespace Megatron-LM saves in every checkpoint and reads back on load:
     `check_checkpoint_args` compares the model sizes with the command line, `--use-checkpoint-args`
@@ -40,13 +40,14 @@ def checkpoint_args(cfg: ModelConfig, padded_vocab: int, tp: int, pp: int, *, gl
 
     Megatron-LM's `--use-checkpoint-args` (core_v0.16.1) does not restore layernorm_epsilon,
     layernorm_zero_centered_gamma, use_rope_scaling or rope_scaling_factor: they are here for
-    completeness, and `pretrain_gpt_args` always passes them on the command line."""
+    completeness, and `pretrain_gpt_args` always passes them on the command line.
+    `seq_length` is the run's (default: the model's max_position_embeddings)."""
     cfg = cfg.resolved()
     return Namespace(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
         group_query_attention=cfg.num_query_groups != cfg.num_attention_heads, kv_channels=cfg.kv_channels,
-        seq_length=cfg.seq_length, max_position_embeddings=cfg.seq_length,
+        seq_length=seq_length or cfg.max_position_embeddings, max_position_embeddings=cfg.max_position_embeddings,
         # As Megatron-LM saves them for --position-embedding-type rope: add_position_embedding keeps
         # its default True (check_checkpoint_args compares it with the command line's) and the
         # deprecated --use-rotary-position-embeddings stays False.
@@ -97,7 +98,7 @@ def tokenizer_type(tokenizer_path: Optional[str]) -> str:
 
 
 def pretrain_gpt_args(cfg: ModelConfig, padded_vocab: int, run_dir, tp: int = 1,
-                      hf_tokenizer_dir: Optional[str] = None) -> List[str]:
+                      hf_tokenizer_dir: Optional[str] = None, seq_length: Optional[int] = None) -> List[str]:
     """Model, tokenizer and load arguments for `pretrain_gpt.py` (add data, batch, LR, parallel sizes).
 
     `--make-vocab-size-divisible-by` is chosen so that Megatron-LM's padding at `tp`
@@ -105,7 +106,10 @@ def pretrain_gpt_args(cfg: ModelConfig, padded_vocab: int, run_dir, tp: int = 1,
     tokenizer needs `hf_tokenizer_dir`: a directory with its tokenizer.json (the HF directory it
     was imported from or exported to, or `data.tokenizer.write_hf_tokenizer(RUN/tokenizer.model, DIR)`).
     Every architectural flag is passed, also those `--use-checkpoint-args` would restore.
+    `--seq-length` is `seq_length`, else the length the run dir records, else the position limit.
     """
+    from minitron_megatron.checkpoint.run_dir import recorded_seq_length
+
     cfg = cfg.resolved()
     run_dir = Path(run_dir)
     if padded_vocab % tp:
@@ -125,7 +129,8 @@ def pretrain_gpt_args(cfg: ModelConfig, padded_vocab: int, run_dir, tp: int = 1,
         "--num-layers", cfg.num_layers, "--hidden-size", cfg.hidden_size,
         "--ffn-hidden-size", cfg.ffn_hidden_size, "--num-attention-heads", cfg.num_attention_heads,
         "--kv-channels", cfg.kv_channels,
-        "--seq-length", cfg.seq_length, "--max-position-embeddings", cfg.seq_length,
+        "--seq-length", seq_length or recorded_seq_length(run_dir) or cfg.max_position_embeddings,
+        "--max-position-embeddings", cfg.max_position_embeddings,
         "--normalization", cfg.normalization, "--norm-epsilon", cfg.layernorm_epsilon,
         "--position-embedding-type", cfg.position_embedding_type,
         "--init-method-std", cfg.init_method_std,
@@ -175,10 +180,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--tp", type=int, default=1, help="the tensor parallel size of the Megatron-LM run")
     parser.add_argument("--hf-tokenizer-dir", default=None, help="for run dirs with a Hugging Face tokenizer")
+    parser.add_argument("--seq-length", type=int, default=None,
+                        help="the Megatron-LM run's --seq-length (default: the one the run dir records)")
     args = parser.parse_args(argv)
     try:
         cfg, padded_vocab, _ = read_model_yaml(args.run_dir)
-        flags = pretrain_gpt_args(cfg, padded_vocab, args.run_dir, args.tp, hf_tokenizer_dir=args.hf_tokenizer_dir)
+        flags = pretrain_gpt_args(cfg, padded_vocab, args.run_dir, args.tp, hf_tokenizer_dir=args.hf_tokenizer_dir,
+                                  seq_length=args.seq_length)
     except (ConfigError, ValueError) as error:
         sys.exit(f"error: {error}")
     print(shlex.join(flags))

@@ -2,7 +2,8 @@
 
 ```
 RUN/
-  model.yaml        architecture + vocab + tokenizer: enough to rebuild the model
+  model.yaml        architecture + vocab + tokenizer: enough to rebuild the model; and the
+                    sequence length the run was made at (later commands' default)
   tokenizer.model   copy of the sentencepiece model the run used
   checkpoint/       Megatron-LM layout: latest_checkpointed_iteration.txt + iter_XXXXXXX/
   summary.json      written last: its presence marks the run as complete
@@ -68,14 +69,16 @@ def atomic_write_text(path, text: str, fault: Optional[str] = None) -> None:
 
 
 def write_model_yaml(run_dir, cfg: ModelConfig, padded_vocab_size: int, tokenizer_path: Optional[str],
-                     origin: Optional[str] = None) -> None:
+                     origin: Optional[str] = None, seq_length: Optional[int] = None) -> None:
     """Write model.yaml (and copy the tokenizer) so the run dir rebuilds the model alone; `origin`
-    is the run dir this one derives from, whose hf_config.json (if any) carries over."""
+    is the run dir this one derives from, whose hf_config.json (if any) carries over;
+    `seq_length` is the run's (default: the model's max_position_embeddings)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if origin and (Path(origin) / HF_CONFIG).is_file() and Path(origin).resolve() != run_dir.resolve():
         atomic_write_text(run_dir / HF_CONFIG, (Path(origin) / HF_CONFIG).read_text())
-    body = {"model": asdict(cfg.resolved()), "padded_vocab_size": int(padded_vocab_size), "tokenizer": None}
+    body = {"model": asdict(cfg.resolved()), "padded_vocab_size": int(padded_vocab_size), "tokenizer": None,
+            "seq_length": int(seq_length or cfg.max_position_embeddings)}
     if tokenizer_path:
         target = run_dir / TOKENIZER
         if Path(tokenizer_path).resolve() != target.resolve():
@@ -93,9 +96,36 @@ def read_model_yaml(run_dir) -> Tuple[ModelConfig, int, Optional[str]]:
         raise ConfigError(f"load={run_dir}: {path} not found (not a minitron run directory)")
     body = yaml.safe_load(path.read_text())
     known = {f.name for f in fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in body["model"].items() if k in known})
+    model = dict(body["model"])
+    if "seq_length" in model:  # written before the run's length and the model's limit were apart
+        model.setdefault("max_position_embeddings", model["seq_length"])
+    cfg = ModelConfig(**{k: v for k, v in model.items() if k in known})
     tokenizer = str(Path(run_dir) / body["tokenizer"]) if body.get("tokenizer") else None
     return cfg, int(body["padded_vocab_size"]), tokenizer
+
+
+def recorded_seq_length(run_dir) -> Optional[int]:
+    """The sequence length the run in `run_dir` was made at (None: not a minitron run dir)."""
+    path = Path(run_dir) / MODEL_YAML
+    if not path.is_file():
+        return None
+    body = yaml.safe_load(path.read_text())
+    seq = body.get("seq_length") or body["model"].get("seq_length") or body["model"]["max_position_embeddings"]
+    return int(seq)
+
+
+def run_seq_length(requested: Optional[int], model: ModelConfig, recorded: Optional[int], subject: str) -> int:
+    """This run's sequence length: `requested` (the `seq_length` setting), else `recorded` (the
+    loaded run's), else the model's position limit; a ConfigError when it exceeds the limit.
+    `subject` names the model in messages (e.g. "load=runs/teacher")."""
+    limit = model.max_position_embeddings
+    if requested is not None and requested < 1:
+        raise ConfigError(f"seq_length={requested} must be >= 1")
+    seq = requested or recorded or limit
+    if seq > limit:
+        raise ConfigError(f"seq_length={seq} is longer than the position limit of {subject}: "
+                          f"max_position_embeddings={limit}; use seq_length<={limit}")
+    return seq
 
 
 def write_summary(run_dir, summary: dict) -> None:

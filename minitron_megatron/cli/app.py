@@ -10,6 +10,7 @@ SIGTERM/SIGUSR1 after saving a checkpoint (rerun the same command to resume).
 import json
 import os
 import sys
+from typing import List
 
 from minitron_megatron.cli.registry import COMMANDS, Command
 from minitron_megatron.config.files import conf_dir
@@ -70,12 +71,28 @@ def _run_dict_config(command: Command, dict_cfg) -> None:
         _fail(PREEMPTED_EXIT, str(err), {"preempted": err.signal_name, "step": err.step, "resumable": True})
 
 
+RENAMED = {
+    "model.seq_length": "seq_length= (the run's sequence length; the model's position limit is "
+                        "model.max_position_embeddings)",
+    "convert.seq_length": "seq_length= (the length the imported run dir records)",
+}
+"""Keys of earlier versions: named with their replacement rather than Hydra's "not in struct"."""
+
+
+def _renamed_keys(argv: List[str]) -> List[str]:
+    keys = [arg.split("=", 1)[0].lstrip("+~") for arg in argv if "=" in arg]
+    return [f"{key}= is now {RENAMED[key]}" for key in keys if key in RENAMED]
+
+
 def main(name: str) -> None:
     """`python -m minitron_megatron.<name>` and the `minitron-<name>` console script."""
     import hydra
 
     from minitron_megatron.config.commands import register_configs
 
+    renamed = _renamed_keys(sys.argv[1:])
+    if renamed:
+        _fail(EXIT_CONFIG, "; ".join(renamed))
     command = COMMANDS[name]
     register_configs()
     task = lambda dict_cfg: _run_dict_config(command, dict_cfg)

@@ -4,7 +4,7 @@ The YAMLs in the top-level `conf/` (shipped in the wheel as package data) list t
 every key is type-checked and a misspelt override fails at start-up.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from minitron_megatron.config.convert import ConvertConfig
@@ -31,6 +31,11 @@ class CommonConfig:
     seed: int = 1234
     device: str = "auto"
     """auto, cpu or cuda."""
+    seq_length: Optional[int] = None
+    """Tokens per sample of this run: its data, calibration, training and evaluation (a run
+    setting, as Megatron-LM's --seq-length; the model keeps its max_position_embeddings, which
+    bounds it). None: the length the loaded run was made with (its model.yaml), else the model's
+    max_position_embeddings. distill runs teacher and student at this one length."""
 
 
 @dataclass
@@ -116,7 +121,7 @@ class RunCommand(CommonConfig):
 class ConvertCommand(CommonConfig):
     """Exactly one direction: `from_hf` + `save` (import) or `load` + `to_hf` (export).
     `model` and `data` of CommonConfig are unused: the architecture comes from config.json
-    or the run dir's model.yaml."""
+    or the run dir's model.yaml. `seq_length` (import only) is recorded in the run dir."""
 
     from_hf: Optional[str] = None
     """A HF model directory: config.json, *.safetensors (+ index), tokenizer.json."""
@@ -140,6 +145,13 @@ class SearchCommand(CommonConfig):
     """Teacher options (`teacher.precision`, `teacher.params_dtype`); the teacher is `load`."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """Zero-shot and post-distillation val_loss: the same samples as `evaluate`."""
+
+
+def derived_common(cfg: CommonConfig, **overrides) -> dict:
+    """The CommonConfig keys of `cfg` (data, parallel, seed, device, seq_length, ...) for a stage
+    that `run` or `search` starts on another run dir, with `overrides`."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(CommonConfig)}
+    return {**values, **overrides}
 
 
 SCHEMAS = {"train": TrainCommand, "evaluate": EvaluateCommand, "prune": PruneCommand, "distill": DistillCommand,

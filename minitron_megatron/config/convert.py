@@ -1,7 +1,11 @@
 """`convert.*` settings: Hugging Face checkpoint <-> run directory (the command: ConvertCommand).
 
+An import's run dir keeps config.json's max_position_embeddings (capped at a sliding window:
+up to it, causal attention is exact) as the model's position limit; the top-level
+`seq_length` (default: that limit) is recorded as the length later commands run at.
+
 ```
-python -m minitron_megatron.convert from_hf=hf/Llama-3.1-8B save=runs/llama8b parallel.tp=2
+python -m minitron_megatron.convert from_hf=hf/Llama-3.1-8B save=runs/llama8b parallel.tp=2 seq_length=8192
 python -m minitron_megatron.convert load=runs/pruned to_hf=hf/pruned
 ```
 """
@@ -16,8 +20,6 @@ class ConvertConfig:
 
     dtype: Optional[str] = None
     """Import: params dtype of the run dir (float32, bfloat16, float16); None keeps config.json's."""
-    seq_length: Optional[int] = None
-    """Import: model.seq_length of the run dir; None means config.json's max_position_embeddings."""
     architecture: Optional[str] = None
     """Export: HF architecture to write (e.g. MistralForCausalLM); None: the imported one, else
     the one the run dir's features imply (Nemotron, Qwen2 or Llama)."""

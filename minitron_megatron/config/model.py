@@ -17,8 +17,10 @@ class ModelConfig:
     """GQA groups; None means multi-head attention (one group per head)."""
     kv_channels: Optional[int] = 32
     """Head dimension; None means hidden_size // num_attention_heads."""
-    seq_length: int = 256
-    """Training sequence length; also the model's max_sequence_length."""
+    max_position_embeddings: int = 256
+    """The model's position limit: GPTModel's `max_sequence_length` (learned position embeddings
+    have this many rows). A run's sequence length is the top-level `seq_length`, at most this
+    (and, with no `seq_length` and no run dir to take it from, equal to it)."""
     vocab_size: Optional[int] = None
     """True (unpadded) vocabulary size; None means take it from the tokenizer."""
     make_vocab_size_divisible_by: int = 128

@@ -86,21 +86,23 @@ def _window(hf: dict, family: Family) -> Optional[int]:
     return hf.get("sliding_window") if family in (MISTRAL, QWEN2) else None
 
 
-def default_seq_length(hf: dict, family: Family) -> int:
-    """max_position_embeddings, capped at the sliding window (Mistral-7B-v0.1: 32768 -> 4096):
-    up to the window, causal attention is exactly sliding-window attention."""
+def position_limit(hf: dict, family: Family) -> int:
+    """The run dir's max_position_embeddings: config.json's, capped at the sliding window
+    (Mistral-7B-v0.1: 32768 -> 4096). Megatron's attention has no sliding window; up to the
+    window, causal attention is exactly sliding-window attention, and the cap keeps every
+    run's seq_length there."""
     window = _window(hf, family)
-    seq = int(hf.get("max_position_embeddings", 4096))
-    return min(seq, window) if window else seq
+    limit = int(hf.get("max_position_embeddings", 4096))
+    return min(limit, window) if window else limit
 
 
-def _attention_window_problems(hf: dict, family: Family, seq_length: int) -> List[str]:
-    """Sliding windows are refused unless no sequence of `seq_length` tokens can reach them."""
+def position_limit_note(hf: dict, family: Family) -> str:
+    """Why an import's position limit is what it is, for a too-long seq_length's message."""
     window = _window(hf, family)
-    if window is not None and window < seq_length:
-        return [f"config.json sliding_window={window} < seq_length={seq_length}: sliding-window attention is "
-                f"not supported; convert with convert.seq_length<={window} (then causal attention is exact)"]
-    return []
+    if window is not None and window < int(hf.get("max_position_embeddings", 4096)):
+        return (f" (config.json sliding_window={window} caps it: sliding-window attention is not supported, "
+                "and up to the window causal attention is exact)")
+    return ""
 
 
 def _bias_problems(hf: dict, family: Family) -> List[str]:
@@ -111,13 +113,11 @@ def _bias_problems(hf: dict, family: Family) -> List[str]:
             for k in flags]
 
 
-def model_config_from_hf(hf: dict, name: str, seq_length: Optional[int] = None,
-                         params_dtype: Optional[str] = None) -> ModelConfig:
+def model_config_from_hf(hf: dict, name: str, params_dtype: Optional[str] = None) -> ModelConfig:
     """The ModelConfig computing exactly what this config.json computes, or every reason it cannot."""
     family = family_of(hf)
     problems: List[str] = []
     heads = hf["num_attention_heads"]
-    seq = int(seq_length or default_seq_length(hf, family))
     if hf.get("hidden_act", family.hidden_act) != family.hidden_act:
         problems.append(f"config.json hidden_act={hf['hidden_act']!r}: {family.architecture} is converted "
                         f"with {family.hidden_act!r} only")
@@ -125,7 +125,7 @@ def model_config_from_hf(hf: dict, name: str, seq_length: Optional[int] = None,
     if dtype not in _DTYPES:
         problems.append(f"convert.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
     rope = _rope_fields(hf, problems)
-    problems += _attention_window_problems(hf, family, seq) + _bias_problems(hf, family)
+    problems += _bias_problems(hf, family)
     if problems:
         raise ConfigError(problems)
     return ModelConfig(
@@ -136,7 +136,7 @@ def model_config_from_hf(hf: dict, name: str, seq_length: Optional[int] = None,
         num_attention_heads=heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
         kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
-        seq_length=seq,
+        max_position_embeddings=position_limit(hf, family),
         vocab_size=hf["vocab_size"],
         normalization="RMSNorm" if family.norm == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=float(hf.get(family.eps_key, 1e-5 if family is NEMOTRON else 1e-6)),
@@ -193,13 +193,13 @@ def hf_config_from_model(cfg: ModelConfig, family: Family, base: Optional[dict] 
     out = {k: v for k, v in (base or {}).items()
            if k not in ("rope_parameters", "rope_scaling", "partial_rotary_factor", "transformers_version",
                         "torch_dtype", "dtype", "_name_or_path")}
-    keep_max_pos = base is not None and base.get("max_position_embeddings", 0) >= cfg.seq_length
+    keep_max_pos = base is not None and base.get("max_position_embeddings", 0) >= cfg.max_position_embeddings
     out.update(
         architectures=[family.architecture], model_type=family.model_type, vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_query_groups,
         head_dim=cfg.kv_channels, hidden_act=family.hidden_act,
-        max_position_embeddings=base["max_position_embeddings"] if keep_max_pos else cfg.seq_length,
+        max_position_embeddings=base["max_position_embeddings"] if keep_max_pos else cfg.max_position_embeddings,
         initializer_range=cfg.init_method_std, tie_word_embeddings=cfg.share_embeddings_and_output_weights,
         rope_theta=float(cfg.rotary_base), torch_dtype=cfg.params_dtype, attention_bias=family.qkv_bias,
         attention_dropout=0.0,

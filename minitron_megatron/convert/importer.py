@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from minitron_megatron.checkpoint import dist as ckpt
 from minitron_megatron.checkpoint import run_dir as rd
@@ -20,7 +20,7 @@ from minitron_megatron.config.convert import ConvertConfig
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.convert import tensor_map as tm
-from minitron_megatron.convert.families import Family, family_of, model_config_from_hf
+from minitron_megatron.convert.families import Family, family_of, model_config_from_hf, position_limit_note
 from minitron_megatron.convert.hf_io import HFReader, read_config
 from minitron_megatron.data.tokenizer import HFTokenizer, bundle_hf_tokenizer
 from minitron_megatron.errors import ConfigError
@@ -43,19 +43,27 @@ class ImportPlan:
     model_cfg: ModelConfig
     padded_vocab: int
     tokenizer_bundle: str
+    seq_length: int
+    """Recorded in model.yaml: the length later commands on this run dir run at by default."""
 
 
-def plan_import(from_hf: str, save: str, options: ConvertConfig, parallel: ParallelConfig) -> ImportPlan:
-    """Every reason this import cannot run, as one ConfigError; nothing is written."""
+def plan_import(from_hf: str, save: str, options: ConvertConfig, parallel: ParallelConfig,
+                seq_length: Optional[int] = None) -> ImportPlan:
+    """Every reason this import cannot run, as one ConfigError; nothing is written. `seq_length`
+    (default: the position limit) must fit config.json's max_position_embeddings."""
     hf_dir = Path(from_hf or "")
     if not from_hf or not (hf_dir / "config.json").is_file():
         raise ConfigError(f"from_hf={from_hf}: no config.json there (a Hugging Face model directory is needed)")
     _check_target(save, "save", unfinished_ok=True)
     hf = read_config(hf_dir)
     family = family_of(hf)
-    cfg = model_config_from_hf(hf, name=hf_dir.name, seq_length=options.seq_length, params_dtype=options.dtype)
+    cfg = model_config_from_hf(hf, name=hf_dir.name, params_dtype=options.dtype)
     validate_model(cfg, parallel)
     problems = tensor_problems(HFReader(hf_dir), cfg, family)
+    try:
+        seq = rd.run_seq_length(seq_length, cfg, None, f"from_hf={from_hf}")
+    except ConfigError as err:
+        problems += [p + position_limit_note(hf, family) for p in err.problems]
     bundle, vocab = _tokenizer(hf_dir)
     if vocab > cfg.vocab_size:
         problems.append(f"from_hf={from_hf}: its tokenizer has {vocab} tokens but config.json vocab_size="
@@ -63,7 +71,7 @@ def plan_import(from_hf: str, save: str, options: ConvertConfig, parallel: Paral
     if problems:
         raise ConfigError(problems)
     padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, parallel.tp)
-    return ImportPlan(hf_dir, Path(save), hf, family, cfg, padded, bundle)
+    return ImportPlan(hf_dir, Path(save), hf, family, cfg, padded, bundle, seq)
 
 
 _OWN_FILES = {rd.MODEL_YAML, rd.TOKENIZER, HF_CONFIG, rd.CHECKPOINT}
@@ -162,12 +170,12 @@ def assign_parameter(model, name: str, tensor) -> None:
 
 
 def import_hf(from_hf: str, save: str, options: ConvertConfig, parallel: ParallelConfig,
-              ctx: ParallelContext) -> Dict:
+              ctx: ParallelContext, seq_length: Optional[int] = None) -> Dict:
     """Convert a HF directory into the run dir `save` at the context's TP/PP; the JSON summary."""
     from minitron_megatron.model import build_gpt_model, count_model_parameters
 
     start = time.time()
-    plan = plan_import(from_hf, save, options, parallel)
+    plan = plan_import(from_hf, save, options, parallel, seq_length)
     # Meta build: Megatron's CPU init would first allocate every weight (plus a float32 master
     # copy per layer) only for us to overwrite it; measured +0.9 GiB over a 1.65 GiB model.
     model = build_gpt_model(plan.model_cfg, ctx, parallel, plan.padded_vocab, init="meta")
@@ -191,10 +199,10 @@ def _write_run_dir(plan: ImportPlan, model, ctx: ParallelContext) -> None:
         tokenizer = run_dir / rd.TOKENIZER  # the run-dir name of any tokenizer; the content is sniffed
         rd.atomic_write_text(tokenizer, plan.tokenizer_bundle)
         rd.atomic_write_text(run_dir / HF_CONFIG, json.dumps(plan.hf_config, indent=2) + "\n")
-        rd.write_model_yaml(run_dir, plan.model_cfg, plan.padded_vocab, str(tokenizer))
+        rd.write_model_yaml(run_dir, plan.model_cfg, plan.padded_vocab, str(tokenizer), seq_length=plan.seq_length)
     ctx.barrier()
     args = checkpoint_args(plan.model_cfg, plan.padded_vocab, ctx.tp_size, ctx.pp_size, iteration=CHECKPOINT_ITERATION,
-                           tokenizer_path=str(run_dir / rd.TOKENIZER))  # for Megatron-LM's loader
+                           seq_length=plan.seq_length, tokenizer_path=str(run_dir / rd.TOKENIZER))  # Megatron-LM's
     # The model is not used after this save: let it free each weight it has copied.
     ckpt.save_checkpoint(rd.checkpoint_root(run_dir), CHECKPOINT_ITERATION, model, ctx, args=args, release_model=True,
                          extra={"convert": {"from_hf": str(plan.hf_dir), "architecture": plan.family.architecture}})

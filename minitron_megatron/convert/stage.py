@@ -17,9 +17,12 @@ def convert(cfg: ConvertCommand, ctx: ParallelContext) -> Dict:
 
         if cfg.load:
             raise ConfigError("from_hf and load are exclusive: an import reads only from_hf")
-        return import_hf(cfg.from_hf, cfg.save, cfg.convert, cfg.parallel, ctx)
+        return import_hf(cfg.from_hf, cfg.save, cfg.convert, cfg.parallel, ctx, seq_length=cfg.seq_length)
     from minitron_megatron.convert.exporter import export_hf
 
     if not cfg.load:
         raise ConfigError("to_hf needs load=RUN: the run directory to export")
+    if cfg.seq_length is not None:
+        raise ConfigError(f"seq_length={cfg.seq_length}: an export writes weights and config.json (whose "
+                          "max_position_embeddings is the model's limit), no run length; leave it unset")
     return export_hf(cfg.load, cfg.to_hf, cfg.convert, cfg.parallel, ctx)

@@ -63,7 +63,7 @@ def distill(cfg: DistillCommand, ctx: ParallelContext) -> dict:
     ddp = wrap_ddp(model, model.config)
     optimizer, scheduler = build_optimizer([ddp], t.optim, model.config, t.steps, global_batch_size=t.global_batch_size)
     loss = DistillLoss(cfg.distill, has_state_loss=bool(inputs.layer_pairs))
-    seq, mbs = run.model_cfg.seq_length, t.micro_batch_size
+    seq, mbs = run.seq_length, t.micro_batch_size
 
     def evaluate(num_samples: int, micro_batch_size: int) -> dict:
         batches = run.valid_batches(micro_batch_size, ctx, num_samples)
@@ -79,7 +79,7 @@ def distill(cfg: DistillCommand, ctx: ParallelContext) -> dict:
         start=lambda: ckpt.load_checkpoint(rd.checkpoint_root(cfg.student.load), model.module, ctx),
         check_resumable=lambda: check_same_model(cfg.save, run, "student"),
         write_metadata=lambda: rd.write_model_yaml(save, run.model_cfg, run.padded_vocab, run.tokenizer_path,
-                                                   origin=cfg.student.load),
+                                                   origin=cfg.student.load, seq_length=seq),
         summary=lambda final, metrics: _summary(final, metrics, run.params),
         final_eval=(cfg.evaluate.samples, cfg.evaluate.micro_batch_size),
         seq_length=seq,

@@ -126,10 +126,19 @@ def _pair_problems(cfg: DistillCommand, teacher: RunModel, student: RunModel, da
     elif teacher.cfg.vocab_size != student.cfg.vocab_size:
         problems.append(f"teacher vocab_size={teacher.cfg.vocab_size} differs from student "
                         f"vocab_size={student.cfg.vocab_size}: distillation needs one vocabulary")
-    learned = "learned_absolute" in (teacher.cfg.position_embedding_type, student.cfg.position_embedding_type)
-    if learned and teacher.cfg.seq_length < student.cfg.seq_length:
-        problems.append(f"the teacher's learned position embeddings cover {teacher.cfg.seq_length} tokens, "
-                        f"fewer than the student's seq_length={student.cfg.seq_length}")
+    return problems
+
+
+def _seq_length_problems(cfg: DistillCommand, teacher: RunModel, student: RunModel) -> List[str]:
+    """Teacher and student run at one sequence length (`seq_length`, else the student run's):
+    within both models' position limits."""
+    problems = []
+    try:
+        seq = rd.run_seq_length(cfg.seq_length, student.cfg, rd.recorded_seq_length(student.path),
+                                f"{student.setting}={student.path}")
+        rd.run_seq_length(seq, teacher.cfg, None, f"{teacher.setting}={teacher.path}")
+    except ConfigError as err:
+        problems += err.problems
     return problems
 
 
@@ -165,6 +174,7 @@ def check_distill(cfg: DistillCommand, ctx: ParallelContext, data_tokenizer: str
         raise ConfigError(problems)
     teacher, student = sides
     problems += _pair_problems(cfg, teacher, student, data_tokenizer)
+    problems += _seq_length_problems(cfg, teacher, student)
     parallel = replace(cfg.parallel, tp=ctx.tp_size, pp=ctx.pp_size)  # the sizes this run has
     problems += _model_problems(student, parallel, ctx.tp_size)
     problems += _model_problems(teacher, teacher_parallel(parallel, student.cfg, teacher.cfg), ctx.tp_size)

@@ -87,15 +87,20 @@ def batches_fn(dataset, num_samples: int, mbs: int, ctx: ParallelContext, settin
     return batches
 
 
-def _load_batches(fn: Optional[Callable], what: str, seq_length: int) -> List[dict]:
+def _load_batches(fn: Optional[Callable], what: str, limit: int) -> List[dict]:
+    """The batches; their length is the run's sequence length, at most the model's position limit."""
     batches = list(fn()) if fn is not None else []
     if not batches:
         raise ConfigError(f"importance: no {what} batches on this rank; give at least micro_batch_size x DP "
                           "size samples")
-    length = batches[0]["tokens"].shape[-1]
-    if length != seq_length:
-        raise ConfigError(f"importance: {what} samples have {length} tokens but model.seq_length={seq_length}")
+    if _seq_length(batches) > limit:
+        raise ConfigError(f"importance: {what} samples have {_seq_length(batches)} tokens, more than the model's "
+                          f"max_position_embeddings={limit}")
     return batches
+
+
+def _seq_length(batches: List[dict]) -> int:
+    return batches[0]["tokens"].shape[-1]
 
 
 def _width_scores(model_chunks, probes, cfg: ImportanceConfig, ctx, batches, seq_length) -> Dict[str, torch.Tensor]:
@@ -126,21 +131,21 @@ def estimate_importance(model, cfg: ImportanceConfig, model_cfg: ModelConfig, ct
         raise ConfigError(f"importance: {len(model_chunks)} model chunks (virtual pipeline stages) are not "
                           "supported; build the model without virtual pipeline parallelism")
     probes = find_probes(model_chunks)
-    seq = model_cfg.seq_length
-    calib = _load_batches(calib_batches_fn, "calibration", seq)
-    valid = _load_batches(valid_batches_fn, "validation", seq) if needs_validation_data(cfg) else []
+    limit = model_cfg.max_position_embeddings
+    calib = _load_batches(calib_batches_fn, "calibration", limit)
+    valid = _load_batches(valid_batches_fn, "validation", limit) if needs_validation_data(cfg) else []
 
-    scores = _width_scores(model_chunks, probes, cfg, ctx, calib, seq)
+    scores = _width_scores(model_chunks, probes, cfg, ctx, calib, _seq_length(calib))
     samples = int(scores.pop("samples").item())
     depth = {}
     if valid:
-        depth = loss_depth_scores(model_chunks, probes, valid, ctx, cfg.micro_batch_size, seq,
+        depth = loss_depth_scores(model_chunks, probes, valid, ctx, cfg.micro_batch_size, _seq_length(valid),
                                   cfg.depth_metrics, cfg.contiguous_k)
         scores.update({k: v.to(ctx.device) for k, v in depth.items() if k.startswith("depth.")})
     broadcast_scores(scores, ctx)
     scores = {k: v.to(torch.float32).cpu().contiguous() for k, v in scores.items()}
-    meta = importance_meta(scores, cfg, model_cfg, ctx, samples, len(valid) * cfg.micro_batch_size * ctx.dp_size,
-                           depth)
+    meta = importance_meta(scores, cfg, model_cfg, ctx, samples, _seq_length(calib),
+                           len(valid) * cfg.micro_batch_size * ctx.dp_size, depth)
     return ImportanceResult(scores, meta)
 
 
@@ -150,13 +155,13 @@ def _ascending(values: torch.Tensor) -> List[int]:
 
 
 def importance_meta(scores: Dict[str, torch.Tensor], cfg: ImportanceConfig, model_cfg: ModelConfig,
-                    ctx: ParallelContext, samples: int, depth_samples: int, depth: dict) -> dict:
+                    ctx: ParallelContext, samples: int, seq_length: int, depth_samples: int, depth: dict) -> dict:
     """The importance.json body: what was measured, how, and the layer rankings."""
     meta = {
         "format": FORMAT_VERSION,
         "model": asdict(model_cfg),
         "aggregation": {"seq": cfg.seq_agg, "batch": cfg.batch_agg},
-        "calibration": {"samples": samples, "tokens": samples * model_cfg.seq_length,
+        "calibration": {"samples": samples, "seq_length": seq_length, "tokens": samples * seq_length,
                         "micro_batch_size": cfg.micro_batch_size, "loss_mask": "ignored: every position counts"},
         "parallel": {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size},
         "group_score": "sum of the group's query-head scores",

@@ -219,7 +219,7 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
                                     if cfg.layernorm_zero_centered_gamma and cfg.transformer_impl == "local"
                                     else layer_spec(cfg)),
             vocab_size=padded_vocab,
-            max_sequence_length=cfg.seq_length,
+            max_sequence_length=cfg.max_position_embeddings,
             pre_process=ctx.is_first_stage,
             post_process=ctx.is_last_stage,
             share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,

@@ -39,7 +39,7 @@ def parameter_count(cfg: ModelConfig, padded_vocab: Optional[int] = None) -> int
     vocab = padded_vocab or cfg.vocab_size
     embedding = vocab * cfg.hidden_size
     if cfg.position_embedding_type == "learned_absolute":
-        embedding += cfg.seq_length * cfg.hidden_size
+        embedding += cfg.max_position_embeddings * cfg.hidden_size
     output = 0 if cfg.share_embeddings_and_output_weights else vocab * cfg.hidden_size
     layers = cfg.num_layers * sum(layer_parameter_count(cfg).values())
     return embedding + layers + _norm_params(cfg) + output

@@ -21,5 +21,6 @@ def evaluate_run(cfg: EvaluateCommand, ctx: ParallelContext) -> dict:
     model = setup.build_model(run, cfg, ctx, init="none")
     ckpt.load_checkpoint(rd.checkpoint_root(cfg.load), model, ctx)
     batches = run.valid_batches(mbs, ctx)
-    result = evaluate_loss([model], batches, ctx, len(batches), mbs, run.model_cfg.seq_length)
-    return {"val_loss": result["val_loss"], "ppl": result["ppl"], "params": run.params, "tokens": result["tokens"]}
+    result = evaluate_loss([model], batches, ctx, len(batches), mbs, run.seq_length)
+    return {"val_loss": result["val_loss"], "ppl": result["ppl"], "params": run.params, "tokens": result["tokens"],
+            "seq_length": run.seq_length}

@@ -24,10 +24,9 @@ from minitron_megatron.runtime import clock
 
 
 def _common(cfg, **overrides):
-    from minitron_megatron.config.commands import CommonConfig
+    from minitron_megatron.config.commands import derived_common
 
-    values = {f.name: getattr(cfg, f.name) for f in fields(CommonConfig)}
-    return {**values, **overrides}
+    return derived_common(cfg, **overrides)
 
 
 def _stage(name: str, run_dir: Path, body, ctx) -> dict:

@@ -14,12 +14,12 @@ in this process and runtime, like the `run` recipe's stages.
 
 import json
 import shutil
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 from minitron_megatron.checkpoint import run_dir as rd
-from minitron_megatron.config.commands import CommonConfig, DistillCommand, PruneCommand, SearchCommand
+from minitron_megatron.config.commands import DistillCommand, PruneCommand, SearchCommand, derived_common
 from minitron_megatron.config.distill import ModelSource
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.runtime import clock
@@ -35,8 +35,9 @@ def candidate_dir(round_dir: Path, index: int) -> Path:
 
 
 def common(cfg: SearchCommand, **overrides) -> dict:
-    """The CommonConfig keys of `cfg` (data, parallel, seed, device, ...), with overrides."""
-    return {**{f.name: getattr(cfg, f.name) for f in fields(CommonConfig)}, **overrides}
+    """The CommonConfig keys of `cfg` (data, parallel, seed, device, seq_length, ...) for a
+    candidate's stage, with overrides (see `derived_common`)."""
+    return derived_common(cfg, **overrides)
 
 
 def check_arch(round_dir: Path, cand: Candidate) -> None:

@@ -142,6 +142,7 @@ def run_training(job: TrainingJob, ctx: ParallelContext) -> dict:
     summary = {
         **job.summary(final, metrics),
         "steps": state.step,
+        "seq_length": job.seq_length,
         "tokens_seen": state.consumed_samples * job.seq_length,
         "train_seconds": round(loop_seconds, 1),
         "seconds": clock.elapsed(),

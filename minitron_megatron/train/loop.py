@@ -32,7 +32,7 @@ def pretrain(cfg: TrainCommand, ctx: ParallelContext) -> dict:
     run = setup.prepare_run(cfg, ctx, num_train_samples=t.steps * t.global_batch_size,
                             num_valid_samples=max(t.eval_samples, cfg.evaluate.samples))
     model, ddp, optimizer, scheduler = setup.trainable_model(run, cfg, ctx, t.optim, t.steps, t.global_batch_size)
-    seq, mbs = run.model_cfg.seq_length, t.micro_batch_size
+    seq, mbs = run.seq_length, t.micro_batch_size
 
     def evaluate(num_samples: int, micro_batch_size: int) -> dict:
         batches = run.valid_batches(micro_batch_size, ctx, num_samples)
@@ -50,7 +50,7 @@ def pretrain(cfg: TrainCommand, ctx: ParallelContext) -> dict:
         start=start,
         check_resumable=lambda: setup.check_same_model(cfg.save, run, "model"),
         write_metadata=lambda: rd.write_model_yaml(save, run.model_cfg, run.padded_vocab, run.tokenizer_path,
-                                                   origin=cfg.load),
+                                                   origin=cfg.load, seq_length=seq),
         summary=lambda final, metrics: {"val_loss": final["val_loss"], "ppl": final["ppl"],
                                         "train_loss": metrics.get("loss"), "params": run.params},
         final_eval=(cfg.evaluate.samples, cfg.evaluate.micro_batch_size),

@@ -31,6 +31,8 @@ class RunInputs:
     train_ds: object
     valid_ds: object
     num_valid_samples: int
+    seq_length: int
+    """Tokens per sample of this run (the `seq_length` setting, resolved)."""
     params: Optional[int] = None
 
     def valid_batches(self, micro_batch_size: int, ctx: ParallelContext,
@@ -55,11 +57,16 @@ def evaluate_problems(evaluate: EvaluateConfig, ctx: ParallelContext) -> List[st
 
 
 def check_same_model(save: str, run: "RunInputs", what: str) -> None:
-    """An unfinished `save` dir resumes only with the model it was started with."""
+    """An unfinished `save` dir resumes only with the model and sequence length it was started
+    with (another length would cut the samples it has consumed differently)."""
     saved_cfg, padded, _ = rd.read_model_yaml(save)
     if saved_cfg.resolved() != run.model_cfg.resolved() or padded != run.padded_vocab:
         raise ConfigError(f"save={save} holds an unfinished run of a different {what}; resume it with the same "
                           "settings, or choose a new save directory")
+    saved_seq = rd.recorded_seq_length(save)
+    if saved_seq != run.seq_length:
+        raise ConfigError(f"save={save} holds an unfinished run at seq_length={saved_seq}, not {run.seq_length}; "
+                          f"resume it with seq_length={saved_seq}, or choose a new save directory")
 
 
 def _file_digest(path: str) -> str:
@@ -97,10 +104,16 @@ def prepare_run(cfg: CommonConfig, ctx: ParallelContext, num_train_samples: int,
     tokenizer = load_tokenizer(sources.tokenizer_model)
     model_cfg, padded = resolve_model(cfg, sources.tokenizer_model, tokenizer.vocab_size, ctx.tp_size)
     validate_model(model_cfg, cfg.parallel)
-    train_ds, valid_ds = build_gpt_datasets(
-        sources, tokenizer, model_cfg.seq_length, num_train_samples, num_valid_samples, cfg.seed
-    )
-    return RunInputs(model_cfg, padded, sources.tokenizer_model, train_ds, valid_ds, num_valid_samples)
+    seq = seq_length_of(cfg, model_cfg)
+    train_ds, valid_ds = build_gpt_datasets(sources, tokenizer, seq, num_train_samples, num_valid_samples, cfg.seed)
+    return RunInputs(model_cfg, padded, sources.tokenizer_model, train_ds, valid_ds, num_valid_samples, seq)
+
+
+def seq_length_of(cfg: CommonConfig, model_cfg: ModelConfig) -> int:
+    """The run's sequence length: `seq_length`, else `load`'s recorded one, else the model's limit."""
+    subject = f"load={cfg.load}" if cfg.load else f"model={cfg.model.name}"
+    recorded = rd.recorded_seq_length(cfg.load) if cfg.load else None
+    return rd.run_seq_length(cfg.seq_length, model_cfg, recorded, subject)
 
 
 def build_model(run: RunInputs, cfg: CommonConfig, ctx: ParallelContext, init: str = "random"):
@@ -127,6 +140,6 @@ def train_batches(run: RunInputs, micro_batch_size: int, ctx: ParallelContext, c
 
 def megatron_lm_args(run: RunInputs, t: TrainConfig, ctx: ParallelContext, consumed_samples: int, step: int):
     """The Megatron-LM `args` namespace of a training checkpoint at this step."""
-    return checkpoint_args(run.model_cfg, run.padded_vocab, ctx.tp_size, ctx.pp_size,
+    return checkpoint_args(run.model_cfg, run.padded_vocab, ctx.tp_size, ctx.pp_size, seq_length=run.seq_length,
                            global_batch_size=t.global_batch_size, consumed_train_samples=consumed_samples,
                            iteration=step, tokenizer_path=run.tokenizer_path)

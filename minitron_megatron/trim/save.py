@@ -28,16 +28,18 @@ CHECKPOINT_ITERATION = 1
 
 def save_trimmed(run_dir, result: TrimResult, plan: TrimPlan, padded_vocab: int,
                  tokenizer_path: Optional[str], ctx: ParallelContext, summary: dict,
-                 origin: Optional[str] = None) -> Path:
+                 origin: Optional[str] = None, seq_length: Optional[int] = None) -> Path:
     """Collectively save the pruned model; summary.json is the commit point, written last.
-    `origin` is the source run dir (its HF import config carries over, see run_dir.HF_CONFIG)."""
+    `origin` is the source run dir (its HF import config carries over, see run_dir.HF_CONFIG);
+    `seq_length` the prune run's (recorded: later commands on the pruned model default to it)."""
     run_dir = Path(run_dir)
     if ctx.is_main:
-        rd.write_model_yaml(run_dir, result.model_cfg, padded_vocab, tokenizer_path, origin=origin)
+        rd.write_model_yaml(run_dir, result.model_cfg, padded_vocab, tokenizer_path, origin=origin,
+                            seq_length=seq_length)
         rd.atomic_write_text(run_dir / PLAN_JSON, plan.to_json() + "\n")
     ctx.barrier()
     args = checkpoint_args(result.model_cfg, padded_vocab, ctx.tp_size, ctx.pp_size, iteration=CHECKPOINT_ITERATION,
-                           tokenizer_path=tokenizer_path)
+                           tokenizer_path=tokenizer_path, seq_length=seq_length)
     ckpt.save_checkpoint(rd.checkpoint_root(run_dir), CHECKPOINT_ITERATION, result.model, ctx,
                          extra={"trim": {"method": plan.method, "source": plan.source}}, args=args)
     fault_point("trim.save")

@@ -199,9 +199,10 @@ def trim_model(model, run, cfg: CommonConfig, prune: PruneConfig, ctx: ParallelC
     if eval_samples:
         eval_start = time.time()
         batches = run.valid_batches(eval_micro_batch_size, ctx, eval_samples)
-        val = evaluate_loss([result.model], batches, ctx, len(batches), eval_micro_batch_size, new_cfg.seq_length)
+        val = evaluate_loss([result.model], batches, ctx, len(batches), eval_micro_batch_size, run.seq_length)
         summary.update(val_loss=val["val_loss"], ppl=val["ppl"], eval_seconds=round(time.time() - eval_start, 2))
     summary.update(extra_summary or {})
     summary["seconds"] = clock.elapsed()
-    save_trimmed(cfg.save, result, plan, run.padded_vocab, run.tokenizer_path, ctx, summary, origin=cfg.load)
+    save_trimmed(cfg.save, result, plan, run.padded_vocab, run.tokenizer_path, ctx, summary, origin=cfg.load,
+                 seq_length=run.seq_length)
     return summary

@@ -37,10 +37,10 @@ def _copy(src: Path, dst: Path, config=None, index=None) -> Path:
     return dst
 
 
-def _import_error(hf_dir, tmp_path, tp=1, pp=1, **options) -> str:
+def _import_error(hf_dir, tmp_path, tp=1, pp=1, seq_length=None, **options) -> str:
     save = tmp_path / "run"
     cmd = ConvertCommand(from_hf=str(hf_dir), save=str(save), parallel=ParallelConfig(tp=tp, pp=pp),
-                         convert=ConvertConfig(**options))
+                         seq_length=seq_length, convert=ConvertConfig(**options))
     with pytest.raises(ConfigError) as err:
         convert(cmd, _ctx(tp, pp))
     assert not save.exists(), "a rejected import must write nothing"
@@ -71,12 +71,13 @@ def test_unrepresentable_rope_scaling(hf_models, tmp_path, rope, needle):
 
 def test_sliding_window_that_bites_is_refused(hf_models, tmp_path):
     """Megatron's local attention has no sliding window that matches HF's, so sequences longer
-    than the window must be refused; by default seq_length is capped at the window (exact)."""
+    than the window must be refused: the position limit is capped at the window (exact there),
+    and so is the sequence length recorded by default."""
     bad = _copy(hf_models["mistral"], tmp_path / "hf", config=_set(sliding_window=32))
     msg = _import_error(bad, tmp_path, seq_length=64)
-    assert "sliding_window=32" in msg and "convert.seq_length" in msg
+    assert "seq_length=64" in msg and "max_position_embeddings=32" in msg and "sliding_window=32" in msg, msg
     plan = plan_import(str(bad), str(tmp_path / "run"), ConvertConfig(), ParallelConfig())
-    assert plan.model_cfg.seq_length == 32
+    assert plan.model_cfg.max_position_embeddings == 32 and plan.seq_length == 32
 
 
 def test_missing_and_extra_tensors(hf_models, tmp_path):

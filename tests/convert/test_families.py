@@ -54,17 +54,17 @@ def _preset(name: str) -> ModelConfig:
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_presets_match_published_configs(name):
     """Catches a preset that disagrees with its model's config.json in any field the converter
-    maps (RoPE scaling, theta, partial rotary, layernorm1p, eps, heads, head_dim, bias, tying).
-    seq_length is the training length the preset chose, so it is passed in."""
+    maps (RoPE scaling, theta, partial rotary, layernorm1p, eps, heads, head_dim, bias, tying,
+    the position limit: a run's length is its own seq_length setting)."""
     preset = _preset(name)
-    imported = model_config_from_hf(PUBLISHED[name], name=name, seq_length=preset.seq_length)
+    imported = model_config_from_hf(PUBLISHED[name], name=name)
     differ = {f.name: (getattr(preset, f.name), getattr(imported, f.name)) for f in fields(ModelConfig)
               if getattr(preset, f.name) != getattr(imported, f.name) and f.name != "make_vocab_size_divisible_by"}
     assert differ == {}, differ
 
 
-def test_mistral_seq_length_defaults_to_its_window():
-    assert model_config_from_hf(PUBLISHED["mistral-7b"], name="m").seq_length == 4096
+def test_mistral_position_limit_is_its_window():
+    assert model_config_from_hf(PUBLISHED["mistral-7b"], name="m").max_position_embeddings == 4096
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

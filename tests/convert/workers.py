@@ -62,7 +62,7 @@ def make_pruned_like_run(run_dir: Path, tokenizer: str, ctx) -> None:
     from minitron_megatron.model import build_gpt_model, padded_vocab_size
 
     cfg = ModelConfig(name="pruned-like", num_layers=3, hidden_size=40, ffn_hidden_size=72, num_attention_heads=4,
-                      num_query_groups=2, kv_channels=12, seq_length=64, vocab_size=320, rotary_base=500000,
+                      num_query_groups=2, kv_channels=12, max_position_embeddings=64, vocab_size=320, rotary_base=500000,
                       rope_scaling=True, rope_scaling_factor=8.0, layernorm_epsilon=1e-5)
     padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, ctx.tp_size)
     model = build_gpt_model(cfg, ctx, ParallelConfig(tp=ctx.tp_size, pp=ctx.pp_size), padded)
@@ -218,7 +218,6 @@ def recipe_on_imported(rank, world, root, hf_dir):
     convert from_hf -> prune (importance + trim) -> distill from the imported teacher ->
     convert to_hf of the pruned and of the distilled run dir; writes both run dirs' logits."""
     from minitron_megatron.config.commands import ConvertCommand, DistillCommand, EvaluateConfig, PruneCommand
-    from minitron_megatron.config.convert import ConvertConfig
     from minitron_megatron.config.distill import DistillConfig, ModelSource
     from minitron_megatron.config.parallel import ParallelConfig
     from minitron_megatron.config.prune import ImportanceConfig, PruneConfig, TrimTarget
@@ -232,7 +231,7 @@ def recipe_on_imported(rank, world, root, hf_dir):
     ctx = init_runtime(tp=2, pp=1, device="cpu", seed=3)
     parallel, evaluate = ParallelConfig(tp=2), EvaluateConfig(samples=4, micro_batch_size=2)
     summaries = {"import": convert(ConvertCommand(from_hf=hf_dir, save=str(root / "teacher"), parallel=parallel,
-                                                  convert=ConvertConfig(seq_length=64)), ctx)}
+                                                  seq_length=64), ctx)}
     data = _recipe_data(root / "teacher", root, ctx)
     icfg = ImportanceConfig(calibration_samples=8, micro_batch_size=2)
     summaries["prune"] = prune(PruneCommand(

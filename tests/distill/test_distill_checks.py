@@ -16,7 +16,7 @@ from minitron_megatron.errors import ConfigError
 from minitron_megatron.runtime.context import ParallelContext
 
 TEACHER = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=192, num_attention_heads=4,
-                      num_query_groups=2, kv_channels=16, seq_length=64, vocab_size=4096)
+                      num_query_groups=2, kv_channels=16, max_position_embeddings=64, vocab_size=4096)
 STUDENT = replace(TEACHER, num_layers=2, hidden_size=48, ffn_hidden_size=96)
 
 
@@ -102,6 +102,15 @@ def test_parallel_sizes_must_fit_both_models(dirs):
                         4096, str(tmp_path / "data.model"))
     msg = _problems(_cfg(tmp_path, teacher, student), tok, tp=2)
     assert f"teacher.load={teacher}: parallel.tp=2 does not divide model.num_query_groups=3" in msg
+
+
+def test_one_seq_length_within_both_position_limits(dirs):
+    """Catches a sequence length checked against the student alone: the teacher runs at the same one."""
+    tmp_path, teacher, student, tok = dirs
+    rd.write_model_yaml(teacher, replace(TEACHER, max_position_embeddings=32), 4096, tok)
+    msg = _problems(_cfg(tmp_path, teacher, student), tok)  # the student run's 64 tokens
+    assert f"seq_length=64 is longer than the position limit of teacher.load={teacher}" in msg
+    check_distill(replace(_cfg(tmp_path, teacher, student), seq_length=32), _ctx(), tok)
 
 
 def test_intermediate_loss_needs_pp1_and_all_problems_are_listed(dirs):

@@ -66,7 +66,7 @@ def test_model_problems_fail_before_any_forward(reference_run):
         "unknown_agg": "prune.importance.seq_agg='max'",
         "empty_calibration": "no calibration batches",
         "no_validation_data": "no validation batches",
-        "short_samples": "calibration samples have 16 tokens but model.seq_length=32",
+        "long_samples": "calibration samples have 64 tokens, more than the model's max_position_embeddings=32",
     }
     for name, needle in expected.items():
         message, forward_calls = errors[name]

@@ -73,7 +73,7 @@ def test_stage_writes_a_loadable_score_set(reference_run):
     assert meta["hidden"]["norms"][:2] == ["layer0.input_norm", "layer0.pre_mlp_norm"]
     assert meta["hidden"]["norms"][-1] == "final_norm" and len(meta["hidden"]["norms"]) == 2 * L + 1
     assert all(torch.isfinite(v).all() for v in scores.values())
-    assert meta["calibration"]["samples"] == 8 and meta["calibration"]["tokens"] == 8 * cfg.seq_length
+    assert meta["calibration"]["samples"] == 8 and meta["calibration"]["tokens"] == 8 * cfg.max_position_embeddings
     assert meta["aggregation"] == {"seq": "mean", "batch": "l2"}
     assert sorted(meta["layer_rankings"]["depth.loss_drop"]) == list(range(L))
     in_memory = torch.load(reference_run / "stage.pt")["scores"]

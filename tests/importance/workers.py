@@ -30,9 +30,9 @@ PP_LAYOUT = {"gqa": None, "odd": [1, 2]}
 def synthetic_dataset(cfg, num_samples: int, seed: int):
     """A list of GPTDataset-like samples: random tokens (enough to exercise every unit)."""
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, cfg.vocab_size, (num_samples, cfg.seq_length + 1), generator=gen)
-    return [{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(cfg.seq_length),
-             "position_ids": torch.arange(cfg.seq_length)} for t in tokens]
+    tokens = torch.randint(0, cfg.vocab_size, (num_samples, cfg.max_position_embeddings + 1), generator=gen)
+    return [{"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(cfg.max_position_embeddings),
+             "position_ids": torch.arange(cfg.max_position_embeddings)} for t in tokens]
 
 
 def build(case: str, ctx, sequence_parallel: bool = False, pp_layout=None):
@@ -147,7 +147,7 @@ def bad_inputs(ctx) -> dict:
 
     cfg, _ = build("gqa", ctx)
     good = batches_fn(synthetic_dataset(cfg, 4, 0), 4, MBS, ctx, "calib")
-    short = synthetic_dataset(small_model(**CASES["gqa"], seq_length=16), 4, 0)
+    long = synthetic_dataset(small_model(**CASES["gqa"], max_position_embeddings=64), 4, 0)
 
     def attempt(model, icfg=ImportanceConfig(micro_batch_size=MBS), calib=good, valid=good):
         calls = []
@@ -176,7 +176,7 @@ def bad_inputs(ctx) -> dict:
         "unknown_agg": attempt(fresh(), ImportanceConfig(micro_batch_size=MBS, seq_agg="max")),
         "empty_calibration": attempt(fresh(), calib=lambda: []),
         "no_validation_data": attempt(fresh(), valid=None),
-        "short_samples": attempt(fresh(), calib=lambda: [{"tokens": torch.stack([s["tokens"] for s in short])}]),
+        "long_samples": attempt(fresh(), calib=lambda: [{"tokens": torch.stack([s["tokens"] for s in long])}]),
     }
 
 

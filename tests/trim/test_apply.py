@@ -109,7 +109,7 @@ def _pp_case(case, ctx, ckpt_root):
     plan = _plan(case, ctx, ctx.tp_size, ctx.pp_size)
     layout = case.pp_layout if ctx.pp_size > 1 else None
     result = apply_plan(model, plan, case.model, ctx, parallel, PADDED, pp_layout=layout)
-    cfg, seq = result.model_cfg, case.model.seq_length
+    cfg, seq = result.model_cfg, case.model.max_position_embeddings
     out = {"weights": _gathered(result.model, ctx, global_names=True),
            "params": count_model_parameters(result.model, ctx), "expected": parameter_count(cfg, PADDED),
            "layers_here": [m.layer_number for m in result.model.decoder.layers],

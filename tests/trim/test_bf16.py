@@ -60,7 +60,7 @@ def _pipeline_logits(model, ctx):
     ranks = dist.get_process_group_ranks(ctx.pp_group) if ctx.pp_size > 1 else [ctx.rank]
     with torch.no_grad():
         if not ctx.is_first_stage:
-            hidden = torch.empty(BF16.seq_length, 2, model.config.hidden_size, dtype=torch.bfloat16)
+            hidden = torch.empty(BF16.max_position_embeddings, 2, model.config.hidden_size, dtype=torch.bfloat16)
             dist.recv(hidden, ranks[ctx.pp_rank - 1])
             model.set_input_tensor(hidden)
         out = model(batch["tokens"], batch["position_ids"], None)
