@@ -19,11 +19,11 @@ import shutil
 import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import yaml
 
-from minitron_megatron.config.model import ModelConfig
+from minitron_megatron.config.model import LOAD_SETTINGS, ModelConfig
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.runtime.faults import fault_point
 
@@ -126,6 +126,31 @@ def run_seq_length(requested: Optional[int], model: ModelConfig, recorded: Optio
         raise ConfigError(f"seq_length={seq} is longer than the position limit of {subject}: "
                           f"max_position_embeddings={limit}; use seq_length<={limit}")
     return seq
+
+
+def loaded_model_config(run_cfg: ModelConfig, given: ModelConfig, keys: Sequence[str], setting: str) -> ModelConfig:
+    """`run_cfg` (a loaded run's model.yaml) with the `model.*` keys the user gave (`keys`, values
+    in `given`): LOAD_SETTINGS apply; any other whose value differs from the run's is refused,
+    all of them in one ConfigError. `setting` names the run dir (e.g. "load=runs/teacher")."""
+    from dataclasses import replace
+
+    ours, theirs = run_cfg.resolved(), given.resolved()
+    applied = {key: getattr(given, key) for key in keys if key in LOAD_SETTINGS}
+    refused = [key for key in sorted(set(keys) - set(LOAD_SETTINGS)) if _differs(key, ours, theirs)]
+    if refused:
+        wanted = ", ".join(f"model.{key}={getattr(given, key)!r} (the run's: {getattr(ours, key)!r})"
+                           for key in refused)
+        allowed = ", ".join(f"model.{key}" for key in LOAD_SETTINGS)
+        raise ConfigError(f"{setting}: {wanted} would change the loaded model, whose architecture is its "
+                          f"model.yaml; refused. A loaded model takes only {allowed} (and the run's sequence "
+                          "length is seq_length=)")
+    return replace(run_cfg, **applied)
+
+
+def _differs(key: str, ours: ModelConfig, theirs: ModelConfig) -> bool:
+    """A given None (derive it: vocab from the tokenizer, ...) leaves the run's value as it is."""
+    value = getattr(theirs, key)
+    return value is not None and value != getattr(ours, key)
 
 
 def write_summary(run_dir, summary: dict) -> None:

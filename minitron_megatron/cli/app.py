@@ -10,10 +10,12 @@ SIGTERM/SIGUSR1 after saving a checkpoint (rerun the same command to resume).
 import json
 import os
 import sys
+from dataclasses import fields, replace
 from typing import List
 
 from minitron_megatron.cli.registry import COMMANDS, Command
 from minitron_megatron.config.files import conf_dir
+from minitron_megatron.config.model import LOAD_SETTINGS, ModelConfig
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.runtime.preemption import PREEMPTED_EXIT, Preempted
 
@@ -55,13 +57,37 @@ def _fail(status: int, message: str, summary: dict = None) -> None:
     sys.exit(status)
 
 
-def _run_dict_config(command: Command, dict_cfg) -> None:
+def model_keys_given(overrides: List[str]) -> List[str]:
+    """The `model` fields the command line sets: `model.KEY=...` names KEY; `model=PRESET` names
+    the preset's architecture (every field but LOAD_SETTINGS: a preset's dropout or dtype is a
+    default, not a choice to impose on a loaded run). Read from Hydra's own parse of the
+    overrides, so every spelling (`++model.k=v`, quoting, sweeps' per-job values) counts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set()
+    for override in OverridesParser.create().parse_overrides(overrides):
+        name = override.key_or_group
+        if override.package is None and name == "model":
+            keys.update(f.name for f in fields(ModelConfig) if f.name not in LOAD_SETTINGS)
+        elif name.startswith("model."):
+            keys.add(name.split(".")[1])
+    return sorted(keys)
+
+
+def _typed_config(dict_cfg):
+    """The schema dataclass of the composed config, with `model_overrides` from this job's command line."""
+    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
+    cfg = OmegaConf.to_object(dict_cfg)
+    return replace(cfg, model_overrides=model_keys_given(list(HydraConfig.get().overrides.task)))
+
+
+def _run_dict_config(command: Command, dict_cfg) -> None:
     from minitron_megatron.train.driver import TrainingDiverged
 
     try:
-        run_command(command, OmegaConf.to_object(dict_cfg))
+        run_command(command, _typed_config(dict_cfg))
     except ConfigError as err:
         _fail(EXIT_CONFIG, str(err))
     except TrainingDiverged as err:

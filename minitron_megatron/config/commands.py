@@ -5,11 +5,11 @@ every key is type-checked and a misspelt override fails at start-up.
 """
 
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import List, Optional
 
 from minitron_megatron.config.convert import ConvertConfig
 from minitron_megatron.config.data import DataConfig
-from minitron_megatron.config.model import ModelConfig
+from minitron_megatron.config.model import LOAD_SETTINGS, ModelConfig
 from minitron_megatron.config.distill import DistillConfig, ModelSource
 from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.config.prune import PruneConfig
@@ -22,10 +22,13 @@ class CommonConfig:
     """Keys shared by every command."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The architecture when nothing is loaded. With `load=` (distill: `student.load`) the run
+    dir's model.yaml is the architecture, and of the `model.*` keys you give only
+    `config.model.LOAD_SETTINGS` apply; another one that differs from the run's is refused."""
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     load: Optional[str] = None
-    """A run directory to start from (its model.yaml overrides `model`)."""
+    """A run directory to start from (its model.yaml replaces `model`, see above)."""
     save: Optional[str] = None
     """The run directory to write; an unfinished one is resumed."""
     seed: int = 1234
@@ -36,6 +39,10 @@ class CommonConfig:
     setting, as Megatron-LM's --seq-length; the model keeps its max_position_embeddings, which
     bounds it). None: the length the loaded run was made with (its model.yaml), else the model's
     max_position_embeddings. distill runs teacher and student at this one length."""
+    model_overrides: List[str] = field(default_factory=list)
+    """The `model` fields given for this run: the command line fills it with the `model.*` keys
+    you give (`model=PRESET` gives its architecture keys) and replaces anything set here.
+    Library callers list the `model` fields a loaded run should take from `model`."""
 
 
 @dataclass
@@ -71,7 +78,8 @@ class PruneCommand(CommonConfig):
 
 @dataclass
 class DistillCommand(CommonConfig):
-    """Retrain `student.load` from `teacher.load`; `load`/`model` of CommonConfig are unused."""
+    """Retrain `student.load` from `teacher.load`; `load` of CommonConfig is unused and `model`
+    applies to the student as it does to `load=` elsewhere (the teacher keeps its own settings)."""
 
     teacher: ModelSource = field(default_factory=ModelSource)
     student: ModelSource = field(default_factory=ModelSource)
@@ -120,8 +128,8 @@ class RunCommand(CommonConfig):
 @dataclass
 class ConvertCommand(CommonConfig):
     """Exactly one direction: `from_hf` + `save` (import) or `load` + `to_hf` (export).
-    `model` and `data` of CommonConfig are unused: the architecture comes from config.json
-    or the run dir's model.yaml. `seq_length` (import only) is recorded in the run dir."""
+    `data` of CommonConfig is unused, and `model.*` keys are refused: the architecture comes from
+    config.json or the run dir's model.yaml. `seq_length` (import only) is recorded in the run dir."""
 
     from_hf: Optional[str] = None
     """A HF model directory: config.json, *.safetensors (+ index), tokenizer.json."""
@@ -149,8 +157,11 @@ class SearchCommand(CommonConfig):
 
 def derived_common(cfg: CommonConfig, **overrides) -> dict:
     """The CommonConfig keys of `cfg` (data, parallel, seed, device, seq_length, ...) for a stage
-    that `run` or `search` starts on another run dir, with `overrides`."""
+    that `run` or `search` starts on another run dir, with `overrides`. Such a stage keeps only
+    the run settings (LOAD_SETTINGS) of `cfg.model_overrides`: its model is a different
+    architecture (a pruned candidate), so the user's architecture keys do not concern it."""
     values = {f.name: getattr(cfg, f.name) for f in fields(CommonConfig)}
+    values["model_overrides"] = [key for key in cfg.model_overrides if key in LOAD_SETTINGS]
     return {**values, **overrides}
 
 

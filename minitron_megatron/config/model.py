@@ -3,6 +3,15 @@
 from dataclasses import dataclass
 from typing import Optional
 
+LOAD_SETTINGS = ("hidden_dropout", "attention_dropout", "init_method_std", "transformer_impl", "params_dtype")
+"""The `model.*` keys a command applies to a model it loads (`load=`, distill's `student.load`):
+they change neither the weights' shapes nor what the weights compute. Dropout is a training
+setting; init_method_std only initialises weights the checkpoint then overwrites;
+transformer_impl picks Megatron's modules (local and Transformer Engine specs share checkpoint
+keys); params_dtype casts the loaded weights (as Megatron-LM's --bf16 on a float32 checkpoint).
+Every other key (shapes, norms, activations, RoPE, vocab, the position limit, the name) is the
+run dir's: a different value given with `load=` is refused, never silently ignored."""
+
 
 @dataclass
 class ModelConfig:

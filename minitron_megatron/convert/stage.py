@@ -12,6 +12,10 @@ def convert(cfg: ConvertCommand, ctx: ParallelContext) -> Dict:
     if bool(cfg.from_hf) == bool(cfg.to_hf):
         raise ConfigError("convert needs exactly one of from_hf=HF_DIR (with save=RUN) or to_hf=HF_DIR "
                           "(with load=RUN)")
+    if cfg.model_overrides:
+        raise ConfigError(f"convert takes the model from config.json (from_hf) or model.yaml (load); "
+                          f"{', '.join('model.' + key for key in cfg.model_overrides)} cannot apply: set run "
+                          "settings on the commands that use the run dir")
     if cfg.from_hf:
         from minitron_megatron.convert.importer import import_hf
 

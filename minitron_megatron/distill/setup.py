@@ -7,7 +7,7 @@ ConfigError naming the settings (`teacher.load`, `distill.layer_map`, ...).
 import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from minitron_megatron.checkpoint import run_dir as rd
 from minitron_megatron.config.commands import DistillCommand
@@ -52,8 +52,10 @@ def _digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def read_run(setting: str, path: Optional[str], dtype: Optional[str]) -> RunModel:
-    """A teacher/student run dir, or a ConfigError naming `setting`."""
+def read_run(setting: str, path: Optional[str], dtype: Optional[str], model: Optional[ModelConfig] = None,
+             model_overrides: Sequence[str] = ()) -> RunModel:
+    """A teacher/student run dir, or a ConfigError naming `setting`; `model` with its given
+    `model_overrides` applies as to any loaded run (the student's), then `dtype`."""
     if not path:
         raise ConfigError(f"{setting} is required: a run directory (model.yaml + checkpoint/)")
     rd.check_loadable(path, setting=setting)
@@ -61,6 +63,8 @@ def read_run(setting: str, path: Optional[str], dtype: Optional[str]) -> RunMode
         raise ConfigError(f"{setting}={path}: distillation needs a minitron run directory with "
                           f"{rd.MODEL_YAML} (a bare Megatron-LM save dir does not describe its model)")
     cfg, padded, tokenizer = rd.read_model_yaml(path)
+    if model is not None:
+        cfg = rd.loaded_model_config(cfg, model, model_overrides, f"{setting}={path}")
     if dtype is not None:
         if dtype not in DTYPES:
             raise ConfigError(f"{setting.split('.')[0]}.params_dtype={dtype!r} is not one of {list(DTYPES)}")
@@ -165,9 +169,9 @@ def check_distill(cfg: DistillCommand, ctx: ParallelContext, data_tokenizer: str
     """(teacher, student) run models once every check passed; else one ConfigError."""
     problems = settings_problems(cfg, ctx)
     sides = []
-    for setting, source in (("teacher.load", cfg.teacher), ("student.load", cfg.student)):
+    for setting, source, model in (("teacher.load", cfg.teacher, None), ("student.load", cfg.student, cfg.model)):
         try:
-            sides.append(read_run(setting, source.load, source.params_dtype))
+            sides.append(read_run(setting, source.load, source.params_dtype, model, cfg.model_overrides))
         except ConfigError as err:
             problems += err.problems
     if len(sides) < 2:

@@ -83,7 +83,7 @@ def _check(cfg: PruneCommand, ctx: ParallelContext):
         except ConfigError as err:
             problems += err.problems
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))  # both checks read `load`: its problems once
     return new_cfg, scoring, icfg
 
 

@@ -83,6 +83,7 @@ def setting_problems(cfg: SearchCommand, ctx: ParallelContext) -> List[str]:
 def _teacher(cfg: SearchCommand, ctx: ParallelContext) -> Teacher:
     rd.check_loadable(cfg.load)
     model_cfg, padded, _ = rd.read_model_yaml(cfg.load)
+    model_cfg = rd.loaded_model_config(model_cfg, cfg.model, cfg.model_overrides, f"load={cfg.load}")
     rd.run_seq_length(cfg.seq_length, model_cfg, rd.recorded_seq_length(cfg.load), f"load={cfg.load}")
     problems = model_parallel_problems(model_cfg.resolved(), cfg.parallel, padded, subject=f"load={cfg.load}: model.")
     if problems:

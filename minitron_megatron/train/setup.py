@@ -85,6 +85,7 @@ def resolve_model(cfg: CommonConfig, tokenizer_path: str, tokenizer_vocab: int, 
     if cfg.load:
         rd.check_loadable(cfg.load)
         model_cfg, padded, run_tokenizer = rd.read_model_yaml(cfg.load)
+        model_cfg = rd.loaded_model_config(model_cfg, cfg.model, cfg.model_overrides, f"load={cfg.load}")
         if run_tokenizer and _file_digest(run_tokenizer) != _file_digest(tokenizer_path):
             raise ConfigError(
                 f"load={cfg.load} was trained with a different tokenizer than data={cfg.data.name} "

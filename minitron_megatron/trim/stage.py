@@ -138,7 +138,7 @@ def source_model(cfg: CommonConfig):
     if is_megatron_lm_dir(cfg.load):
         return cfg.model, padded_vocab_in_checkpoint(cfg.load)
     model_cfg, padded, _ = rd.read_model_yaml(cfg.load)
-    return model_cfg, padded
+    return rd.loaded_model_config(model_cfg, cfg.model, cfg.model_overrides, f"load={cfg.load}"), padded
 
 
 def source_parallel(cfg: CommonConfig):

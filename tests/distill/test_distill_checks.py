@@ -104,13 +104,19 @@ def test_parallel_sizes_must_fit_both_models(dirs):
     assert f"teacher.load={teacher}: parallel.tp=2 does not divide model.num_query_groups=3" in msg
 
 
-def test_one_seq_length_within_both_position_limits(dirs):
-    """Catches a sequence length checked against the student alone: the teacher runs at the same one."""
+def test_one_seq_length_within_both_position_limits_and_student_run_settings(dirs):
+    """Catches a sequence length checked against the student alone (the teacher runs at the same
+    one) and `model.*` keys that distill ignored: they concern the student like `load=`'s model."""
     tmp_path, teacher, student, tok = dirs
     rd.write_model_yaml(teacher, replace(TEACHER, max_position_embeddings=32), 4096, tok)
     msg = _problems(_cfg(tmp_path, teacher, student), tok)  # the student run's 64 tokens
     assert f"seq_length=64 is longer than the position limit of teacher.load={teacher}" in msg
-    check_distill(replace(_cfg(tmp_path, teacher, student), seq_length=32), _ctx(), tok)
+    cfg = replace(_cfg(tmp_path, teacher, student), seq_length=32,
+                  model=replace(STUDENT, hidden_dropout=0.1, num_layers=3),
+                  model_overrides=["hidden_dropout", "num_layers"])
+    assert f"student.load={student}: model.num_layers=3 (the run's: 2)" in _problems(cfg, tok)
+    _, s = check_distill(replace(cfg, model_overrides=["hidden_dropout"]), _ctx(), tok)
+    assert s.cfg.hidden_dropout == 0.1 and s.cfg.num_layers == 2
 
 
 def test_intermediate_loss_needs_pp1_and_all_problems_are_listed(dirs):
