@@ -71,6 +71,17 @@ def test_unknown_key_is_rejected():
         _compose("train", ["train.stepz=3"])
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_seq_length_is_a_run_key_of_every_command(command):
+    """Catches a command without the run's sequence length, or one whose default is not null
+    (null: the loaded run's, else the model's max_position_embeddings)."""
+    assert OmegaConf.to_object(_compose(command)).seq_length is None
+    cfg = OmegaConf.to_object(_compose(command, ["seq_length=128", "model.max_position_embeddings=512"]))
+    assert (cfg.seq_length, cfg.model.max_position_embeddings, cfg.model_overrides) == (128, 512, [])
+    with pytest.raises(Exception, match="seq_length"):
+        _compose(command, ["model.seq_length=128"])  # the model has a position limit, not a run length
+
+
 # Published totals (true vocab, untied), recorded in each preset's header comment.
 PUBLISHED = {
     "llama3.1-8b": 8_030_261_248,
