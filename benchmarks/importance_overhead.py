@@ -55,7 +55,8 @@ def _batches(cfg, samples: int, mbs: int, device):
     out = []
     for _ in range(samples // mbs):
         tokens = torch.randint(0, cfg.vocab_size, (mbs, cfg.max_position_embeddings), generator=gen)
-        out.append({"tokens": tokens, "position_ids": torch.arange(cfg.max_position_embeddings).expand(mbs, -1).clone()})
+        positions = torch.arange(cfg.max_position_embeddings).expand(mbs, -1).clone()
+        out.append({"tokens": tokens, "position_ids": positions})
     return out
 
 
@@ -91,14 +92,15 @@ def main() -> None:
     model = build_gpt_model(cfg, ctx, ParallelConfig(), padded_vocab_size(cfg.vocab_size, 128, 1))
     probes = find_probes([model])
     batches = _batches(cfg, args.samples, args.micro_batch_size, ctx.device)
+    seq = cfg.max_position_embeddings  # samples as long as the model allows
 
     def plain():
-        calibration_pass([model], batches, ctx, args.micro_batch_size, cfg.max_position_embeddings)
+        calibration_pass([model], batches, ctx, args.micro_batch_size, seq)
 
     def hooked(block_importance: bool):
         def run():
             with ImportanceCollector(probes, args.seq_agg, ctx, block_importance=block_importance) as col:
-                calibration_pass([model], batches, ctx, args.micro_batch_size, cfg.max_position_embeddings, col.end_microbatch)
+                calibration_pass([model], batches, ctx, args.micro_batch_size, seq, col.end_microbatch)
             reduce_statistics(col, args.batch_agg, ctx)
 
         return run

@@ -121,7 +121,8 @@ def model_configs(args):
     ffn = args.ffn or int(3.5 * args.hidden) // 128 * 128
     teacher = ModelConfig(name="kd-step-teacher", num_layers=args.layers, hidden_size=args.hidden,
                           ffn_hidden_size=ffn, num_attention_heads=args.heads, num_query_groups=args.groups,
-                          kv_channels=args.hidden // args.heads, max_position_embeddings=args.seq, vocab_size=args.vocab,
+                          kv_channels=args.hidden // args.heads,
+                          max_position_embeddings=args.seq, vocab_size=args.vocab,
                           params_dtype=args.dtype)
     # Half the width, the teacher's heads and head size: what a width prune to ~0.4x gives.
     student = ModelConfig(**{**teacher.__dict__, "name": "kd-step-student", "hidden_size": args.hidden // 2,

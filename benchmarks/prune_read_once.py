@@ -57,7 +57,8 @@ def create(a) -> None:
     ctx = init_runtime(device="cpu")
     sources = prepare_data(DataConfig())
     cfg = ModelConfig(name="bench", num_layers=a.layers, hidden_size=a.hidden, ffn_hidden_size=a.ffn,
-                      num_attention_heads=16, num_query_groups=8, kv_channels=a.hidden // 16, max_position_embeddings=256,
+                      num_attention_heads=16, num_query_groups=8, kv_channels=a.hidden // 16,
+                      max_position_embeddings=256,
                       vocab_size=load_tokenizer(sources.tokenizer_model).vocab_size)
     padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
     model = build_gpt_model(cfg, ctx, ParallelConfig(), padded)

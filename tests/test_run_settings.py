@@ -43,7 +43,7 @@ def test_progress_lines_with_rate_and_eta_when_stderr_is_not_a_terminal(short_ev
                                   lines[-1]), short_evaluate.stderr[-2000:]
 
 
-def test_seq_length_past_the_position_limit_is_refused_naming_both(small_teacher, tmp_path):
+def test_seq_length_past_the_position_limit_is_refused_naming_both(small_teacher):
     proc = run_command("evaluate", f"load={small_teacher}", "seq_length=512", *EVALUATE, check=False)
     assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr[-2000:]
     assert "seq_length=512" in proc.stderr and "max_position_embeddings=256" in proc.stderr, proc.stderr
@@ -98,8 +98,8 @@ def test_run_dirs_written_before_the_split_still_load():
 
 
 def test_command_line_model_keys_and_renamed_keys():
-    """Which `model` fields a command line gives (a preset gives them all), and old keys named
-    with their replacement instead of Hydra's "not in struct"."""
+    """Which `model` fields a command line gives (a preset: its architecture keys), and old keys
+    named with their replacement instead of Hydra's "not in struct"."""
     from minitron_megatron.cli.app import _renamed_keys, model_keys_given
 
     assert model_keys_given(["model.hidden_dropout=0.1", "seq_length=3", "++model.name=x", "load=r"]) == [

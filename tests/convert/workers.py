@@ -62,7 +62,8 @@ def make_pruned_like_run(run_dir: Path, tokenizer: str, ctx) -> None:
     from minitron_megatron.model import build_gpt_model, padded_vocab_size
 
     cfg = ModelConfig(name="pruned-like", num_layers=3, hidden_size=40, ffn_hidden_size=72, num_attention_heads=4,
-                      num_query_groups=2, kv_channels=12, max_position_embeddings=64, vocab_size=320, rotary_base=500000,
+                      num_query_groups=2, kv_channels=12,
+                      max_position_embeddings=64, vocab_size=320, rotary_base=500000,
                       rope_scaling=True, rope_scaling_factor=8.0, layernorm_epsilon=1e-5)
     padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, ctx.tp_size)
     model = build_gpt_model(cfg, ctx, ParallelConfig(tp=ctx.tp_size, pp=ctx.pp_size), padded)

@@ -15,10 +15,12 @@ from minitron_megatron.config.prune import TrimTarget
 PADDED = 256
 
 GQA = ModelConfig(name="gqa", num_layers=4, hidden_size=64, ffn_hidden_size=160, num_attention_heads=8,
-                  num_query_groups=4, kv_channels=8, max_position_embeddings=16, vocab_size=250, make_vocab_size_divisible_by=64)
+                  num_query_groups=4, kv_channels=8,
+                  max_position_embeddings=16, vocab_size=250, make_vocab_size_divisible_by=64)
 """8 heads in 4 GQA groups, SwiGLU (fc1 stride 2), RMSNorm, RoPE, untied, no biases."""
 MHA = ModelConfig(name="mha", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                  num_query_groups=None, kv_channels=16, max_position_embeddings=16, vocab_size=250, make_vocab_size_divisible_by=64,
+                  num_query_groups=None, kv_channels=16,
+                  max_position_embeddings=16, vocab_size=250, make_vocab_size_divisible_by=64,
                   normalization="LayerNorm", gated_linear_unit=False, activation="gelu",
                   position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True,
                   add_bias_linear=True)
@@ -71,9 +73,10 @@ def synthetic_scores(cfg: ModelConfig, seed: int) -> Dict[str, torch.Tensor]:
 def batches(cfg: ModelConfig, num: int = 2, mbs: int = 2) -> List[dict]:
     """Fixed microbatches in the forward-step format (tokens, labels, loss_mask, position_ids)."""
     gen = torch.Generator().manual_seed(0)
+    seq = cfg.max_position_embeddings  # samples as long as the model allows
     out = []
     for _ in range(num):
-        tokens = torch.randint(0, cfg.vocab_size, (mbs, cfg.max_position_embeddings + 1), generator=gen)
-        out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, cfg.max_position_embeddings),
-                    "position_ids": torch.arange(cfg.max_position_embeddings).expand(mbs, -1).clone()})
+        tokens = torch.randint(0, cfg.vocab_size, (mbs, seq + 1), generator=gen)
+        out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq),
+                    "position_ids": torch.arange(seq).expand(mbs, -1).clone()})
     return out

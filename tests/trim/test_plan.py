@@ -12,7 +12,8 @@ from minitron_megatron.trim.plan import fold_pairs, top_k
 from minitron_megatron.trim.reshard import UnitPlan, from_units, to_units
 
 GQA = ModelConfig(name="t", num_layers=4, hidden_size=64, ffn_hidden_size=160, num_attention_heads=8,
-                  num_query_groups=4, kv_channels=8, max_position_embeddings=16, vocab_size=250, make_vocab_size_divisible_by=64)
+                  num_query_groups=4, kv_channels=8,
+                  max_position_embeddings=16, vocab_size=250, make_vocab_size_divisible_by=64)
 MHA = ModelConfig(name="m", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
                   num_query_groups=None, kv_channels=None, max_position_embeddings=16, vocab_size=250)
 
