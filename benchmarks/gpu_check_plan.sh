@@ -9,8 +9,10 @@ RUN_DIR=/tmp/minitron_gpu_check/runs
 SITE=/tmp/site  # the wheels install here; the machine's own packages stay as they are
 KD_STEP_ARGS=(--configs 1x1 --hidden 4096 --heads 32 --groups 8 --layers 4 --vocab 128256 --seq 4096
               --micro-batch 1 --microbatches 4 --dtype bfloat16 --device cuda)
-SMALL=(model=tiny model.num_layers=2 seq_length=128 device=cuda data=stdlib
-       evaluate.samples=16 evaluate.micro_batch_size=4)
+# The teacher's architecture is for train only: prune and distill load run dirs, whose model.yaml
+# is the architecture (a different model.* key given with them is refused).
+MODEL=(model=tiny model.num_layers=2)
+SMALL=(seq_length=128 device=cuda data=stdlib evaluate.samples=16 evaluate.micro_batch_size=4)
 # The test files with GPU tests (Triton KD kernels at speed, Transformer Engine builds where
 # TE is installed): collecting only these keeps the other files' imports out of the way.
 mapfile -t GPU_TESTS < <(grep -rlE --include='*.py' '^[[:space:]]*@pytest\.mark\.gpu' tests | sort)
@@ -51,7 +53,7 @@ step_kd_step() {
 
 step_train() {
     run rm -rf "$RUN_DIR"
-    run "$PYTHON" -m minitron_megatron.train "${SMALL[@]}" train.steps=20 train.eval_interval=20 \
+    run "$PYTHON" -m minitron_megatron.train "${MODEL[@]}" "${SMALL[@]}" train.steps=20 train.eval_interval=20 \
         "save=$RUN_DIR/teacher"
 }
 
