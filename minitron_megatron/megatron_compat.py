@@ -16,6 +16,10 @@ What changed, and where it is handled:
   reads instead of inheriting from either release's base class.
 - 0.17.0's DDP waits on `torch.cuda.current_stream()` before each grad reduce: handled, with
   the other CUDA assumptions, by `runtime/cpu_support.py` (a stream that waits on nothing).
+- 0.16.1's `transformer.moe.moe_utils` imports `te_general_gemm` only when Transformer Engine
+  imports, and leaves the name undefined otherwise, so the MoE router's gating raises NameError
+  without TE (CPU runs, GPU runs on the local spec); 0.19.2 binds it to None there.
+  `define_router_gemm_fallback` binds it to None on 0.16, which selects the router's torch matmul.
 """
 
 import io
@@ -88,3 +92,14 @@ def _common_state_reader_016():
             return _common_state_from_shards(checkpoint_dir)
 
     return CommonStateReader()
+
+
+def define_router_gemm_fallback() -> None:
+    """Make the MoE router's gating run without Transformer Engine on 0.16.1 (see the module
+    docstring): there `moe_utils.te_general_gemm` is unbound when TE is missing, and the gating
+    reads it as a global (None means: use torch's matmul). A no-op on 0.19.2 and wherever TE
+    imports, so it is safe to call before every MoE build."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

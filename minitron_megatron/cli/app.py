@@ -32,7 +32,8 @@ def run_command(command: Command, cfg) -> dict:
     if command.builds_from_model and not cfg.load:
         validate_model(cfg.model, cfg.parallel)
     try:
-        ctx = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=cfg.device, seed=cfg.seed)
+        ctx = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=cfg.device, seed=cfg.seed,
+                           ep=cfg.parallel.ep)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     try:

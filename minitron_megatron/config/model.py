@@ -15,7 +15,7 @@ run dir's: a different value given with `load=` is refused, never silently ignor
 
 @dataclass
 class ModelConfig:
-    """A GPT architecture. `None` fields are derived (see `resolved`)."""
+    """A GPT architecture, dense or mixture-of-experts. `None` fields are derived (see `resolved`)."""
 
     name: str = "tiny"
     num_layers: int = 4
@@ -67,10 +67,47 @@ class ModelConfig:
     params_dtype: str = "float32"
     """float32, bfloat16 or float16."""
 
+    # ---- mixture of experts (Megatron's TransformerConfig names; None experts = a dense MLP) ----
+    num_moe_experts: Optional[int] = None
+    """Routed experts per layer; when set, every layer's MLP is Megatron's MoELayer."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """FFN width of each routed expert; None means ffn_hidden_size (Megatron's default)."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Width of the shared expert(s) every token goes through (all shared experts together); None: none."""
+    moe_shared_expert_gate: bool = False
+    """A sigmoid gate on the shared expert's output (Qwen2-MoE)."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    """aux_loss (GShard/Switch, over the micro-batch), seq_aux_loss (per sequence), global_aux_loss
+    or none."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing loss in the training objective (0: not applied)."""
+    moe_z_loss_coeff: Optional[float] = None
+    """Weight of the router z-loss (ST-MoE); None: not applied."""
+    moe_router_score_function: str = "softmax"
+    """softmax or sigmoid over the router logits."""
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts before top-k (Mixtral normalises over the top-k after: false)."""
+    moe_router_topk_scaling_factor: Optional[float] = None
+    """Scale applied to the top-k routing weights (DeepSeek); None: 1."""
+    moe_grouped_gemm: bool = False
+    """Transformer Engine's grouped GEMM for the experts (GPU only); false: SequentialMLP, one MLP
+    per expert, which every importance and trim path reads."""
+    moe_token_dispatcher_type: str = "allgather"
+    """How tokens reach their experts' EP ranks: allgather or alltoall (Megatron's names)."""
+
     def resolved(self) -> "ModelConfig":
         """A copy with derived fields filled in (groups, head dim)."""
         from dataclasses import replace
 
         groups = self.num_query_groups or self.num_attention_heads
         head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
-        return replace(self, num_query_groups=groups, kv_channels=head_dim)
+        expert_ffn = self.moe_ffn_hidden_size
+        if self.num_moe_experts is not None and expert_ffn is None:
+            expert_ffn = self.ffn_hidden_size
+        return replace(self, num_query_groups=groups, kv_channels=head_dim, moe_ffn_hidden_size=expert_ffn)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None

@@ -10,6 +10,10 @@ class ParallelConfig:
     """Tensor-parallel size: must divide heads, query groups, ffn_hidden_size and padded vocab."""
     pp: int = 1
     """Pipeline-parallel size: stages get num_layers / pp layers (first stage takes the remainder)."""
+    ep: int = 1
+    """Expert-parallel size (MoE models): each EP rank holds num_moe_experts / ep experts of every
+    layer. EP ranks are carved out of the data-parallel ranks, so ep x pp must divide the world size;
+    experts are never split over TP (Megatron's expert_tensor_parallel_size=1)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism inside TP regions (needs tp > 1)."""
     pp_layout: Optional[List[int]] = None

@@ -1,5 +1,6 @@
 """Build Megatron-core's own `GPTModel` from a `ModelConfig` on the ranks of a `ParallelContext`."""
 
+import contextlib
 import math
 from dataclasses import replace
 from typing import List, Optional
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.errors import ConfigError
+from minitron_megatron.megatron_compat import define_router_gemm_fallback
 from minitron_megatron.runtime.context import ParallelContext
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,11 +64,64 @@ def validate_model(cfg: ModelConfig, parallel: ParallelConfig) -> None:
         ("position_embedding_type", ("rope", "learned_absolute")),
         ("transformer_impl", ("local", "transformer_engine")),
         ("params_dtype", tuple(DTYPES)),
+        *(MOE_CHOICES if cfg.is_moe else ()),
     ):
         if getattr(cfg, name) not in allowed:
             problems.append(f"model.{name}={getattr(cfg, name)!r} is not one of {list(allowed)}")
+    problems += moe_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+MOE_CHOICES = (
+    ("moe_router_load_balancing_type", ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")),
+    ("moe_router_score_function", ("softmax", "sigmoid")),
+    ("moe_token_dispatcher_type", ("allgather", "alltoall")),
+)
+
+
+def moe_problems(cfg: ModelConfig) -> List[str]:
+    """Mixture-of-experts settings that Megatron would reject or that contradict each other."""
+    if not cfg.is_moe:
+        set_fields = [name for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+                      if getattr(cfg, name) is not None]
+        return [f"model.{name} needs model.num_moe_experts (a mixture-of-experts model)" for name in set_fields]
+    problems = []
+    if cfg.num_moe_experts < 1:
+        problems.append(f"model.num_moe_experts={cfg.num_moe_experts} must be >= 1")
+    elif not 1 <= cfg.moe_router_topk <= cfg.num_moe_experts:
+        problems.append(f"model.moe_router_topk={cfg.moe_router_topk} must be in [1, model.num_moe_experts="
+                        f"{cfg.num_moe_experts}]")
+    for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            problems.append(f"model.{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.moe_grouped_gemm and cfg.transformer_impl != "transformer_engine":
+        problems.append("model.moe_grouped_gemm=true needs model.transformer_impl=transformer_engine "
+                        "(Megatron's local spec runs one MLP per expert)")
+    return problems
+
+
+def moe_transformer_config(cfg: ModelConfig) -> dict:
+    """TransformerConfig's mixture-of-experts fields ({} for a dense model); `cfg` resolved."""
+    if not cfg.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=cfg.num_moe_experts,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=cfg.moe_shared_expert_gate,
+        moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_z_loss_coeff=cfg.moe_z_loss_coeff,
+        moe_router_score_function=cfg.moe_router_score_function,
+        moe_router_pre_softmax=cfg.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
+        moe_grouped_gemm=cfg.moe_grouped_gemm,
+        moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
+        # As runtime/distributed.py initialises Megatron's groups: experts are whole on their EP rank.
+        expert_tensor_parallel_size=1,
+    )
 
 
 def transformer_config(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelConfig):
@@ -104,6 +159,7 @@ def transformer_config(cfg: ModelConfig, ctx: ParallelContext, parallel: Paralle
         init_method_std=cfg.init_method_std,
         tensor_model_parallel_size=ctx.tp_size,
         pipeline_model_parallel_size=ctx.pp_size,
+        expert_model_parallel_size=ctx.ep_size,
         sequence_parallel=parallel.sequence_parallel,
         num_layers_in_first_pipeline_stage=split[0] if uneven else None,
         num_layers_in_last_pipeline_stage=split[-1] if uneven and ctx.pp_size > 1 else None,
@@ -126,6 +182,7 @@ def transformer_config(cfg: ModelConfig, ctx: ParallelContext, parallel: Paralle
         # asserts that they are not a view (our DistillLoss and p2p tensors never are).
         deallocate_pipeline_outputs=True,
         persist_layer_norm=not on_cpu and _persistent_norm_usable(cfg),
+        **moe_transformer_config(cfg),
     )
 
 
@@ -169,8 +226,10 @@ def layer_spec(cfg: ModelConfig):
                 "model.transformer_impl=transformer_engine but Transformer Engine is not "
                 "installed; use model.transformer_impl=local"
             ) from err
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=cfg.num_moe_experts, moe_grouped_gemm=cfg.moe_grouped_gemm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
+                                                    normalization=cfg.normalization)
 
 
 INITS = ("random", "none", "meta")
@@ -191,7 +250,6 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
     Megatron sets `tensor_model_parallel` / `partition_dim` / `partition_stride` inside its
     init helper, so skipping init would leave TP weights looking replicated.
     """
-    import contextlib
     from dataclasses import replace
 
     from megatron.core.models.gpt import GPTModel
@@ -199,6 +257,8 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
     from minitron_megatron.model.norms import with_zero_centered_gamma
 
     cfg = cfg.resolved()
+    if cfg.is_moe:
+        define_router_gemm_fallback()
     if init not in INITS:
         raise ValueError(f"init={init!r} is not one of {list(INITS)}")
     if init == "meta" and cfg.share_embeddings_and_output_weights and ctx.pp_size > 1:
@@ -211,7 +271,9 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
     saved = {name: getattr(config, name) for name in build_flags}
     for name, value in build_flags.items():
         setattr(config, name, value)
-    with torch.device("meta") if init == "meta" else contextlib.nullcontext():
+    keyed_experts = init == "random" and config.use_cpu_initialization and cfg.is_moe
+    with torch.device("meta") if init == "meta" else contextlib.nullcontext(), \
+            experts_aside_from_default_generator() if keyed_experts else contextlib.nullcontext():
         model = GPTModel(
             config=config,
             # Megatron's torch norms refuse zero-centred gamma (only TE/apex have it): see model/norms.py.
@@ -231,8 +293,64 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
         )
     for name, value in saved.items():  # every module shares this config object: the run's flags again
         setattr(config, name, value)
+    if keyed_experts:
+        draw_experts_by_global_index(model, ctx)
     model = in_params_dtype(model)
     return model if init == "meta" else model.to(ctx.device)
+
+
+@contextlib.contextmanager
+def experts_aside_from_default_generator():
+    """While building, Megatron's SequentialMLP draws its experts from a forked default generator.
+
+    With CPU initialisation every weight comes from torch's default generator in build order, and
+    an EP rank builds only its own experts: without the fork, every weight built after a layer's
+    experts (the shared expert, later layers) would depend on the EP size. Their draws are replaced
+    by `draw_experts_by_global_index` anyway.
+    """
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    build = SequentialMLP.__init__
+
+    def build_with_forked_rng(self, *args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            build(self, *args, **kwargs)
+
+    SequentialMLP.__init__ = build_with_forked_rng
+    try:
+        yield
+    finally:
+        SequentialMLP.__init__ = build
+
+
+EXPERT_SEED_OFFSET = 7919
+"""Keeps the experts' generators away from the runtime's seeds (seed, seed + 1024, seed + 2718 + tp)."""
+
+
+@torch.no_grad()
+def draw_experts_by_global_index(model, ctx: ParallelContext) -> None:
+    """Redraw every routed expert's weights from a generator keyed by (seed, layer, global expert).
+
+    Megatron's CPU initialisation draws each expert from the one default generator in build order,
+    so at EP=2 rank 1's experts 4..7 would repeat rank 0's 0..3 (on GPUs Megatron forks a per-EP-rank
+    RNG instead). Keyed draws give distinct experts and the same weights at every EP size, as CPU
+    init gives the same weights at every TP size. Each weight is drawn whole with the config's own
+    init method (Megatron's: fc1 by init_method, fc2 by output_layer_init_method; biases zero) and
+    experts are never TP-split, so this is what Megatron's CPU init computes, from another generator.
+    """
+    from minitron_megatron.model.modules import routed_experts
+
+    config, seed = model.config, torch.initial_seed()
+    for layer, experts in routed_experts(model):
+        for local, expert in enumerate(experts.local_experts):
+            expert_index = ctx.ep_rank * len(experts.local_experts) + local
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + EXPERT_SEED_OFFSET + layer * 100_003 + expert_index)
+                for weight, init_method in ((expert.linear_fc1.weight, config.init_method),
+                                            (expert.linear_fc2.weight, config.output_layer_init_method)):
+                    master = torch.empty(weight.shape, dtype=torch.float32)  # drawn in fp32, as Megatron does
+                    init_method(master)
+                    weight.copy_(master)
 
 
 def in_params_dtype(model):

@@ -6,6 +6,7 @@ the vocabulary-sized tensors.
 """
 
 from pathlib import Path
+from typing import List, Tuple
 
 import torch
 
@@ -26,6 +27,22 @@ def embedding(gpt_model) -> torch.nn.Module:
 
 def final_norm(gpt_model) -> torch.nn.Module:
     return gpt_model.decoder.final_layernorm
+
+
+def is_routed_expert_param(name: str) -> bool:
+    """A parameter of a routed expert (held by one EP rank), not the router or shared expert."""
+    return ".mlp.experts." in f".{name}"
+
+
+def routed_experts(gpt_model) -> List[Tuple[int, torch.nn.Module]]:
+    """(0-based global layer index, `mlp.experts`) of this stage's MoE layers whose experts are
+    Megatron's SequentialMLP (one MLP per expert in `local_experts`)."""
+    found = []
+    for layer in gpt_model.decoder.layers:
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if experts is not None and hasattr(experts, "local_experts"):
+            found.append((layer.layer_number - 1, experts))
+    return found
 
 
 def padded_vocab_in_checkpoint(root) -> int:

@@ -14,22 +14,38 @@ def _norm_params(cfg: ModelConfig) -> int:
     return cfg.hidden_size * (2 if cfg.normalization == "LayerNorm" else 1)
 
 
+def _mlp_params(cfg: ModelConfig, ffn: int) -> Dict[str, int]:
+    """linear_fc1 ([gate; up] with GLU) and linear_fc2 of one MLP of width `ffn`."""
+    h, bias = cfg.hidden_size, cfg.add_bias_linear
+    fc1_out = ffn * (2 if cfg.gated_linear_unit else 1)
+    return {"fc1": h * fc1_out + (fc1_out if bias else 0), "fc2": ffn * h + (h if bias else 0)}
+
+
+def _moe_params(cfg: ModelConfig) -> Dict[str, int]:
+    """Router, every routed expert, and the shared expert (with its gate) of one MoE layer."""
+    h, experts = cfg.hidden_size, cfg.num_moe_experts
+    parts = {"router": experts * h + (experts if cfg.add_bias_linear else 0),
+             "experts": experts * sum(_mlp_params(cfg, cfg.moe_ffn_hidden_size).values())}
+    if cfg.moe_shared_expert_intermediate_size is not None:
+        parts["shared_expert"] = sum(_mlp_params(cfg, cfg.moe_shared_expert_intermediate_size).values()) \
+            + (h if cfg.moe_shared_expert_gate else 0)
+    return parts
+
+
 def layer_parameter_count(cfg: ModelConfig) -> Dict[str, int]:
-    """Parameters of one transformer layer, by part."""
+    """Parameters of one transformer layer, by part (an MoE layer: router, experts, shared_expert)."""
     cfg = cfg.resolved()
     h, d = cfg.hidden_size, cfg.kv_channels
     q_width = cfg.num_attention_heads * d
     qkv_out = q_width + 2 * cfg.num_query_groups * d
     qkv_bias = qkv_out if (cfg.add_qkv_bias or cfg.add_bias_linear) else 0
-    fc1_out = cfg.ffn_hidden_size * (2 if cfg.gated_linear_unit else 1)
     bias = cfg.add_bias_linear
     return {
         "input_norm": _norm_params(cfg),
         "qkv": h * qkv_out + qkv_bias,
         "proj": q_width * h + (h if bias else 0),
         "pre_mlp_norm": _norm_params(cfg),
-        "fc1": h * fc1_out + (fc1_out if bias else 0),
-        "fc2": cfg.ffn_hidden_size * h + (h if bias else 0),
+        **(_moe_params(cfg) if cfg.is_moe else _mlp_params(cfg, cfg.ffn_hidden_size)),
     }
 
 
@@ -50,19 +66,21 @@ def count_model_parameters(model: torch.nn.Module, ctx: ParallelContext) -> int:
 
     TP-replicated parameters (norms, biases of row-parallel layers) are counted once
     by counting them only on TP rank 0; a tied output layer on the last stage shares
-    the embedding and is skipped there.
+    the embedding and is skipped there. Each model replica is counted once: DP rank 0's,
+    except routed experts, which EP spreads over DP ranks: each expert counts on the first
+    of its replicas (expert-DP rank 0; experts are whole, never TP-split).
     """
+    from minitron_megatron.model.modules import is_routed_expert_param
+
     local = 0
     for name, param in model.named_parameters():
         if getattr(param, "shared_embedding", False) and not ctx.is_first_stage:
             continue  # the last stage's copy of a tied word embedding
-        sharded = getattr(param, "tensor_model_parallel", False)
-        if sharded or ctx.tp_rank == 0:
+        if is_routed_expert_param(name):
+            local += param.numel() if ctx.expert_dp_rank == 0 else 0
+        elif ctx.dp_rank == 0 and (getattr(param, "tensor_model_parallel", False) or ctx.tp_rank == 0):
             local += param.numel()
     total = torch.tensor([local], dtype=torch.int64, device=ctx.device)
     if dist.is_initialized():
-        # Each model replica is counted once: only DP rank 0 contributes.
-        if ctx.dp_rank != 0:
-            total.zero_()
         dist.all_reduce(total)
     return int(total.item())

@@ -29,6 +29,14 @@ class ParallelContext:
     dp_group: Optional[dist.ProcessGroup] = None
     model_parallel_group: Optional[dist.ProcessGroup] = None
     """tp x pp ranks that hold one full model replica."""
+    ep_size: int = 1
+    """Expert-parallel size: each EP rank holds num_moe_experts / ep_size experts per MoE layer."""
+    ep_rank: int = 0
+    ep_group: Optional[dist.ProcessGroup] = None
+    expert_dp_rank: int = 0
+    """Rank among the replicas of this rank's experts (world / (ep x pp) of them: experts are never
+    split over TP)."""
+    expert_dp_group: Optional[dist.ProcessGroup] = None
 
     @property
     def is_first_stage(self) -> bool:

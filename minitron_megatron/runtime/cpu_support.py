@@ -13,7 +13,13 @@ Megatron-core assumes CUDA in a handful of places on the GPT path we use
    gradient clipping (found on 0.16.1, not in ENVIRONMENT.md's list);
 6. `torch.cuda.current_stream()` waited on before the DDP grad reduce (megatron-core
    0.19's `param_and_grad_buffer.start_grad_sync`, for CUDA-graph replays): on the
-   CPU there is one stream, so a stream that waits on nothing stands in.
+   CPU there is one stream, so a stream that waits on nothing stands in;
+7. the MoE `alltoall` token dispatcher (0.16 and 0.19) creates a `torch.cuda.Stream` in its
+   constructor, copies its split sizes to the host on it (`with torch.cuda.stream(...)`) and
+   waits on an event it records there: host streams, a no-op stream context and events that
+   are already complete stand in. Its host copy (`maybe_move_tensor_to_cpu`) is also where its
+   split sizes become numpy arrays, the sequences `all_to_all_single` accepts; it skips tensors
+   that are already on the host, so on the CPU the conversion is done for it.
 
 `enable()` redirects exactly these to the CPU, and is called by `init_runtime`
 only when the run's device is the CPU (also on a machine that has CUDA: the CPU
@@ -59,8 +65,25 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _HostEvent:
+    """An event on the CPU's stream: recorded after work that has already run."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
 class _HostStream:
-    """The CPU's one stream: work is in program order, so every wait is already met."""
+    """The CPU's one stream: work is in program order, so every wait is already met.
+    Constructed like `torch.cuda.Stream(device=..., priority=...)`; arguments are ignored."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
 
     def wait_event(self, event) -> None:
         pass
@@ -70,6 +93,28 @@ class _HostStream:
 
     def synchronize(self) -> None:
         pass
+
+    def record_event(self, event=None) -> _HostEvent:
+        return event if event is not None else _HostEvent()
+
+    def query(self) -> bool:
+        return True
+
+
+def _host_split_sizes(move_to_cpu):
+    """Megatron's `maybe_move_tensor_to_cpu`, also converting host tensors when numpy is asked for."""
+
+    def move(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return move_to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    return move
+
+
+def _host_stream_context(stream=None):
+    """`torch.cuda.stream(s)`: on the CPU every stream is the one stream, so there is nothing to switch."""
+    return contextlib.nullcontext(stream)
 
 
 class CpuRNGStatesTracker:
@@ -167,15 +212,20 @@ class _Patches:
 
     def __init__(self):
         from megatron.core.tensor_parallel import random as mrandom
+        from megatron.core.transformer.moe import token_dispatcher
 
+        self.move_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu
         self.current_device = torch.cuda.current_device
         self.synchronize = torch.cuda.synchronize
         self.current_stream = torch.cuda.current_stream
+        self.stream_class = torch.cuda.Stream
+        self.stream_context = torch.cuda.stream
         self.tracker = (mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED)
         self.mode = _CudaToCpuMode()
 
     def restore(self) -> None:
         from megatron.core.tensor_parallel import random as mrandom
+        from megatron.core.transformer.moe import token_dispatcher
 
         stack = torch.overrides._get_current_function_mode_stack()
         if not stack or stack[-1] is not self.mode:
@@ -186,6 +236,9 @@ class _Patches:
         torch.cuda.current_device = self.current_device
         torch.cuda.synchronize = self.synchronize
         torch.cuda.current_stream = self.current_stream
+        torch.cuda.Stream = self.stream_class
+        torch.cuda.stream = self.stream_context
+        token_dispatcher.maybe_move_tensor_to_cpu = self.move_to_cpu
         mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = self.tracker
 
 
@@ -203,6 +256,11 @@ def enable() -> None:
     torch.cuda.synchronize = lambda device=None: None
     host_stream = _HostStream()
     torch.cuda.current_stream = lambda device=None: host_stream
+    torch.cuda.Stream = _HostStream
+    torch.cuda.stream = _host_stream_context
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_split_sizes(patches.move_to_cpu)
     # Entered for the life of the runtime, not around calls: the schedules and optimizer
     # create these tensors from many call sites, including user forward-step functions.
     patches.mode.__enter__()

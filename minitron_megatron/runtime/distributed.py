@@ -78,8 +78,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def check_parallel_sizes(world_size: int, tp: int, pp: int) -> None:
-    problems = world_problems(world_size, tp, pp)
+def check_parallel_sizes(world_size: int, tp: int, pp: int, ep: int = 1) -> None:
+    problems = world_problems(world_size, tp, pp, ep)
     if problems:
         raise ValueError(problems[0])
 
@@ -104,11 +104,14 @@ def set_seed(seed: int, ctx: ParallelContext) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed=seed, force_reset_rng=True)
 
 
-def init_runtime(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 1234) -> ParallelContext:
-    """Initialise torch.distributed and Megatron's parallel state; return the context."""
+def init_runtime(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 1234, ep: int = 1) -> ParallelContext:
+    """Initialise torch.distributed and Megatron's parallel state; return the context.
+
+    `ep`: expert-parallel size of MoE layers, carved out of the data-parallel ranks.
+    """
     torch_device = resolve_device(device)
     rank, world, local_rank, init_method = _discover_env()
-    check_parallel_sizes(world, tp, pp)
+    check_parallel_sizes(world, tp, pp, ep)
     if torch_device.type == "cpu":
         cpu_support.silence_accelerator_warnings()
         cpu_support.enable()
@@ -130,7 +133,11 @@ def init_runtime(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 123
         )
     if mps.model_parallel_is_initialized():
         mps.destroy_model_parallel()
-    mps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    # Experts are never split over TP (expert_tensor_parallel_size=1, Megatron's advice for
+    # fine-grained MoE, and what its MoE biases require): an expert's weights are whole on its
+    # EP rank, and the importance/trim code indexes experts, not expert shards.
+    mps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                  expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
     ctx = ParallelContext(
         device=torch_device,
         world_size=world,
@@ -145,6 +152,11 @@ def init_runtime(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 123
         pp_group=mps.get_pipeline_model_parallel_group(),
         dp_group=mps.get_data_parallel_group(),
         model_parallel_group=mps.get_model_parallel_group(),
+        ep_size=ep,
+        ep_rank=mps.get_expert_model_parallel_rank(),
+        ep_group=mps.get_expert_model_parallel_group(),
+        expert_dp_rank=mps.get_expert_data_parallel_rank(),
+        expert_dp_group=mps.get_expert_data_parallel_group(),
     )
     set_seed(seed, ctx)
     return ctx

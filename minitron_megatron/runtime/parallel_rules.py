@@ -1,9 +1,9 @@
-"""Every rule that ties TP / PP / DP / SP sizes to a model, in one place.
+"""Every rule that ties TP / PP / EP / DP / SP sizes to a model, in one place.
 
 Commands collect these problems together with their own and report them in one
 ConfigError before any heavy work: the world size against TP x PP; heads, query
 groups, ffn and the padded vocabulary against TP (each TP rank holds whole heads,
-whole groups and an equal slice of the rest); layers against PP and
+whole groups and an equal slice of the rest); experts against EP; layers against PP and
 `parallel.pp_layout`; sequence parallelism against TP and the layer spec.
 `subject` prefixes the size names in messages ("model." for a model being built,
 "the pruned " for a trim target).
@@ -14,10 +14,34 @@ from typing import List, Optional, Sequence
 TP_DIVIDED = ("num_attention_heads", "num_query_groups", "ffn_hidden_size")
 
 
-def world_problems(world_size: int, tp: int, pp: int) -> List[str]:
+def world_problems(world_size: int, tp: int, pp: int, ep: int = 1) -> List[str]:
     if tp < 1 or pp < 1 or world_size % (tp * pp):
         return [f"parallel.tp={tp} x parallel.pp={pp} must divide the world size {world_size} "
                 "(data parallel is world_size / (tp * pp))"]
+    if ep < 1 or world_size % (ep * pp):
+        # Megatron lays experts out over ep x expert-DP x pp ranks (expert TP is 1).
+        return [f"parallel.ep={ep} x parallel.pp={pp} must divide the world size {world_size}; "
+                f"allowed parallel.ep: {_divisors(world_size // pp)}"]
+    return []
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def expert_parallel_problems(cfg, parallel, subject: str = "model.") -> List[str]:
+    """Sizes that EP must divide, and the TP rule of a MoE model's shared expert (`cfg` resolved)."""
+    ep = parallel.ep
+    if cfg.num_moe_experts is None:
+        return [f"parallel.ep={ep} needs a mixture-of-experts model ({subject}num_moe_experts is not set)"] \
+            if ep != 1 else []
+    if ep < 1 or cfg.num_moe_experts % ep:
+        return [f"parallel.ep={ep} does not divide {subject}num_moe_experts={cfg.num_moe_experts}; "
+                f"allowed parallel.ep: {_divisors(cfg.num_moe_experts)}"]
+    shared = cfg.moe_shared_expert_intermediate_size
+    if shared is not None and shared % parallel.tp:
+        # The shared expert is a plain MLP split over the attention TP group.
+        return [f"parallel.tp={parallel.tp} does not divide {subject}moe_shared_expert_intermediate_size={shared}"]
     return []
 
 
@@ -63,5 +87,6 @@ def sequence_parallel_problems(sequence_parallel: bool, tp: int, transformer_imp
 def model_parallel_problems(cfg, parallel, padded_vocab: Optional[int] = None, subject: str = "model.") -> List[str]:
     """Every reason `cfg` (resolved) cannot be split as `parallel` (a ParallelConfig) asks."""
     return (tensor_parallel_problems(cfg, parallel.tp, padded_vocab, subject)
+            + expert_parallel_problems(cfg, parallel, subject)
             + pipeline_problems(cfg.num_layers, parallel.pp, parallel.pp_layout, subject)
             + sequence_parallel_problems(parallel.sequence_parallel, parallel.tp, cfg.transformer_impl))
