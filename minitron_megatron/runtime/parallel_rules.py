@@ -84,6 +84,17 @@ def sequence_parallel_problems(sequence_parallel: bool, tp: int, transformer_imp
     return problems
 
 
+def moe_training_problems(cfg, parallel) -> List[str]:
+    """Megatron's MoELayer raises in training mode at TP>1 without sequence parallelism (scoring
+    and evaluation run in eval mode and are not affected)."""
+    if cfg.num_moe_experts is None or parallel.tp == 1 or parallel.sequence_parallel:
+        return []
+    return [f"parallel.tp={parallel.tp} with a mixture-of-experts model trains only with "
+            "parallel.sequence_parallel=true (Megatron's MoELayer refuses otherwise), which needs "
+            "model.transformer_impl=transformer_engine; on Megatron's local spec use parallel.tp=1 "
+            "and parallel.ep to split the experts"]
+
+
 def model_parallel_problems(cfg, parallel, padded_vocab: Optional[int] = None, subject: str = "model.") -> List[str]:
     """Every reason `cfg` (resolved) cannot be split as `parallel` (a ParallelConfig) asks."""
     return (tensor_parallel_problems(cfg, parallel.tp, padded_vocab, subject)

@@ -18,7 +18,7 @@ from minitron_megatron.errors import ConfigError
 from minitron_megatron.model.modules import padded_vocab_in_checkpoint
 from minitron_megatron.model import build_gpt_model, count_model_parameters, padded_vocab_size, resolve_vocab, validate_model
 from minitron_megatron.runtime.context import ParallelContext
-from minitron_megatron.runtime.parallel_rules import vocab_problems
+from minitron_megatron.runtime.parallel_rules import moe_training_problems, vocab_problems
 
 
 @dataclass
@@ -129,6 +129,9 @@ def trainable_model(run: RunInputs, cfg: CommonConfig, ctx: ParallelContext, opt
     """(model, DDP-wrapped model, optimizer, LR scheduler)."""
     from minitron_megatron.train.optimizer import build_optimizer, wrap_ddp, wrap_float16
 
+    problems = moe_training_problems(run.model_cfg, cfg.parallel)
+    if problems:
+        raise ConfigError(problems)
     model = build_model(run, cfg, ctx)
     ddp = wrap_ddp(wrap_float16(model), model.config)  # DDP(Float16Module(GPTModel)), as Megatron-LM's get_model
     optimizer, scheduler = build_optimizer([ddp], optim, model.config, steps, global_batch_size=global_batch_size)

@@ -38,6 +38,9 @@ def validate_target(model_cfg: ModelConfig, target: TrimTarget, tp: int = 1, pp:
                     pp_layout: Optional[List[int]] = None, padded_vocab: Optional[int] = None) -> ModelConfig:
     """The pruned architecture for `target`, or a ConfigError listing every violation."""
     old = model_cfg.resolved()
+    if old.is_moe:
+        raise ConfigError(f"model.num_moe_experts={old.num_moe_experts}: trimming mixture-of-experts models is "
+                          "not supported yet; their importance can be scored (prune.stage=importance)")
     problems = _range_problems(old, target) + _layer_problems(old, target) + _budget_problems(target)
     valid = _in_range(old, target)  # derived checks see only in-range values: no follow-on noise
     heads, groups = _attention_sizes(old, valid)

@@ -1,0 +1,46 @@
+"""The `tiny-moe` preset through the commands, as a user runs them: train, then evaluate the run
+dir in one process and at EP=2 under torchrun; a bad EP size fails before any work."""
+
+import pytest
+
+from tests.commands import run_command, summary
+
+# The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
+pytestmark = pytest.mark.compat
+
+# tiny-moe as it ships (8 experts, top-2, alltoall dispatcher), on shorter samples.
+SMALL_MOE = ["model=tiny-moe", "model.num_layers=2", "model.seq_length=64", "device=cpu", "data=stdlib",
+             "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_samples=8",
+             "train.optim.warmup_steps=1", "evaluate.samples=16", "evaluate.micro_batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("moe") / "teacher"
+    out = summary(run_command("train", *SMALL_MOE, "train.steps=3", f"save={run_dir}"))
+    return run_dir, out
+
+
+def test_train_tiny_moe_and_evaluate_its_run_dir_at_ep1_and_ep2(trained):
+    """Catches a MoE model that trains but does not come back from its run dir: model.yaml
+    without the MoE fields (a dense model would be rebuilt), expert weights saved under local
+    instead of global expert indices (EP=2 would load rank 0's experts twice), or an evaluate
+    that does not pass parallel.ep to the runtime. The evaluation at EP=2 reshards the EP=1
+    checkpoint over two processes and must give the trained run's own val_loss."""
+    run_dir, trained_summary = trained
+    assert trained_summary["steps"] == 3 and trained_summary["val_loss"] < 9
+    common = [f"load={run_dir}", "device=cpu", "data=stdlib", "evaluate.samples=16", "evaluate.micro_batch_size=4"]
+    one = summary(run_command("evaluate", *common))
+    two = summary(run_command("evaluate", *common, "evaluate.micro_batch_size=2", "parallel.ep=2", nproc=2))
+    assert one["params"] == two["params"] == trained_summary["params"]
+    assert one["val_loss"] == pytest.approx(trained_summary["val_loss"], rel=1e-6)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+
+
+def test_expert_parallel_size_that_does_not_divide_the_experts(tmp_path):
+    """Catches an EP size that reaches Megatron's build-time assert (or a hang in its groups):
+    exit 2, one error naming parallel.ep and the sizes that work, nothing written."""
+    proc = run_command("train", *SMALL_MOE, "parallel.ep=3", f"save={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr[-3000:]
+    assert "parallel.ep=3 does not divide model.num_moe_experts=8; allowed parallel.ep: [1, 2, 4, 8]" in proc.stderr
+    assert not (tmp_path / "run").exists()
