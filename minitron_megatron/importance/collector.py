@@ -2,7 +2,8 @@
 
 Hooks never communicate: each adds float64 sums to local accumulators
 (`aggregation.WidthStat`), in this rank's own layout (its heads/tp, ffn/tp, its
-stage's layers). `reduce.reduce_statistics` turns them into global scores once,
+stage's layers, its EP rank's experts: importance/moe.py). `reduce.reduce_statistics`
+turns them into global scores once,
 at the end. The one exception is sequence parallelism: norm outputs are then
 split over the TP ranks along the sequence, and a sample's sequence aggregate
 needs all its tokens, so `end_microbatch` (called by the forward step, outside
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.importance.aggregation import WidthStat, head_token_norms, seq_finish, seq_moments
-from minitron_megatron.model.probes import HEAD_SITE, NEURON_SITE, ModelProbes, normalized_input
+from minitron_megatron.importance.moe import MoEStats
+from minitron_megatron.model.probes import HEAD_SITE, NEURON_SITE, SHARED_SITE, ModelProbes, normalized_input
 from minitron_megatron.runtime.context import ParallelContext
 
 
@@ -32,7 +34,12 @@ class ImportanceCollector:
         self.block_importance = block_importance
         device, layers = ctx.device, [p.layer_index for p in probes.layers]
         self.heads: Dict[int, WidthStat] = {i: WidthStat(probes.heads_local, device) for i in layers}
-        self.neurons: Dict[int, WidthStat] = {i: WidthStat(probes.ffn_local, device) for i in layers}
+        self.neurons: Dict[int, WidthStat] = {p.layer_index: WidthStat(probes.ffn_local, device)
+                                              for p in probes.layers if p.mlp_intermediate is not None}
+        # MoE layers: routed experts in `moe`, the shared expert (a dense MLP split over TP) here.
+        self.moe = MoEStats(probes, ctx) if probes.num_moe_experts else None  # reduced by every rank
+        self.shared: Dict[int, WidthStat] = {p.layer_index: WidthStat(probes.shared_local, device)
+                                             for p in probes.moe_layers if p.moe.shared_intermediate is not None}
         self.channels: Dict[str, WidthStat] = {n.name: WidthStat(probes.hidden_size, device)
                                                for n in probes.all_norms()}
         # Per norm, for the norm rescale (trim/hidden.py): [2, h] sums over tokens of z and z^2,
@@ -58,10 +65,10 @@ class ImportanceCollector:
 
         return hook
 
-    def _on_mlp(self, layer: int):
-        def hook(x: torch.Tensor) -> None:  # [s, b, ffn/tp]
+    def _on_mlp(self, stat: WidthStat):
+        def hook(x: torch.Tensor) -> None:  # [s, b, ffn/tp] (a shared expert's: [s, b, shared/tp])
             x = x.detach().float()
-            self.neurons[layer].add(seq_finish(seq_moments(x, self.seq_agg), x.shape[0], self.seq_agg))
+            stat.add(seq_finish(seq_moments(x, self.seq_agg), x.shape[0], self.seq_agg))
 
         return hook
 
@@ -93,11 +100,16 @@ class ImportanceCollector:
     def __enter__(self) -> "ImportanceCollector":
         for p in self.probes.layers:
             self._handles.append(p.attention_output.register(self._on_attention(p.layer_index)))
-            self._handles.append(p.mlp_intermediate.register(self._on_mlp(p.layer_index)))
+            if p.layer_index in self.neurons:
+                self._handles.append(p.mlp_intermediate.register(self._on_mlp(self.neurons[p.layer_index])))
+            if p.layer_index in self.shared:
+                self._handles.append(p.moe.shared_intermediate.register(self._on_mlp(self.shared[p.layer_index])))
             self._handles += [n.register(self._on_norm(n.name)) for n in p.norms]
             self._handles += [n.register_input(self._on_norm_input(n.name)) for n in p.norms]
             if self.block_importance:
                 self._handles.append(p.register_io(self._on_layer_io(p.layer_index)))
+        if self.moe is not None:
+            self._handles += self.moe.register()
         if self.probes.final_norm is not None:
             final = self.probes.final_norm
             self._handles += [final.register(self._on_norm(final.name)), final.register_input(self._on_norm_input(final.name))]
@@ -132,10 +144,12 @@ class ImportanceCollector:
         A module that exists but is bypassed (e.g. a fused MLP implementation that never
         calls linear_fc2) would otherwise leave silent zero scores.
         """
-        sites = {**{f"layer{i}.{HEAD_SITE}": s for i, s in self.heads.items()},
-                 **{f"layer{i}.{NEURON_SITE}": s for i, s in self.neurons.items()}, **self.channels}
-        missed = [f"{name} ({stat.calls}/{microbatches})" for name, stat in sites.items()
-                  if stat.calls != microbatches]
+        sites = {**{f"layer{i}.{HEAD_SITE}": s.calls for i, s in self.heads.items()},
+                 **{f"layer{i}.{NEURON_SITE}": s.calls for i, s in self.neurons.items()},
+                 **{f"layer{i}.{SHARED_SITE}": s.calls for i, s in self.shared.items()},
+                 **{name: s.calls for name, s in self.channels.items()},
+                 **(self.moe.calls if self.moe is not None else {})}
+        missed = [f"{name} ({calls}/{microbatches})" for name, calls in sites.items() if calls != microbatches]
         if missed:
             raise ConfigError("importance: these statistic sites did not run once per calibration microbatch, so "
                               f"the model's layout is not one we can score: {', '.join(missed)}")

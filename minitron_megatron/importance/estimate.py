@@ -149,6 +149,16 @@ def estimate_importance(model, cfg: ImportanceConfig, model_cfg: ModelConfig, ct
     return ImportanceResult(scores, meta)
 
 
+MOE_META = {
+    "expert": "per expert: mean over the tokens routed to it of the L2 norm of its (routing-prob-scaled) output",
+    "expert_frequency": "per expert: fraction of calibration tokens routed to it (sums to moe_router_topk)",
+    "expert_neuron": "per expert, per FFN neuron: seq_agg over the tokens routed to the expert (no batch "
+                     "stage: routed tokens form no per-sample sequences) of its prob-scaled linear_fc2 input",
+    "neuron": "per FFN neuron: the same over every routed (token, expert) pair",
+    "shared_neuron": "per shared-expert neuron: seq_agg then batch_agg, as mlp.neuron",
+}
+
+
 def _ascending(values: torch.Tensor) -> List[int]:
     """Indices from least to most important (stable, so ties keep index order)."""
     return [int(i) for i in torch.sort(values, stable=True).indices]
@@ -163,7 +173,7 @@ def importance_meta(scores: Dict[str, torch.Tensor], cfg: ImportanceConfig, mode
         "aggregation": {"seq": cfg.seq_agg, "batch": cfg.batch_agg},
         "calibration": {"samples": samples, "seq_length": seq_length, "tokens": samples * seq_length,
                         "micro_batch_size": cfg.micro_batch_size, "loss_mask": "ignored: every position counts"},
-        "parallel": {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size},
+        "parallel": {"tp": ctx.tp_size, "pp": ctx.pp_size, "ep": ctx.ep_size, "dp": ctx.dp_size},
         "group_score": "sum of the group's query-head scores",
         "hidden": {"norms": norm_names(model_cfg.num_layers), "hidden_norms": cfg.hidden_norms,
                    "hidden_combine": cfg.hidden_combine,
@@ -174,6 +184,8 @@ def importance_meta(scores: Dict[str, torch.Tensor], cfg: ImportanceConfig, mode
         "layer_rankings": {name: _ascending(t) for name, t in sorted(scores.items()) if name.startswith("depth.")},
         "ranking_order": "least important first",
     }
+    if model_cfg.is_moe:
+        meta["moe"] = MOE_META
     if depth:
         meta["depth"] = {
             "samples": depth_samples,

@@ -9,7 +9,9 @@ Order matters because the finish (sqrt, variance) is nonlinear:
           summed over TP only under sequence parallelism (each rank saw s/tp tokens).
   4. PP:  each stage writes its layers at their global index (from `layer_number`) into
           zero tensors; a sum over the pipeline group fills every layer exactly once.
-Each step is one collective on one flat buffer.
+Each step is one collective on one flat buffer. A MoE model's routed-expert sums take one
+sum over the world instead (importance/moe.py: experts live on EP ranks, which are DP ranks
+for everything else); its shared expert is split over TP like a dense MLP and follows 1-4.
 """
 
 from typing import Dict, List
@@ -19,6 +21,7 @@ import torch.distributed as dist
 
 from minitron_megatron.importance.aggregation import batch_finish
 from minitron_megatron.importance.collector import ImportanceCollector
+from minitron_megatron.importance.moe import moe_scores
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.trim.hidden import norm_row, num_norm_rows
 
@@ -36,7 +39,7 @@ def all_reduce_flat(tensors: List[torch.Tensor], group, op=dist.ReduceOp.SUM) ->
 def _sum_over_dp(col: ImportanceCollector, ctx: ParallelContext) -> None:
     if ctx.dp_size == 1:
         return
-    stats = [*col.heads.values(), *col.neurons.values(), *col.channels.values()]
+    stats = [*col.heads.values(), *col.neurons.values(), *col.shared.values(), *col.channels.values()]
     moments = [*col.moments.values(), *col.moment_tokens.values()]
     all_reduce_flat([s.acc for s in stats] + list(col.block.values()) + moments + [col.samples], ctx.dp_group)
 
@@ -56,12 +59,21 @@ def _gather_tp(local: List[torch.Tensor], ctx: ParallelContext) -> List[List[tor
     return [[c.view_as(t) for c, t in zip(g.split(sizes), local)] for g in gathered]
 
 
-def reduce_statistics(col: ImportanceCollector, batch_agg: str, ctx: ParallelContext) -> Dict[str, torch.Tensor]:
-    """Global float64 scores, the same on every rank of this (TP, PP, DP) layout.
+def _mlp_widths(col: ImportanceCollector) -> Dict[str, tuple]:
+    """{score name: (this stage's WidthStats by layer, global width)} of the TP-split MLP axes."""
+    probes = col.probes
+    widths = {"mlp.neuron": (col.neurons, probes.ffn_hidden_size),
+              "moe.shared_neuron": (col.shared, probes.moe_shared_expert_intermediate_size)}
+    return {name: found for name, found in widths.items() if found[0]}
 
-    Returns attn.head [L, heads], mlp.neuron [L, ffn], hidden.channel [h] (the sum over
-    every norm), hidden.channel_by_norm [2L+1, h], hidden.norm_moments [2L+1, 2, h] (rows
-    in trim/hidden.py's order), depth.block_importance [L] (when collected) and `samples`.
+
+def reduce_statistics(col: ImportanceCollector, batch_agg: str, ctx: ParallelContext) -> Dict[str, torch.Tensor]:
+    """Global float64 scores, the same on every rank of this (TP, PP, EP, DP) layout.
+
+    Returns attn.head [L, heads], mlp.neuron [L, ffn] (dense models), hidden.channel [h] (the
+    sum over every norm), hidden.channel_by_norm [2L+1, h], hidden.norm_moments [2L+1, 2, h]
+    (rows in trim/hidden.py's order), depth.block_importance [L] (when collected), `samples`,
+    and for a MoE model the moe.* scores of importance/moe.py and moe.shared_neuron [L, shared].
     """
     probes = col.probes
     col.end_microbatch()
@@ -69,7 +81,9 @@ def reduce_statistics(col: ImportanceCollector, batch_agg: str, ctx: ParallelCon
     samples = col.samples.clone()
     layers = [p.layer_index for p in probes.layers]
     heads = batch_finish(_stacked(col.heads, layers), samples, batch_agg)  # [L_local, heads/tp]
-    neurons = batch_finish(_stacked(col.neurons, layers), samples, batch_agg)  # [L_local, ffn/tp]
+    widths = _mlp_widths(col)
+    # [L_local, ffn/tp] (dense) or [L_local, shared/tp] (MoE): every layer of a model is one or the other
+    neurons = {name: batch_finish(_stacked(stats, layers), samples, batch_agg) for name, (stats, _) in widths.items()}
     L, dev, h = probes.num_layers, ctx.device, probes.hidden_size
     rows = [norm_row(name, L) for name in col.channels]  # this stage's norms, at their global rows
     by_norm = torch.zeros(num_norm_rows(L), h, dtype=torch.float64, device=dev)
@@ -82,22 +96,22 @@ def reduce_statistics(col: ImportanceCollector, batch_agg: str, ctx: ParallelCon
         all_reduce_flat([moments], ctx.tp_group)
     block = torch.stack([col.block[i] for i in layers], dim=1)  # [2, L_local]: cos sum, tokens
 
-    per_rank = _gather_tp([heads, neurons, block], ctx)
+    per_rank = _gather_tp([heads, block, *neurons.values()], ctx)
     heads = torch.cat([r[0] for r in per_rank], dim=1)  # [L_local, heads]
-    neurons = torch.cat([r[1] for r in per_rank], dim=1)  # [L_local, ffn]
     if probes.sequence_parallel and ctx.tp_size > 1:
-        block = sum(r[2] for r in per_rank)
+        block = sum(r[1] for r in per_rank)
 
     out = {
         "attn.head": torch.zeros(L, probes.num_attention_heads, dtype=torch.float64, device=dev),
-        "mlp.neuron": torch.zeros(L, probes.ffn_hidden_size, dtype=torch.float64, device=dev),
         "hidden.channel_by_norm": by_norm,
         "hidden.norm_moments": moments,
         "block_sums": torch.zeros(2, L, dtype=torch.float64, device=dev),
     }
     out["attn.head"][layers] = heads
-    out["mlp.neuron"][layers] = neurons
     out["block_sums"][:, layers] = block
+    for k, (name, (_, width)) in enumerate(widths.items()):
+        out[name] = torch.zeros(L, width, dtype=torch.float64, device=dev)
+        out[name][layers] = torch.cat([r[2 + k] for r in per_rank], dim=1)  # [L_local, width]
     if ctx.pp_size > 1:
         all_reduce_flat(list(out.values()), ctx.pp_group)
     block_sums = out.pop("block_sums")
@@ -106,6 +120,8 @@ def reduce_statistics(col: ImportanceCollector, batch_agg: str, ctx: ParallelCon
     out["hidden.channel"] = out["hidden.channel_by_norm"].sum(0)
     if col.block_importance:
         out["depth.block_importance"] = 1 - block_sums[0] / block_sums[1].clamp_min(1)
+    if col.moe is not None:
+        out.update(moe_scores(col.moe, col.seq_agg))
     out["samples"] = samples
     return out
 

@@ -24,19 +24,24 @@ def format_summary(scores: Dict[str, torch.Tensor], meta: dict) -> str:
     """A short table: per-layer head/neuron totals, depth metrics, and the least important units."""
     agg, cal = meta["aggregation"], meta["calibration"]
     L = scores["attn.head"].shape[0]
+    neurons = scores["mlp.neuron"] if "mlp.neuron" in scores else scores["moe.neuron"]
     lines = [f"importance: seq={agg['seq']} batch={agg['batch']}, {cal['samples']} calibration samples "
              f"({cal['tokens']} tokens)"]
     depth = [n for n in ("depth.block_importance", "depth.loss_drop") if n in scores]
     lines.append("layer  heads(sum)  neurons(sum)  " + "  ".join(f"{n.split('.')[1]:>16}" for n in depth))
     for i in range(L):
-        row = f"{i:5d}  {scores['attn.head'][i].sum().item():10.4g}  {scores['mlp.neuron'][i].sum().item():12.4g}  "
+        row = f"{i:5d}  {scores['attn.head'][i].sum().item():10.4g}  {neurons[i].sum().item():12.4g}  "
         lines.append(row + "  ".join(f"{scores[n][i].item():16.4g}" for n in depth))
     if "depth.contiguous" in scores:
         k = meta.get("depth", {}).get("contiguous_k", "?")
         lines.append(f"contiguous k={k} (start: loss increase): " +
                      ", ".join(f"{i}: {v:.4g}" for i, v in enumerate(scores["depth.contiguous"].tolist())))
-    for name in ("attn.head", "attn.group", "mlp.neuron", "hidden.channel"):
-        lines.append(f"{name:15s} {_spread(scores[name])}")
+    for name in ("attn.head", "attn.group", "mlp.neuron", "moe.neuron", "moe.shared_neuron", "moe.expert",
+                 "moe.expert_frequency", "hidden.channel"):
+        if name in scores:
+            lines.append(f"{name:15s} {_spread(scores[name])}")
+    if "moe.expert" in scores:
+        lines.append(f"least important experts per layer: {[_least(row, 3) for row in scores['moe.expert']]}")
     lines.append(f"least important hidden channels: {_least(scores['hidden.channel'])}")
     for name, order in meta.get("layer_rankings", {}).items():
         lines.append(f"layers by {name} (least important first): {order}")
@@ -65,12 +70,17 @@ def save_plots(scores: Dict[str, torch.Tensor], meta: dict, run_dir) -> List[Pat
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     agg = meta["aggregation"]
-    fig, axes = plt.subplots(3, 1, figsize=(9, 10))
+    moe = "moe.expert" in scores
+    fig, axes = plt.subplots(4 if moe else 3, 1, figsize=(9, 13 if moe else 10))
     _heat(axes[0], scores["attn.head"], f"attention head importance (seq={agg['seq']}, batch={agg['batch']})", "head")
-    _heat(axes[1], scores["mlp.neuron"], "MLP neuron importance", "neuron")
-    axes[2].bar(range(scores["hidden.channel"].numel()), scores["hidden.channel"].numpy(), width=1.0)
-    axes[2].set_title("hidden channel importance (summed over norms)")
-    axes[2].set_xlabel("channel")
+    if moe:
+        _heat(axes[1], scores["moe.neuron"], "expert FFN neuron importance (over every routed token)", "neuron")
+        _heat(axes[2], scores["moe.expert"], "expert importance (mean output norm per routed token)", "expert")
+    else:
+        _heat(axes[1], scores["mlp.neuron"], "MLP neuron importance", "neuron")
+    axes[-1].bar(range(scores["hidden.channel"].numel()), scores["hidden.channel"].numpy(), width=1.0)
+    axes[-1].set_title("hidden channel importance (summed over norms)")
+    axes[-1].set_xlabel("channel")
     fig.tight_layout()
     paths = [run_dir / WIDTH_PNG]
     atomic_save_figure(fig, paths[0])

@@ -10,6 +10,15 @@ this module is the one place that knows them:
   layer.pre_mlp_layernorm            output [s(/tp with SP), b, h]
   decoder.final_layernorm            output [s(/tp with SP), b, h]            (last stage only)
 
+A mixture-of-experts layer (Megatron's MoELayer over SequentialMLP; experts are whole on their
+EP rank, never TP-split) has, instead of the MLP's linear_fc2:
+
+  layer.mlp.router                    output (probs, routing_map [tokens, experts])  every expert
+  layer.mlp.experts                   args (tokens, tokens_per_expert [experts/ep], probs),
+                                      output [routed tokens, h], this EP rank's experts in order
+  layer.mlp.experts.local_experts.i.linear_fc2  input [tokens routed to i, moe_ffn] (prob-scaled)
+  layer.mlp.shared_experts.linear_fc2 input  [s, b, shared/tp]                (when there is one)
+
 With Transformer Engine's spec the two layer norms are `IdentityOp` and the norm is
 fused into `linear_qkv` / `linear_fc1` (`layer_norm_weight`), so its output is never
 a module output: we hook the fused module's input and recompute the norm.
@@ -43,6 +52,9 @@ HEAD_SITE = "self_attention.linear_proj"
 """The module whose input holds the per-head attention outputs (named in messages)."""
 NEURON_SITE = "mlp.linear_fc2"
 """The module whose input holds the MLP neurons' activations."""
+ROUTER_SITE = "mlp.router"
+EXPERTS_SITE = "mlp.experts"
+SHARED_SITE = "mlp.shared_experts.linear_fc2"
 
 
 @dataclass
@@ -75,6 +87,40 @@ class NormProbe:
 
 
 @dataclass
+class ExpertsProbe:
+    """Megatron's SequentialMLP of one MoE layer: this EP rank's experts and their outputs."""
+
+    module: torch.nn.Module
+    first_expert: int
+    """Global index of this rank's first expert (EP rank x experts per rank)."""
+    expert_fc2: List[InputProbe]
+    """Per local expert, its linear_fc2 (input: [tokens routed to it, moe_ffn])."""
+
+    def register(self, fn: Callable[[torch.Tensor, torch.Tensor], None]):
+        """Call fn(tokens_per_expert [experts/ep], output [routed tokens, h]) on every forward."""
+
+        def hook(module, args, kwargs, output):
+            tokens_per_expert = args[1] if len(args) > 1 else kwargs["tokens_per_expert"]
+            fn(torch.as_tensor(tokens_per_expert), _first_output(output))
+
+        return self.module.register_forward_hook(hook, with_kwargs=True)
+
+
+@dataclass
+class MoEProbe:
+    """The statistic sites of one MoE layer."""
+
+    router: torch.nn.Module
+    experts: ExpertsProbe
+    shared_intermediate: Optional[InputProbe]
+    """The shared expert's linear_fc2 input [s, b, shared/tp], or None without a shared expert."""
+
+    def register_routing(self, fn: TensorFn):
+        """Call fn(routing_map [tokens(/tp with SP), experts] bool) on every forward."""
+        return self.router.register_forward_hook(lambda m, a, out: fn(out[1]))
+
+
+@dataclass
 class LayerProbe:
     """One transformer layer of this rank's stage, with its global index and statistic sites."""
 
@@ -82,8 +128,10 @@ class LayerProbe:
     layer_index: int
     """0-based global index (Megatron's `layer_number` is 1-based and already global under PP)."""
     attention_output: InputProbe
-    mlp_intermediate: InputProbe
+    mlp_intermediate: Optional[InputProbe]
+    """The dense MLP's linear_fc2 input; None in a MoE layer (see `moe`)."""
     norms: List[NormProbe]
+    moe: Optional[MoEProbe] = None
 
     def register_io(self, fn: Callable[[torch.Tensor, torch.Tensor], None]):
         """Call fn(layer input, layer output), both [s(/tp with SP), b, h]."""
@@ -112,6 +160,9 @@ class ModelProbes:
     normalization: str = "RMSNorm"
     layernorm_epsilon: float = 1e-5
     chunks: List[torch.nn.Module] = field(default_factory=list)
+    num_moe_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None
 
     @property
     def heads_local(self) -> int:
@@ -120,6 +171,15 @@ class ModelProbes:
     @property
     def ffn_local(self) -> int:
         return self.ffn_hidden_size // self.tp_size
+
+    @property
+    def shared_local(self) -> int:
+        """The shared expert's width on this TP rank (it is split like a dense MLP)."""
+        return (self.moe_shared_expert_intermediate_size or 0) // self.tp_size
+
+    @property
+    def moe_layers(self) -> List[LayerProbe]:
+        return [p for p in self.layers if p.moe is not None]
 
     def all_norms(self) -> Iterator[NormProbe]:
         for layer in self.layers:
@@ -149,14 +209,31 @@ def _norm_probe(name: str, norm, fused_linear) -> Optional[NormProbe]:
     return None
 
 
+def _moe_probe(mlp, where: str) -> Optional[MoEProbe]:
+    """The sites of a Megatron MoELayer (None for any other MLP); ConfigError for experts that
+    are not one MLP per expert (TE's grouped GEMM keeps all experts in one weight)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    if not isinstance(mlp, MoELayer):
+        return None
+    local = getattr(mlp.experts, "local_experts", None)
+    if local is None:
+        raise ConfigError(f"importance: layer {where}'s experts are {type(mlp.experts).__name__}; scoring needs "
+                          "one MLP per expert (SequentialMLP): set model.moe_grouped_gemm=false")
+    shared = getattr(mlp, "shared_experts", None)
+    experts = ExpertsProbe(mlp.experts, mlp.local_expert_indices[0], [InputProbe(e.linear_fc2) for e in local])
+    return MoEProbe(mlp.router, experts, InputProbe(shared.linear_fc2) if shared is not None else None)
+
+
 def _layer_probe(layer, where: str) -> LayerProbe:
     attn, mlp = getattr(layer, "self_attention", None), getattr(layer, "mlp", None)
     proj, fc2 = getattr(attn, "linear_proj", None), getattr(mlp, "linear_fc2", None)
-    if proj is None or fc2 is None:
+    moe = _moe_probe(mlp, where)
+    if proj is None or (fc2 is None and moe is None):
         missing = "self_attention.linear_proj" if proj is None else f"mlp.linear_fc2 (mlp is {type(mlp).__name__})"
         raise ConfigError(
             f"importance: layer {where} has no {missing}; only dense GPT layers (Megatron local or "
-            "Transformer Engine spec) are supported, not MoE/SSM layers"
+            "Transformer Engine spec) and Megatron's MoELayer are supported, not SSM or other layers"
         )
     index = layer.layer_number - 1
     norms = [
@@ -167,7 +244,7 @@ def _layer_probe(layer, where: str) -> LayerProbe:
     if not norms:
         raise ConfigError(f"importance: layer {where} has neither a norm module nor a fused norm "
                           "(layer_norm_weight) before attention or MLP; hidden-channel scores need them")
-    return LayerProbe(layer, index, InputProbe(proj), InputProbe(fc2), norms)
+    return LayerProbe(layer, index, InputProbe(proj), InputProbe(fc2) if moe is None else None, norms, moe)
 
 
 def find_probes(model_chunks) -> ModelProbes:
@@ -200,6 +277,9 @@ def find_probes(model_chunks) -> ModelProbes:
         normalization=getattr(config, "normalization", "LayerNorm"),
         layernorm_epsilon=float(getattr(config, "layernorm_epsilon", 1e-5)),
         chunks=chunks,
+        num_moe_experts=getattr(config, "num_moe_experts", None),
+        moe_ffn_hidden_size=getattr(config, "moe_ffn_hidden_size", None),
+        moe_shared_expert_intermediate_size=getattr(config, "moe_shared_expert_intermediate_size", None),
     )
 
 

@@ -36,9 +36,10 @@ def capture(model, batches):
 
     decoder = model.decoder
     for i, layer in enumerate(decoder.layers):
+        if hasattr(layer.mlp, "linear_fc2"):  # a dense MLP; MoE layers: capture_moe
+            handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(keep(f"fc2_{i}", lambda a: a[0])))
         handles += [
             layer.self_attention.linear_proj.register_forward_pre_hook(keep(f"proj{i}", lambda a: a[0])),
-            layer.mlp.linear_fc2.register_forward_pre_hook(keep(f"fc2_{i}", lambda a: a[0])),
             layer.input_layernorm.register_forward_hook(keep(f"norm_in{i}", lambda a, o: o)),
             layer.pre_mlp_layernorm.register_forward_hook(keep(f"norm_mlp{i}", lambda a, o: o)),
             layer.input_layernorm.register_forward_hook(keep(f"normx_in{i}", lambda a, o: a[0])),
@@ -81,7 +82,8 @@ def reference_scores(acts: dict, num_layers: int, heads: int, groups: int, seq_a
         s, n, _ = proj.shape
         per_head = torch.linalg.vector_norm(proj.view(s, n, heads, -1), dim=-1)  # [s, N, heads]
         head_rows.append(seq_then_batch(per_head, seq_agg, batch_agg))
-        neuron_rows.append(seq_then_batch(acts[f"fc2_{i}"], seq_agg, batch_agg))
+        if f"fc2_{i}" in acts:
+            neuron_rows.append(seq_then_batch(acts[f"fc2_{i}"], seq_agg, batch_agg))
         channel = channel + seq_then_batch(acts[f"norm_in{i}"], seq_agg, batch_agg) \
             + seq_then_batch(acts[f"norm_mlp{i}"], seq_agg, batch_agg)
         cos = F.cosine_similarity(acts[f"layer_in{i}"], acts[f"layer_out{i}"], dim=-1)  # [s, N]
@@ -91,7 +93,7 @@ def reference_scores(acts: dict, num_layers: int, heads: int, groups: int, seq_a
     return {
         "attn.head": head,
         "attn.group": head.view(num_layers, groups, heads // groups).sum(-1),
-        "mlp.neuron": torch.stack(neuron_rows),
+        **({"mlp.neuron": torch.stack(neuron_rows)} if neuron_rows else {}),
         "hidden.channel": channel,
         "hidden.channel_by_norm": by_norm,
         "hidden.norm_moments": moments,
@@ -113,3 +115,64 @@ def loss_without(model, batches, drop) -> float:
         return total / count
     finally:
         model.decoder.layers = layers
+
+
+@torch.no_grad()
+def capture_moe(model, batches):
+    """{site: list of activations, one per microbatch} of every MoE layer of the EP=1 model:
+    the router's routing map [tokens, E], each expert MLP's linear_fc2 input [tokens routed to it,
+    F] and its output [tokens routed to it, h] (the expert module's own output, not Megatron's
+    concatenation of them), and the shared expert's linear_fc2 input [s, b, S]."""
+    acts = defaultdict(list)
+    handles = []
+
+    def keep(name, pick):
+        return lambda module, *hook_args: acts[name].append(pick(*hook_args).detach().double())
+
+    for i, layer in enumerate(model.decoder.layers):
+        moe = layer.mlp
+        handles.append(moe.router.register_forward_hook(keep(f"routing{i}", lambda a, o: o[1])))
+        for e, expert in enumerate(moe.experts.local_experts):
+            handles.append(expert.linear_fc2.register_forward_pre_hook(keep(f"expert_in{i}_{e}", lambda a: a[0])))
+            handles.append(expert.register_forward_hook(keep(f"expert_out{i}_{e}", lambda a, o: o[0])))
+        if moe.shared_experts is not None:
+            handles.append(moe.shared_experts.linear_fc2.register_forward_pre_hook(
+                keep(f"shared{i}", lambda a: a[0])))
+    model.eval()
+    for batch in batches:
+        model(batch["tokens"], batch["position_ids"], None)
+    for h in handles:
+        h.remove()
+    return acts
+
+
+def _pooled(a: torch.Tensor, seq_agg: str) -> torch.Tensor:
+    """`seq_agg` over the rows (tokens) of a [n, F] -> [F]; zeros when no token came."""
+    if a.shape[0] == 0:
+        return torch.zeros(a.shape[1], dtype=torch.float64)
+    if seq_agg == "mean":
+        return a.abs().mean(0)
+    if seq_agg == "l2":
+        return torch.linalg.vector_norm(a, dim=0)
+    return a.var(0, unbiased=False)
+
+
+def reference_moe_scores(acts, num_layers: int, num_experts: int, seq_agg: str, batch_agg: str) -> dict:
+    """Expected moe.* scores from `capture_moe`'s activations, by their definitions."""
+    expert, frequency, expert_neuron, neuron, shared = [], [], [], [], []
+    for i in range(num_layers):
+        routing = torch.cat(acts[f"routing{i}"])  # [tokens, E]
+        frequency.append(routing.sum(0) / routing.shape[0])
+        ins = [torch.cat(acts[f"expert_in{i}_{e}"]) for e in range(num_experts)]  # [n_e, F] each
+        outs = [torch.cat(acts[f"expert_out{i}_{e}"]) for e in range(num_experts)]  # [n_e, h] each
+        expert.append(torch.stack([torch.linalg.vector_norm(y, dim=-1).mean() if y.shape[0] else
+                                   torch.zeros((), dtype=torch.float64) for y in outs]))
+        expert_neuron.append(torch.stack([_pooled(a, seq_agg) for a in ins]))
+        neuron.append(_pooled(torch.cat(ins), seq_agg))
+        if f"shared{i}" in acts:
+            shared.append(seq_then_batch(torch.cat(acts[f"shared{i}"], dim=1), seq_agg, batch_agg))
+    out = {"moe.expert": torch.stack(expert), "moe.expert_frequency": torch.stack(frequency),
+           "moe.expert_neuron": torch.stack(expert_neuron), "moe.neuron": torch.stack(neuron)}
+    if shared:
+        out["moe.shared_neuron"] = torch.stack(shared)
+    return out
