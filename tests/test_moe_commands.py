@@ -1,7 +1,8 @@
-"""The `tiny-moe` preset through the commands, as a user runs them: train, then evaluate the run
-dir in one process and at EP=2 under torchrun; a bad EP size fails before any work."""
+"""The `tiny-moe` preset through the commands, as a user runs them: train, evaluate the run dir,
+score it at EP=2 under torchrun; a bad EP size fails before any work."""
 
 import pytest
+import torch
 
 from tests.commands import run_command, summary
 
@@ -21,20 +22,36 @@ def trained(tmp_path_factory):
     return run_dir, out
 
 
-def test_train_tiny_moe_and_evaluate_its_run_dir_at_ep1_and_ep2(trained):
+def test_train_tiny_moe_then_evaluate_and_score_its_run_dir_at_ep2(trained, tmp_path):
     """Catches a MoE model that trains but does not come back from its run dir: model.yaml
     without the MoE fields (a dense model would be rebuilt), expert weights saved under local
-    instead of global expert indices (EP=2 would load rank 0's experts twice), or an evaluate
-    that does not pass parallel.ep to the runtime. The evaluation at EP=2 reshards the EP=1
-    checkpoint over two processes and must give the trained run's own val_loss."""
+    instead of global expert indices (EP=2 would load rank 0's experts twice), or a command that
+    does not pass parallel.ep to the runtime. `prune prune.stage=importance` at EP=2 reshards the
+    EP=1 checkpoint over two processes: its baseline validation loss (the same first 16 samples)
+    must be `evaluate`'s at EP=1, and it writes every MoE score at its global shape."""
+    import json
+
+    from safetensors.torch import load_file
+
     run_dir, trained_summary = trained
     assert trained_summary["steps"] == 3 and trained_summary["val_loss"] < 9
-    common = [f"load={run_dir}", "device=cpu", "data=stdlib", "evaluate.samples=16", "evaluate.micro_batch_size=4"]
-    one = summary(run_command("evaluate", *common))
-    two = summary(run_command("evaluate", *common, "evaluate.micro_batch_size=2", "parallel.ep=2", nproc=2))
-    assert one["params"] == two["params"] == trained_summary["params"]
+    common = [f"load={run_dir}", "device=cpu", "data=stdlib"]
+    one = summary(run_command("evaluate", *common, "evaluate.samples=16", "evaluate.micro_batch_size=4"))
+    assert one["params"] == trained_summary["params"]
     assert one["val_loss"] == pytest.approx(trained_summary["val_loss"], rel=1e-6)
-    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+    scored = tmp_path / "scored"
+    summary(run_command("prune", *common, "parallel.ep=2", "prune.stage=importance", f"save={scored}",
+                        "prune.importance.calibration_samples=8", "prune.importance.depth_samples=16",
+                        "prune.importance.micro_batch_size=4", nproc=2))
+    meta = json.loads((scored / "importance.json").read_text())
+    assert meta["parallel"]["ep"] == 2 and meta["depth"]["samples"] == 16
+    assert meta["depth"]["baseline_val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+    scores = load_file(str(scored / "importance.safetensors"))
+    layers, experts, width = 2, 8, 128
+    assert scores["moe.expert"].shape == scores["moe.expert_frequency"].shape == (layers, experts)
+    assert scores["moe.expert_neuron"].shape == (layers, experts, width) and scores["moe.neuron"].shape == (layers, width)
+    torch.testing.assert_close(scores["moe.expert_frequency"].sum(-1), torch.full((layers,), 2.0))
+    assert (scored / "importance_width.png").is_file()
 
 
 def test_expert_parallel_size_that_does_not_divide_the_experts(tmp_path):
