@@ -301,12 +301,13 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
 
 @contextlib.contextmanager
 def experts_aside_from_default_generator():
-    """While building, Megatron's SequentialMLP draws its experts from a forked default generator.
+    """For the duration, Megatron's SequentialMLP (a layer's routed experts) is built on a fork
+    of torch's default generator, which it leaves as it found it.
 
-    With CPU initialisation every weight comes from torch's default generator in build order, and
-    an EP rank builds only its own experts: without the fork, every weight built after a layer's
-    experts (the shared expert, later layers) would depend on the EP size. Their draws are replaced
-    by `draw_experts_by_global_index` anyway.
+    With CPU initialisation every weight comes from the default generator in build order, and an
+    EP rank builds only its own experts: without the fork, every weight built after a layer's
+    experts (the shared expert, later layers) would depend on the EP size. The experts' own draws
+    are replaced by `draw_experts_by_global_index` right after the build.
     """
     from megatron.core.transformer.moe.experts import SequentialMLP
 
