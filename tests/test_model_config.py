@@ -67,14 +67,17 @@ def test_moe_settings_need_a_moe_model():
 
 
 def test_moe_router_settings_are_checked():
-    cfg = ModelConfig(**{**MOE, "moe_router_topk": 9}, moe_token_dispatcher_type="flexible",
+    cfg = ModelConfig(**{**MOE, "moe_router_topk": 9}, moe_router_score_function="tanh",
                       moe_shared_expert_intermediate_size=100)
     with pytest.raises(ConfigError) as err:
         validate_model(cfg, ParallelConfig(tp=8, ep=2))
     text = str(err.value)
     assert "moe_router_topk=9 must be in [1, model.num_moe_experts=8]" in text
-    assert "moe_token_dispatcher_type='flexible' is not one of ['allgather', 'alltoall']" in text
+    assert "model.moe_router_score_function='tanh' is not one of ['softmax', 'sigmoid']" in text
     assert "parallel.tp=8 does not divide model.moe_shared_expert_intermediate_size=100" in text
+    with pytest.raises(ConfigError, match=r"parallel.moe_token_dispatcher_type='flex' is not one of "
+                                          r"\['allgather', 'alltoall'\]"):
+        validate_model(ModelConfig(**MOE), ParallelConfig(moe_token_dispatcher_type="flex"))
 
 
 def test_moe_training_at_tp2_needs_sequence_parallelism():

@@ -9,7 +9,7 @@ from tests.commands import run_command, summary
 # The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
 pytestmark = pytest.mark.compat
 
-# tiny-moe as it ships (8 experts, top-2, alltoall dispatcher), on shorter samples.
+# tiny-moe as it ships (8 experts, top-2), on shorter samples; scored with the alltoall dispatcher.
 SMALL_MOE = ["model=tiny-moe", "model.num_layers=2", "model.seq_length=64", "device=cpu", "data=stdlib",
              "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_samples=8",
              "train.optim.warmup_steps=1", "evaluate.samples=16", "evaluate.micro_batch_size=4"]
@@ -40,7 +40,8 @@ def test_train_tiny_moe_then_evaluate_and_score_its_run_dir_at_ep2(trained, tmp_
     assert one["params"] == trained_summary["params"]
     assert one["val_loss"] == pytest.approx(trained_summary["val_loss"], rel=1e-6)
     scored = tmp_path / "scored"
-    summary(run_command("prune", *common, "parallel.ep=2", "prune.stage=importance", f"save={scored}",
+    summary(run_command("prune", *common, "parallel.ep=2", "parallel.moe_token_dispatcher_type=alltoall",
+                        "prune.stage=importance", f"save={scored}",
                         "prune.importance.calibration_samples=8", "prune.importance.depth_samples=16",
                         "prune.importance.micro_batch_size=4", nproc=2))
     meta = json.loads((scored / "importance.json").read_text())

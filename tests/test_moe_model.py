@@ -74,9 +74,10 @@ def _loss_and_grads(ctx, dispatcher: str, training: bool) -> dict:
     from minitron_megatron.train.optimizer import wrap_ddp
     from minitron_megatron.train.step import lm_forward_step, reported_means, run_schedule
 
-    cfg = small_model(**MOE, moe_token_dispatcher_type=dispatcher)
+    cfg = small_model(**MOE)
     padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
-    model = build_gpt_model(cfg, ctx, ParallelConfig(tp=ctx.tp_size, ep=ctx.ep_size), padded)
+    parallel = ParallelConfig(tp=ctx.tp_size, ep=ctx.ep_size, moe_token_dispatcher_type=dispatcher)
+    model = build_gpt_model(cfg, ctx, parallel, padded)
     ddp = wrap_ddp(model, model.config)
     ddp.train(training)
     mine = _microbatches(cfg)[ctx.dp_rank::ctx.dp_size]  # DP rank r takes microbatches r, r + dp, ...

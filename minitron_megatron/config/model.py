@@ -93,9 +93,8 @@ class ModelConfig:
     """Scale applied to the top-k routing weights (DeepSeek); None: 1."""
     moe_grouped_gemm: bool = False
     """Transformer Engine's grouped GEMM for the experts (GPU only); false: SequentialMLP, one MLP
-    per expert, which every importance and trim path reads."""
-    moe_token_dispatcher_type: str = "allgather"
-    """How tokens reach their experts' EP ranks: allgather or alltoall (Megatron's names)."""
+    per expert, which every importance and trim path reads. (How tokens reach their experts is a
+    run setting: parallel.moe_token_dispatcher_type.)"""
 
     def resolved(self) -> "ModelConfig":
         """A copy with derived fields filled in (groups, head dim)."""

@@ -14,6 +14,10 @@ class ParallelConfig:
     """Expert-parallel size (MoE models): each EP rank holds num_moe_experts / ep experts of every
     layer. EP ranks are carved out of the data-parallel ranks, so ep x pp must divide the world size;
     experts are never split over TP (Megatron's expert_tensor_parallel_size=1)."""
+    moe_token_dispatcher_type: str = "allgather"
+    """How a MoE layer's tokens reach their experts' EP ranks, Megatron's name and values:
+    allgather (Megatron's default) or alltoall (the usual choice at EP>1 on GPUs). Both run over
+    gloo on the CPU. A run setting, not part of the architecture: any run dir takes either."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism inside TP regions (needs tp > 1)."""
     pp_layout: Optional[List[int]] = None

@@ -76,7 +76,6 @@ def validate_model(cfg: ModelConfig, parallel: ParallelConfig) -> None:
 MOE_CHOICES = (
     ("moe_router_load_balancing_type", ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")),
     ("moe_router_score_function", ("softmax", "sigmoid")),
-    ("moe_token_dispatcher_type", ("allgather", "alltoall")),
 )
 
 
@@ -101,7 +100,7 @@ def moe_problems(cfg: ModelConfig) -> List[str]:
     return problems
 
 
-def moe_transformer_config(cfg: ModelConfig) -> dict:
+def moe_transformer_config(cfg: ModelConfig, parallel: ParallelConfig) -> dict:
     """TransformerConfig's mixture-of-experts fields ({} for a dense model); `cfg` resolved."""
     if not cfg.is_moe:
         return {}
@@ -118,7 +117,7 @@ def moe_transformer_config(cfg: ModelConfig) -> dict:
         moe_router_pre_softmax=cfg.moe_router_pre_softmax,
         moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
         moe_grouped_gemm=cfg.moe_grouped_gemm,
-        moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
+        moe_token_dispatcher_type=parallel.moe_token_dispatcher_type,
         # As runtime/distributed.py initialises Megatron's groups: experts are whole on their EP rank.
         expert_tensor_parallel_size=1,
     )
@@ -182,7 +181,7 @@ def transformer_config(cfg: ModelConfig, ctx: ParallelContext, parallel: Paralle
         # asserts that they are not a view (our DistillLoss and p2p tensors never are).
         deallocate_pipeline_outputs=True,
         persist_layer_norm=not on_cpu and _persistent_norm_usable(cfg),
-        **moe_transformer_config(cfg),
+        **moe_transformer_config(cfg, parallel),
     )
 
 

@@ -29,9 +29,16 @@ def _divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+DISPATCHERS = ("allgather", "alltoall")
+"""Megatron's token dispatchers that run on every backend (its `flex` needs DeepEP on GPUs)."""
+
+
 def expert_parallel_problems(cfg, parallel, subject: str = "model.") -> List[str]:
     """Sizes that EP must divide, and the TP rule of a MoE model's shared expert (`cfg` resolved)."""
     ep = parallel.ep
+    if parallel.moe_token_dispatcher_type not in DISPATCHERS:
+        return [f"parallel.moe_token_dispatcher_type={parallel.moe_token_dispatcher_type!r} is not one of "
+                f"{list(DISPATCHERS)}"]
     if cfg.num_moe_experts is None:
         return [f"parallel.ep={ep} needs a mixture-of-experts model ({subject}num_moe_experts is not set)"] \
             if ep != 1 else []

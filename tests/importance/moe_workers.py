@@ -34,8 +34,8 @@ def build(ctx, dispatcher: str = "allgather"):
     from minitron_megatron.config.parallel import ParallelConfig
     from minitron_megatron.model import build_gpt_model
 
-    cfg = small_model(**MOE, moe_token_dispatcher_type=dispatcher)
-    parallel = ParallelConfig(tp=ctx.tp_size, pp=ctx.pp_size, ep=ctx.ep_size)
+    cfg = small_model(**MOE)
+    parallel = ParallelConfig(tp=ctx.tp_size, pp=ctx.pp_size, ep=ctx.ep_size, moe_token_dispatcher_type=dispatcher)
     return cfg, build_gpt_model(cfg, ctx, parallel, PADDED_VOCAB)
 
 
