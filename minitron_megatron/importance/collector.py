@@ -3,8 +3,7 @@
 Hooks never communicate: each adds float64 sums to local accumulators
 (`aggregation.WidthStat`), in this rank's own layout (its heads/tp, ffn/tp, its
 stage's layers, its EP rank's experts: importance/moe.py). `reduce.reduce_statistics`
-turns them into global scores once,
-at the end. The one exception is sequence parallelism: norm outputs are then
+turns them into global scores once, at the end. The one exception is sequence parallelism: norm outputs are then
 split over the TP ranks along the sequence, and a sample's sequence aggregate
 needs all its tokens, so `end_microbatch` (called by the forward step, outside
 any hook) sums the pending per-sample partial sums over TP once per microbatch.
