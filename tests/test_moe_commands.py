@@ -10,7 +10,7 @@ from tests.commands import run_command, summary
 pytestmark = pytest.mark.compat
 
 # tiny-moe as it ships (8 experts, top-2), on shorter samples; scored with the alltoall dispatcher.
-SMALL_MOE = ["model=tiny-moe", "model.num_layers=2", "model.seq_length=64", "device=cpu", "data=stdlib",
+SMALL_MOE = ["model=tiny-moe", "model.num_layers=2", "seq_length=64", "device=cpu", "data=stdlib",
              "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_samples=8",
              "train.optim.warmup_steps=1", "evaluate.samples=16", "evaluate.micro_batch_size=4"]
 

@@ -33,10 +33,10 @@ def _microbatches(cfg):
     gen = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(MICROBATCHES):
-        tokens = torch.randint(0, cfg.vocab_size, (MBS, cfg.seq_length + 1), generator=gen)
+        tokens = torch.randint(0, cfg.vocab_size, (MBS, cfg.max_position_embeddings + 1), generator=gen)
         batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-                        "loss_mask": torch.ones(MBS, cfg.seq_length),
-                        "position_ids": torch.arange(cfg.seq_length).expand(MBS, -1)})
+                        "loss_mask": torch.ones(MBS, cfg.max_position_embeddings),
+                        "position_ids": torch.arange(cfg.max_position_embeddings).expand(MBS, -1)})
     return batches
 
 
@@ -81,7 +81,7 @@ def _loss_and_grads(ctx, dispatcher: str, training: bool) -> dict:
     ddp = wrap_ddp(model, model.config)
     ddp.train(training)
     mine = _microbatches(cfg)[ctx.dp_rank::ctx.dp_size]  # DP rank r takes microbatches r, r + dp, ...
-    outputs = run_schedule(lm_forward_step(ctx.device), iter(mine), [ddp], len(mine), MBS, cfg.seq_length,
+    outputs = run_schedule(lm_forward_step(ctx.device), iter(mine), [ddp], len(mine), MBS, cfg.max_position_embeddings,
                            forward_only=not training)
     out = {"loss": reported_means(outputs, {"lm loss": "loss"}, ctx)["loss"],
            "weights": _gathered(model, ctx, lambda p: p.data), "params": count_model_parameters(model, ctx)}
