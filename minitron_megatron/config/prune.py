@@ -15,6 +15,14 @@ score tensors in GLOBAL order (as at TP=1/PP=1), larger = more important:
   depth.loss_drop      [num_layers]             val loss with layer i skipped minus baseline
   depth.contiguous     [num_layers - k + 1]     val loss increase removing layers i..i+k-1
 
+and for a mixture-of-experts model (importance/moe.py; E experts of F neurons, S shared):
+
+  moe.expert           [num_layers, E]          mean ||output|| over the tokens routed to it
+  moe.expert_frequency [num_layers, E]          fraction of tokens routed to it
+  moe.expert_neuron    [num_layers, E, F]       per expert, per neuron of its FFN
+  moe.neuron           [num_layers, F]          per neuron, over every routed (token, expert)
+  moe.shared_neuron    [num_layers, S]          per shared-expert neuron
+
 and `importance.json` the metadata (model config, aggregation, tokens, rankings).
 """
 
@@ -25,6 +33,9 @@ from typing import List, Optional
 DEPTH_METRICS = ("block_importance", "loss_drop", "contiguous")
 """Layer rankings importance can compute (`prune.importance.depth_metrics`) and trimming can
 rank by (`prune.depth_metric`)."""
+
+EXPERT_METRICS = {"output_norm": "moe.expert", "frequency": "moe.expert_frequency"}
+"""`prune.expert_metric` -> the score that ranks routed experts."""
 
 
 @dataclass
@@ -68,7 +79,13 @@ class TrimTarget:
     drop_layers: Optional[List[int]] = None
     """Explicit 0-based layers to drop (instead of num_layers ranked by depth_metric)."""
     param_budget: Optional[float] = None
-    """Fraction of the original parameters (e.g. 0.5), resolved to a width target."""
+    """Fraction of the original parameters (e.g. 0.5), resolved to a width target (dense models)."""
+    num_moe_experts: Optional[int] = None
+    """Routed experts kept per MoE layer (the router keeps their rows)."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """FFN width of every kept routed expert (each expert keeps its own most important neurons)."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Width of the shared expert."""
 
 
 @dataclass
@@ -87,6 +104,10 @@ class PruneConfig:
     docs/hidden_importance.md) calibrates when the scores carry the norm moments and keeps the
     plain slice otherwise (random/magnitude baselines, older score files); calibrated requires
     the moments."""
+    expert_metric: str = "output_norm"
+    """How routed experts are ranked when prune.target.num_moe_experts cuts them: output_norm
+    (moe.expert, the mean norm of the expert's output over its routed tokens) or frequency
+    (moe.expert_frequency, how often the router picks it)."""
     residual_heads: bool = False
     """Fold pruned query heads into kept ones (the paper's head_i + (head_i - head_2K-i+1))."""
     scores: Optional[str] = None

@@ -1,12 +1,14 @@
 """Prunable axes of Megatron-core's GPTModel: which parameter touches which axis, along which dim.
 
 This is the only module of the trimmer that knows Megatron parameter names and
-layouts. Everything else speaks of four prunable axes:
+layouts. Everything else speaks of these prunable axes:
 
 - hidden channels: replicated over TP (norms, embedding columns, every linear's h side);
 - query groups (units of the attention axes): `linear_qkv` rows, `linear_proj` columns;
 - heads within a group: rows/columns inside one group's block;
-- FFN neurons (units of the MLP axes): `linear_fc1` rows (both GLU halves), `linear_fc2` columns.
+- FFN neurons (units of the MLP axes): `linear_fc1` rows (both GLU halves), `linear_fc2` columns;
+- in a MoE layer: routed experts (router rows, whole experts on their EP rank), each routed
+  expert's FFN neurons, and the shared expert's neurons (split over TP like a dense MLP).
 
 Layout facts (megatron/core/transformer/attention.py, mlp.py, tensor_parallel/layers.py):
 - QKV rows are interleaved per query group, `[q_1 .. q_n, k, v]` x head_dim each, and whole
@@ -35,10 +37,21 @@ AXIS_FC1 = "fc1"
 """Column-parallel rows; units = neurons (one row per GLU half)."""
 AXIS_FC2 = "fc2"
 """Row-parallel columns; units = neurons."""
+AXIS_SHARED_FC1 = "shared_fc1"
+"""A MoE layer's shared expert: a dense MLP split over TP like `mlp`, with its own width."""
+AXIS_SHARED_FC2 = "shared_fc2"
+AXIS_EXPERT_FC1 = "expert_fc1"
+"""A routed expert's fc1 rows (both GLU halves of a neuron together). Experts are whole on their
+EP rank (expert TP is 1): the axis is never split over TP, although Megatron marks the weight
+tensor-parallel (partition_dim/stride describe its layout)."""
+AXIS_EXPERT_FC2 = "expert_fc2"
 ATTENTION_AXES = (AXIS_QKV, AXIS_PROJ)
 MLP_AXES = (AXIS_FC1, AXIS_FC2)
+SHARED_AXES = (AXIS_SHARED_FC1, AXIS_SHARED_FC2)
+EXPERT_AXES = (AXIS_EXPERT_FC1, AXIS_EXPERT_FC2)
 
 _LAYER_PREFIX = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,8 @@ class ParamLayout:
     """partition_dim of a TP-sharded parameter (vocab-parallel ones included)."""
     stride: int = 1
     """partition_stride (2 for GLU fc1)."""
+    expert_dim: Optional[int] = None
+    """The dim indexed by routed experts (a MoE router's rows); never TP-split."""
 
 
 # (suffix regex, hidden dim, unit axis); the first match wins (q/k norms before other norms).
@@ -71,15 +86,37 @@ _RULES: List[Tuple[str, Optional[int], Optional[str]]] = [
     (r"mlp\.linear_fc1\.bias", None, AXIS_FC1),                 # [2*ffn/tp]
     (r"mlp\.linear_fc2\.weight", 0, AXIS_FC2),                  # [h, ffn/tp]
     (r"mlp\.linear_fc2\.bias", 0, None),                        # [h]
+    # A MoE layer (Megatron's MoELayer over SequentialMLP; see `_EXPERT` for routed experts):
+    (r"mlp\.shared_experts\.linear_fc1\.weight", 1, AXIS_SHARED_FC1),  # [2*shared/tp, h]
+    (r"mlp\.shared_experts\.linear_fc1\.bias", None, AXIS_SHARED_FC1),
+    (r"mlp\.shared_experts\.linear_fc2\.weight", 0, AXIS_SHARED_FC2),  # [h, shared/tp]
+    (r"mlp\.shared_experts\.linear_fc2\.bias", 0, None),               # [h]
+    (r"mlp\.shared_experts\.gate_weight", 1, None),                     # [1, h]
 ]
+# Routed-expert parameters, after `_EXPERT` stripped `mlp.experts.local_experts.<i>.`: whole on
+# their EP rank ([2*F, h] fc1 as [gate; up], [h, F] fc2).
+_EXPERT_RULES: List[Tuple[str, Optional[int], Optional[str]]] = [
+    (r"linear_fc1\.weight", 1, AXIS_EXPERT_FC1),
+    (r"linear_fc1\.bias", None, AXIS_EXPERT_FC1),
+    (r"linear_fc2\.weight", 0, AXIS_EXPERT_FC2),
+    (r"linear_fc2\.bias", 0, None),
+]
+_ROUTER = re.compile(r"^mlp\.router\.(weight|bias)$")  # [E, h], [E]: replicated everywhere
 _COMPILED = [(re.compile(rf"^(?:.*\.)?{pattern}$"), hdim, axis) for pattern, hdim, axis in _RULES]
+_EXPERT_COMPILED = [(re.compile(rf"^{pattern}$"), hdim, axis) for pattern, hdim, axis in _EXPERT_RULES]
 
 
 def param_layout(name: str, param: torch.Tensor) -> ParamLayout:
     """The trimming layout of parameter `name`; unknown parameters are an error, never skipped."""
     in_layer = split_layer_name(name)
     suffix = in_layer[1] if in_layer else name
-    for pattern, hidden_dim, axis in _COMPILED:
+    router = _ROUTER.match(suffix)
+    if router:
+        return ParamLayout(1 if router.group(1) == "weight" else None, None, expert_dim=0)
+    expert = _EXPERT.match(suffix)
+    rules = _EXPERT_COMPILED if expert else _COMPILED
+    suffix = expert.group(2) if expert else suffix
+    for pattern, hidden_dim, axis in rules:
         if pattern.match(suffix):
             if axis is not None and not getattr(param, "tensor_model_parallel", False):
                 raise ValueError(f"{name} should be tensor-parallel (partition_dim set) but is not")
@@ -151,17 +188,32 @@ def query_rows(slot: int, head_dim: int) -> slice:
     return slice(slot * head_dim, (slot + 1) * head_dim)
 
 
+def expert_of(name: str) -> Optional[Tuple[int, str]]:
+    """'mlp.experts.local_experts.3.linear_fc1.weight' (a layer's parameter) -> (3, 'linear_fc1.weight')."""
+    match = _EXPERT.match(name)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def expert_param_name(local: int, suffix: str) -> str:
+    return f"mlp.experts.local_experts.{local}.{suffix}"
+
+
 def unit_size(axis: str, cfg: ModelConfig) -> int:
     """Rows (along the TP dim, per stride half) of one unit of `axis` in the model `cfg`."""
     cfg = cfg.resolved()
     per_group = cfg.num_attention_heads // cfg.num_query_groups
-    return {AXIS_QKV: (per_group + 2) * cfg.kv_channels, AXIS_PROJ: per_group * cfg.kv_channels,
-            AXIS_FC1: 1, AXIS_FC2: 1}[axis]
+    if axis not in ATTENTION_AXES:
+        return 1  # neurons, dense, shared or routed
+    return {AXIS_QKV: (per_group + 2) * cfg.kv_channels, AXIS_PROJ: per_group * cfg.kv_channels}[axis]
 
 
 def num_units(axis: str, cfg: ModelConfig) -> int:
-    """Global units of `axis`: query groups for attention, neurons for the MLP."""
+    """Global units of `axis`: query groups for attention, neurons for an MLP (per routed expert)."""
     cfg = cfg.resolved()
+    if axis in SHARED_AXES:
+        return cfg.moe_shared_expert_intermediate_size
+    if axis in EXPERT_AXES:
+        return cfg.moe_ffn_hidden_size
     return cfg.num_query_groups if axis in ATTENTION_AXES else cfg.ffn_hidden_size
 
 

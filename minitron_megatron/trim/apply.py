@@ -19,6 +19,7 @@ plan.layers[j]) and a layer whose pipeline stage changes is sent stage to stage 
 rank), one layer at a time.
 """
 
+import math
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
@@ -31,7 +32,8 @@ from minitron_megatron.model import build_gpt_model
 from minitron_megatron.model import layout as L
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.trim.plan import TrimPlan
-from minitron_megatron.trim.reshard import UnitPlan, from_units, redistribute, select_units, to_units
+from minitron_megatron.trim.reshard import UnitPlan, from_units, redistribute, redistribute_over, select_units, \
+    to_units
 
 
 @dataclass
@@ -157,11 +159,12 @@ def _stage_of(layer: int, stages: List[List[int]]) -> int:
     return next(s for s, held in enumerate(stages) if layer in held)
 
 
-def _fill(layer, tensors: List[torch.Tensor], copy: bool = False) -> None:
+def _fill(layer, tensors: Dict[str, torch.Tensor], copy: bool = False) -> None:
     names = [name for name, _ in layer.named_parameters()]
-    assert len(names) == len(tensors), "old and new layers must have the same parameters"
-    for name, t in zip(names, tensors):
-        _assign(layer, name, t, copy)
+    if sorted(names) != sorted(tensors):
+        raise RuntimeError(f"trimmed layer parameters {sorted(tensors)} do not match the new layer's {sorted(names)}")
+    for name in names:
+        _assign(layer, name, tensors[name], copy)
 
 
 def _assign(root: torch.nn.Module, name: str, t: torch.Tensor, copy: bool = False) -> None:
@@ -194,22 +197,24 @@ def _dtype_groups(dtypes: List[torch.dtype]) -> Dict[torch.dtype, List[int]]:
     return groups
 
 
-def _send_layer(tensors: List[torch.Tensor], dst_rank: int) -> None:
-    """One packed buffer per dtype (one message for a single-dtype layer)."""
-    for positions in _dtype_groups([t.dtype for t in tensors]).values():
-        dist.send(torch.cat([tensors[i].reshape(-1) for i in positions]), dst_rank)
+def _send_layer(tensors: Dict[str, torch.Tensor], dst_rank: int) -> None:
+    """One packed buffer per dtype (one message for a single-dtype layer), parameters in name
+    order: the receiver orders its new layer's parameters the same way."""
+    ordered = [tensors[name] for name in sorted(tensors)]
+    for positions in _dtype_groups([t.dtype for t in ordered]).values():
+        dist.send(torch.cat([ordered[i].reshape(-1) for i in positions]), dst_rank)
 
 
-def _recv_layer(layer, src_rank: int, device) -> List[torch.Tensor]:
+def _recv_layer(layer, src_rank: int, device) -> Dict[str, torch.Tensor]:
     """The layer's tensors from `_send_layer`, sized and typed by the receiving layer's parameters."""
-    params = list(layer.parameters())
-    out: List[Optional[torch.Tensor]] = [None] * len(params)
-    for dtype, positions in _dtype_groups([p.dtype for p in params]).items():
-        sizes = [params[i].numel() for i in positions]
+    named = sorted(layer.named_parameters())
+    out: Dict[str, torch.Tensor] = {}
+    for dtype, positions in _dtype_groups([p.dtype for _, p in named]).items():
+        sizes = [named[i][1].numel() for i in positions]
         buf = torch.empty(sum(sizes), dtype=dtype, device=device)
         dist.recv(buf, src_rank)
         for i, chunk in zip(positions, buf.split(sizes)):
-            out[i] = chunk.view(params[i].shape)
+            out[named[i][0]] = chunk.view(named[i][1].shape)
     return out
 
 
@@ -218,23 +223,90 @@ def _release(module) -> None:
         param.data = param.data.new_empty(0)
 
 
-def trim_layer(layer, plan: TrimPlan, j: int, old_cfg: ModelConfig, hidden, ctx) -> List[torch.Tensor]:
-    """Trimmed shards of every parameter of `layer` (old layer plan.layers[j]), in parameter order.
+def trim_layer(layer, plan: TrimPlan, j: int, old_cfg: ModelConfig, hidden, ctx) -> Dict[str, torch.Tensor]:
+    """Trimmed shards of every parameter of `layer` (old layer plan.layers[j]), keyed by their
+    names in the new layer (a routed expert's local index is the new one).
 
-    Collective over the TP group (resharding), so every TP rank of the stage calls it.
+    Collective over the TP group (resharding) and, for a MoE layer, the EP group (experts
+    moving to their new owners), so every TP and EP rank of the stage calls it.
     """
     units = layer_unit_plans(plan, j, old_cfg)
     folds = plan.head_folds[j] if plan.head_folds else []
-    out, names = [], []
+    out, names, experts = [], [], {}
     for name, param in layer.named_parameters():
         layout = L.param_layout(name, param)
         t = _slice_hidden(param.detach(), layout, hidden)
-        if layout.unit_axis is not None:
+        expert = L.expert_of(name)
+        if expert is not None:
+            experts.setdefault(expert[0], {})[expert[1]] = (t, layout)
+            continue
+        if layout.expert_dim is not None:  # the router's rows: one per routed expert, replicated
+            t = t.index_select(layout.expert_dim, torch.tensor(plan.experts[j], device=t.device))
+        elif layout.unit_axis is not None:
             t = _trim_units(t, layout, units[layout.unit_axis], folds if layout.unit_axis == L.AXIS_QKV else [],
                             old_cfg, ctx)
         out.append(t)
-        names.append(f"decoder.layers.{plan.layers[j]}.{name}")
-    return rescale_norms(names, out, plan, old_cfg)
+        names.append(name)
+    out = rescale_norms([f"decoder.layers.{plan.layers[j]}.{name}" for name in names], out, plan, old_cfg)
+    trimmed = dict(zip(names, out))
+    if experts:
+        trimmed.update(_trim_experts(experts, plan, j, old_cfg, ctx))
+    return trimmed
+
+
+def _trim_experts(local: Dict[int, Dict[str, tuple]], plan: TrimPlan, j: int, old_cfg: ModelConfig,
+                  ctx: ParallelContext) -> Dict[str, torch.Tensor]:
+    """This EP rank's new routed experts of kept layer j, keyed by their new parameter names.
+
+    Experts are units of the EP group as query groups are of TP (trim/reshard.py): EP rank r
+    holds global experts [r*E/ep, (r+1)*E/ep) before and kept positions [r*K/ep, (r+1)*K/ep)
+    after. Each old owner trims its kept experts (hidden columns, the expert's own kept
+    neurons), packs each into one row per dtype, and one all_to_all over the EP group moves
+    only the experts that change owner. `local`: old local expert -> suffix -> (tensor with
+    hidden already sliced, layout).
+    """
+    experts = UnitPlan(old_cfg.num_moe_experts, list(plan.experts[j]))
+    positions = experts.local_kept(ctx.ep_rank, ctx.ep_size)  # kept positions this rank owns now
+    first = experts.local_range(ctx.ep_rank, ctx.ep_size).start
+    suffixes = sorted(next(iter(local.values())))
+    rows = []  # per kept expert here: its trimmed tensors in suffix order
+    for pos in positions:
+        neurons = plan.expert_ffn[j][pos]
+        keep = torch.tensor(neurons, dtype=torch.long, device=ctx.device)
+        tensors = []
+        for suffix in suffixes:
+            t, layout = local[plan.experts[j][pos] - first][suffix]
+            if layout.unit_axis is not None and len(neurons) < old_cfg.moe_ffn_hidden_size:
+                u = to_units(t, layout.tp_dim, layout.stride, old_cfg.moe_ffn_hidden_size)  # [F, stride, 1, ..]
+                t = from_units(u.index_select(0, keep), layout.tp_dim)
+            tensors.append(t)
+        rows.append(tensors)
+    shapes = _expert_shapes(local, suffixes, plan, j, old_cfg, ctx)
+    per_rank = len(plan.experts[j]) // ctx.ep_size
+    received = [dict() for _ in range(per_rank)]
+    for dtype, idx in _dtype_groups([dtype for _, dtype in shapes]).items():
+        sizes = [math.prod(shapes[i][0]) for i in idx]
+        packed = torch.stack([torch.cat([r[i].reshape(-1) for i in idx]) for r in rows]) if rows else \
+            torch.empty((0, sum(sizes)), dtype=dtype, device=ctx.device)  # [k_r, numel of one expert]
+        moved = redistribute_over(packed, experts, ctx.ep_rank, ctx.ep_size, ctx.ep_group)  # [K/ep, numel]
+        for q in range(per_rank):
+            for i, chunk in zip(idx, moved[q].split(sizes)):
+                received[q][suffixes[i]] = chunk.view(shapes[i][0])
+    return {L.expert_param_name(q, suffix): t for q, by_suffix in enumerate(received) for suffix, t in by_suffix.items()}
+
+
+def _expert_shapes(local, suffixes: List[str], plan: TrimPlan, j: int, old_cfg: ModelConfig, ctx):
+    """(shape, dtype) of each trimmed expert parameter, known on every rank (one whose experts
+    are all dropped still receives)."""
+    width = len(plan.expert_ffn[j][0])
+    out = []
+    for suffix in suffixes:
+        t, layout = next(iter(local.values()))[suffix]
+        shape = list(t.shape)
+        if layout.unit_axis is not None:
+            shape[layout.tp_dim] = shape[layout.tp_dim] // old_cfg.moe_ffn_hidden_size * width
+        out.append((tuple(shape), t.dtype))
+    return out
 
 
 def _trim_units(t, layout: L.ParamLayout, up: UnitPlan, folds, old_cfg: ModelConfig, ctx) -> torch.Tensor:
@@ -257,9 +329,13 @@ def layer_unit_plans(plan: TrimPlan, j: int, old_cfg: ModelConfig) -> Dict[str, 
     qkv = None if all_heads else [L.qkv_rows_in_group(slots[g], per_group, head_dim) for g in groups]
     proj = None if all_heads else [L.proj_cols_in_group(slots[g], head_dim) for g in groups]
     neurons = UnitPlan(old_cfg.ffn_hidden_size, list(plan.ffn[j]))
-    return {L.AXIS_QKV: UnitPlan(old_cfg.num_query_groups, list(groups), qkv),
-            L.AXIS_PROJ: UnitPlan(old_cfg.num_query_groups, list(groups), proj),
-            L.AXIS_FC1: neurons, L.AXIS_FC2: neurons}
+    out = {L.AXIS_QKV: UnitPlan(old_cfg.num_query_groups, list(groups), qkv),
+           L.AXIS_PROJ: UnitPlan(old_cfg.num_query_groups, list(groups), proj),
+           L.AXIS_FC1: neurons, L.AXIS_FC2: neurons}
+    if plan.shared_ffn is not None:
+        shared = UnitPlan(old_cfg.moe_shared_expert_intermediate_size, list(plan.shared_ffn[j]))
+        out.update({L.AXIS_SHARED_FC1: shared, L.AXIS_SHARED_FC2: shared})
+    return out
 
 
 def fold_query_heads(u: torch.Tensor, folds, first_group: int, old_cfg: ModelConfig) -> torch.Tensor:

@@ -13,10 +13,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from minitron_megatron.config.model import ModelConfig
-from minitron_megatron.config.prune import DEPTH_METRICS
+from minitron_megatron.config.prune import DEPTH_METRICS, EXPERT_METRICS
 from minitron_megatron.errors import ConfigError
-
-
 
 @dataclass
 class TrimPlan:
@@ -44,14 +42,27 @@ class TrimPlan:
     None: the kept norm weights are copied unchanged."""
     norm_shift: Optional[List[float]] = None
     """Per original norm: beta_kept += gamma_kept * shift (LayerNorm's re-centring); None: none."""
+    experts: Optional[List[List[int]]] = None
+    """MoE: per kept layer, kept routed experts (global indices, ascending: new expert k is old
+    expert experts[j][k], and the router keeps those rows); None for a dense model."""
+    expert_ffn: Optional[List[List[List[int]]]] = None
+    """MoE: per kept layer, per kept expert (in `experts` order), its kept FFN neurons. Every
+    expert keeps the same number but its own most important ones."""
+    shared_ffn: Optional[List[List[int]]] = None
+    """MoE with a shared expert: per kept layer, its kept neurons."""
 
     def target_config(self, model_cfg: ModelConfig) -> ModelConfig:
         """The pruned architecture (resolved: kv_channels and groups explicit)."""
         old = model_cfg.resolved()
         self.check_source(old)
+        moe = {}
+        if self.experts is not None:
+            moe = dict(num_moe_experts=len(self.experts[0]), moe_ffn_hidden_size=len(self.expert_ffn[0][0]))
+        if self.shared_ffn is not None:
+            moe["moe_shared_expert_intermediate_size"] = len(self.shared_ffn[0])
         return replace(old, num_layers=len(self.layers), hidden_size=len(self.hidden),
                        ffn_hidden_size=len(self.ffn[0]), num_attention_heads=len(self.heads[0]),
-                       num_query_groups=len(self.groups[0]))
+                       num_query_groups=len(self.groups[0]), **moe)
 
     def check_source(self, model_cfg: ModelConfig) -> None:
         if source_sizes(model_cfg) != self.source:
@@ -63,7 +74,10 @@ class TrimPlan:
                 and all(g == list(range(s["num_query_groups"])) for g in self.groups)
                 and all(h == list(range(s["num_attention_heads"])) for h in self.heads)
                 and all(f == list(range(s["ffn_hidden_size"])) for f in self.ffn) and not self.head_folds
-                and not self.norm_scale)
+                and not self.norm_scale
+                and all(e == list(range(s["num_moe_experts"])) for e in self.experts or [])
+                and all(f == list(range(s["moe_ffn_hidden_size"])) for layer in self.expert_ffn or [] for f in layer)
+                and all(f == list(range(s["moe_shared_expert_intermediate_size"])) for f in self.shared_ffn or []))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -79,6 +93,10 @@ class TrimPlan:
 def source_sizes(model_cfg: ModelConfig) -> Dict[str, int]:
     cfg = model_cfg.resolved()
     names = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels")
+    if cfg.is_moe:  # a dense plan's source keeps the six keys it always had
+        names += ("num_moe_experts", "moe_ffn_hidden_size")
+        if cfg.moe_shared_expert_intermediate_size is not None:
+            names += ("moe_shared_expert_intermediate_size",)
     return {name: int(getattr(cfg, name)) for name in names}
 
 
@@ -86,9 +104,15 @@ def keep_plan(model_cfg: ModelConfig) -> TrimPlan:
     """The plan that keeps everything (trimming with it is an identity)."""
     s = source_sizes(model_cfg)
     n = s["num_layers"]
+    moe = {}
+    if "num_moe_experts" in s:
+        experts, width = s["num_moe_experts"], s["moe_ffn_hidden_size"]
+        moe = dict(experts=[list(range(experts))] * n, expert_ffn=[[list(range(width))] * experts] * n)
+    if "moe_shared_expert_intermediate_size" in s:
+        moe["shared_ffn"] = [list(range(s["moe_shared_expert_intermediate_size"]))] * n
     return TrimPlan(s, list(range(n)), list(range(s["hidden_size"])), [list(range(s["num_query_groups"]))] * n,
                     [list(range(s["num_attention_heads"]))] * n, [list(range(s["ffn_hidden_size"]))] * n,
-                    method="keep")
+                    method="keep", **moe)
 
 
 def top_k(scores: torch.Tensor, k: int) -> List[int]:
@@ -104,14 +128,15 @@ def _rank(scores: torch.Tensor) -> List[int]:
 
 def plan_from_scores(model_cfg: ModelConfig, new_cfg: ModelConfig, scores: Dict[str, torch.Tensor], *,
                      drop_layers: Optional[List[int]] = None, depth_metric: str = "block_importance",
-                     residual_heads: bool = False, method: str = "importance") -> TrimPlan:
+                     residual_heads: bool = False, method: str = "importance",
+                     expert_metric: str = "output_norm") -> TrimPlan:
     """The plan that turns `model_cfg` into `new_cfg` keeping the highest-scoring units.
 
     `scores` follows the contract of config/prune.py (global order, larger = more important);
     only the keys of the axes that shrink are needed. `new_cfg` comes from `validate_target`.
     """
     old, new = model_cfg.resolved(), new_cfg.resolved()
-    check_scores(old, scores, _needed_keys(old, new, scores, drop_layers, depth_metric))
+    check_scores(old, scores, _needed_keys(old, new, scores, drop_layers, depth_metric, expert_metric))
     layers = _kept_layers(old, new, scores, drop_layers, depth_metric)
     hidden = _keep_axis(scores, "hidden.channel", old.hidden_size, new.hidden_size)
     ffn = [_keep_axis(scores, "mlp.neuron", old.ffn_hidden_size, new.ffn_hidden_size, i) for i in layers]
@@ -119,9 +144,30 @@ def plan_from_scores(model_cfg: ModelConfig, new_cfg: ModelConfig, scores: Dict[
     for i in layers:
         g, h, f = _attention_layer(old, new, scores, i, residual_heads)
         groups.append(g), heads.append(h), folds.append(f)
+    notes = {"depth_metric": depth_metric if drop_layers is None else "explicit"}
+    moe = _moe_plan(old, new, scores, layers, expert_metric) if old.is_moe else {}
+    if new.is_moe and new.num_moe_experts < old.num_moe_experts:
+        notes["expert_metric"] = expert_metric
     return TrimPlan(source_sizes(old), layers, hidden, groups, heads, ffn,
-                    head_folds=folds if residual_heads else None, method=method,
-                    notes={"depth_metric": depth_metric if drop_layers is None else "explicit"})
+                    head_folds=folds if residual_heads else None, method=method, notes=notes, **moe)
+
+
+def _moe_plan(old: ModelConfig, new: ModelConfig, scores, layers: List[int], expert_metric: str) -> dict:
+    """Kept experts (ranked by `expert_metric`), each kept expert's own top neurons, and the
+    shared expert's neurons, per kept layer."""
+    experts, expert_ffn = [], []
+    for i in layers:
+        kept = _keep_axis(scores, EXPERT_METRICS.get(expert_metric, ""), old.num_moe_experts, new.num_moe_experts, i)
+        experts.append(kept)
+        if new.moe_ffn_hidden_size == old.moe_ffn_hidden_size:
+            expert_ffn.append([list(range(old.moe_ffn_hidden_size))] * len(kept))
+        else:
+            expert_ffn.append([top_k(scores["moe.expert_neuron"][i][e], new.moe_ffn_hidden_size) for e in kept])
+    out = dict(experts=experts, expert_ffn=expert_ffn)
+    if old.moe_shared_expert_intermediate_size is not None:
+        out["shared_ffn"] = [_keep_axis(scores, "moe.shared_neuron", old.moe_shared_expert_intermediate_size,
+                                        new.moe_shared_expert_intermediate_size, i) for i in layers]
+    return out
 
 
 def _keep_axis(scores, key: str, size: int, keep: int, layer: Optional[int] = None) -> List[int]:
@@ -189,8 +235,17 @@ def _contiguous_keep(block_scores: torch.Tensor, num_layers: int, drop: int) -> 
     return [i for i in range(num_layers) if i not in dropped]
 
 
-def _needed_keys(old, new, scores, drop_layers, metric) -> List[str]:
+def _needed_keys(old, new, scores, drop_layers, metric, expert_metric="output_norm") -> List[str]:
     keys = []
+    if old.is_moe:
+        if new.num_moe_experts < old.num_moe_experts:
+            if expert_metric not in EXPERT_METRICS:
+                raise ConfigError(f"prune.expert_metric={expert_metric!r} is not one of {list(EXPERT_METRICS)}")
+            keys.append(EXPERT_METRICS[expert_metric])
+        if new.moe_ffn_hidden_size < old.moe_ffn_hidden_size:
+            keys.append("moe.expert_neuron")
+        if (old.moe_shared_expert_intermediate_size or 0) > (new.moe_shared_expert_intermediate_size or 0):
+            keys.append("moe.shared_neuron")
     if new.num_query_groups < old.num_query_groups and old.num_attention_heads == old.num_query_groups:
         keys.append("attn.group" if "attn.group" in scores and "attn.head" not in scores else "attn.head")
     if new.hidden_size < old.hidden_size:
@@ -211,9 +266,17 @@ def _needed_keys(old, new, scores, drop_layers, metric) -> List[str]:
 def score_shapes(model_cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     """Expected shape of every score tensor (contiguous: any block length k >= 1)."""
     c = model_cfg.resolved()
-    return {"attn.head": (c.num_layers, c.num_attention_heads), "attn.group": (c.num_layers, c.num_query_groups),
-            "mlp.neuron": (c.num_layers, c.ffn_hidden_size), "hidden.channel": (c.hidden_size,),
-            "depth.block_importance": (c.num_layers,), "depth.loss_drop": (c.num_layers,)}
+    shapes = {"attn.head": (c.num_layers, c.num_attention_heads), "attn.group": (c.num_layers, c.num_query_groups),
+              "mlp.neuron": (c.num_layers, c.ffn_hidden_size), "hidden.channel": (c.hidden_size,),
+              "depth.block_importance": (c.num_layers,), "depth.loss_drop": (c.num_layers,)}
+    if c.is_moe:
+        del shapes["mlp.neuron"]  # every layer's MLP is a MoELayer
+        layers, experts, width = c.num_layers, c.num_moe_experts, c.moe_ffn_hidden_size
+        shapes.update({"moe.expert": (layers, experts), "moe.expert_frequency": (layers, experts),
+                       "moe.expert_neuron": (layers, experts, width), "moe.neuron": (layers, width)})
+        if c.moe_shared_expert_intermediate_size is not None:
+            shapes["moe.shared_neuron"] = (layers, c.moe_shared_expert_intermediate_size)
+    return shapes
 
 
 def check_scores(model_cfg: ModelConfig, scores: Dict[str, torch.Tensor], needed: List[str]) -> None:

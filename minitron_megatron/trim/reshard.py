@@ -87,14 +87,19 @@ def select_units(u: torch.Tensor, plan: UnitPlan, ctx: ParallelContext) -> torch
 
 def redistribute(u: torch.Tensor, plan: UnitPlan, ctx: ParallelContext) -> torch.Tensor:
     """Kept units [k_r, ..] on their old owners -> [K/tp, ..] on their new owners."""
-    if ctx.tp_size == 1:
+    return redistribute_over(u, plan, ctx.tp_rank, ctx.tp_size, ctx.tp_group)
+
+
+def redistribute_over(u: torch.Tensor, plan: UnitPlan, rank: int, size: int, group) -> torch.Tensor:
+    """`redistribute` over any group whose ranks hold contiguous runs of the units (TP for
+    query groups and neurons, EP for routed experts)."""
+    if size == 1:
         return u
-    counts = plan.counts(ctx.tp_size)
-    if all(counts[s][d] == 0 for s in range(ctx.tp_size) for d in range(ctx.tp_size) if s != d):
+    counts = plan.counts(size)
+    if all(counts[s][d] == 0 for s in range(size) for d in range(size) if s != d):
         return u  # every kept unit stays where it is (every rank computes the same counts)
-    send = counts[ctx.tp_rank]
-    recv = [counts[src][ctx.tp_rank] for src in range(ctx.tp_size)]
+    send = counts[rank]
+    recv = [counts[src][rank] for src in range(size)]
     out = u.new_empty((sum(recv), *u.shape[1:]))
-    dist.all_to_all_single(out, u.contiguous(), output_split_sizes=recv, input_split_sizes=send,
-                           group=ctx.tp_group)
+    dist.all_to_all_single(out, u.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
     return out

@@ -14,7 +14,7 @@ from minitron_megatron.checkpoint import dist as ckpt
 from minitron_megatron.checkpoint import run_dir as rd
 from minitron_megatron.config.commands import CommonConfig
 from minitron_megatron.config.model import ModelConfig
-from minitron_megatron.config.prune import PruneConfig
+from minitron_megatron.config.prune import EXPERT_METRICS, PruneConfig
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model import build_gpt_model, count_model_parameters, parameter_count
 from minitron_megatron.runtime import clock
@@ -50,7 +50,7 @@ def make_plan(prune: PruneConfig, model_cfg: ModelConfig, new_cfg: ModelConfig, 
         scores = hidden_variant(scores, prune)
     plan = plan_from_scores(model_cfg, new_cfg, scores, drop_layers=prune.target.drop_layers,
                             depth_metric=prune.depth_metric, residual_heads=prune.residual_heads,
-                            method=prune.method)
+                            method=prune.method, expert_metric=prune.expert_metric)
     if len(plan.hidden) < plan.source["hidden_size"]:
         plan.notes["norm_rescale"] = apply_norm_rescale(plan, rescale_mode(prune.norm_rescale), scores,
                                                         model_cfg.normalization)
@@ -102,7 +102,8 @@ def check_trim_settings(cfg: CommonConfig, prune: PruneConfig, ctx: ParallelCont
     if cfg.load:  # a missing load is already reported
         try:
             model_cfg, padded = source_model(cfg)
-            new_cfg = validate_target(model_cfg, prune.target, ctx.tp_size, ctx.pp_size, layout, padded)
+            new_cfg = validate_target(model_cfg, prune.target, ctx.tp_size, ctx.pp_size, layout, padded,
+                                      ep=ctx.ep_size)
         except ConfigError as err:
             problems += err.problems
     if problems:
@@ -123,6 +124,8 @@ def _setting_problems(cfg: CommonConfig, prune: PruneConfig, ctx: ParallelContex
     problems += validate_hidden(prune.importance.hidden_norms, prune.importance.hidden_combine, prune.norm_rescale)
     if prune.depth_metric not in DEPTH_METRICS:
         problems.append(f"prune.depth_metric={prune.depth_metric!r} is not one of {list(DEPTH_METRICS)}")
+    if prune.expert_metric not in EXPERT_METRICS:
+        problems.append(f"prune.expert_metric={prune.expert_metric!r} is not one of {list(EXPERT_METRICS)}")
     if samples and samples < mbs * ctx.dp_size:
         problems.append(f"evaluate.samples={samples} must be 0 (no zero-shot evaluation) or at least "
                         f"evaluate.micro_batch_size x DP size = {mbs * ctx.dp_size}")

@@ -32,22 +32,23 @@ from minitron_megatron.model.params import parameter_count
 from minitron_megatron.runtime.parallel_rules import pipeline_problems, tensor_parallel_problems
 
 WIDTH_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers")
+MOE_FIELDS = ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
 
 
 def validate_target(model_cfg: ModelConfig, target: TrimTarget, tp: int = 1, pp: int = 1,
-                    pp_layout: Optional[List[int]] = None, padded_vocab: Optional[int] = None) -> ModelConfig:
+                    pp_layout: Optional[List[int]] = None, padded_vocab: Optional[int] = None,
+                    ep: int = 1) -> ModelConfig:
     """The pruned architecture for `target`, or a ConfigError listing every violation."""
     old = model_cfg.resolved()
-    if old.is_moe:
-        raise ConfigError(f"model.num_moe_experts={old.num_moe_experts}: trimming mixture-of-experts models is "
-                          "not supported yet; their importance can be scored (prune.stage=importance)")
-    problems = _range_problems(old, target) + _layer_problems(old, target) + _budget_problems(target)
+    problems = (_range_problems(old, target) + _layer_problems(old, target) + _budget_problems(target)
+                + _moe_problems(old, target, tp, ep))
     valid = _in_range(old, target)  # derived checks see only in-range values: no follow-on noise
     heads, groups = _attention_sizes(old, valid)
     num_layers = valid.num_layers or old.num_layers - len(set(valid.drop_layers or []))
     new = replace(old, num_attention_heads=heads, num_query_groups=groups, num_layers=num_layers,
                   hidden_size=valid.hidden_size or old.hidden_size,
-                  ffn_hidden_size=valid.ffn_hidden_size or old.ffn_hidden_size)
+                  ffn_hidden_size=valid.ffn_hidden_size or old.ffn_hidden_size,
+                  **{name: getattr(valid, name) or getattr(old, name) for name in MOE_FIELDS if old.is_moe})
     problems += _attention_problems(old, new) + _parallel_problems(new, tp, pp, pp_layout, padded_vocab)
     if problems:
         raise ConfigError(problems)
@@ -68,8 +69,9 @@ def _range_problems(old: ModelConfig, target: TrimTarget) -> List[str]:
 
 def _in_range(old: ModelConfig, target: TrimTarget) -> TrimTarget:
     """`target` with out-of-range sizes and unusable drop lists unset."""
-    fixed = {name: None for name in WIDTH_FIELDS
-             if getattr(target, name) is not None and not 1 <= getattr(target, name) <= getattr(old, name)}
+    fixed = {name: None for name in WIDTH_FIELDS + MOE_FIELDS
+             if getattr(target, name) is not None
+             and not 1 <= getattr(target, name) <= (getattr(old, name) or 0)}
     if target.drop_layers is not None and _layer_problems(old, replace(target, num_layers=None)):
         fixed["drop_layers"] = None
     return replace(target, **fixed)
@@ -90,6 +92,42 @@ def _layer_problems(old: ModelConfig, target: TrimTarget) -> List[str]:
     if target.num_layers is not None and target.num_layers != old.num_layers - len(set(drop)):
         problems.append(f"prune.target.num_layers={target.num_layers} disagrees with prune.target.drop_layers "
                         f"({old.num_layers} - {len(set(drop))} layers); set only one of them")
+    return problems
+
+
+def _moe_problems(old: ModelConfig, target: TrimTarget, tp: int, ep: int) -> List[str]:
+    """Mixture-of-experts targets: the model must have what they cut, and EP (TP for the shared
+    expert) must split the result."""
+    given = [name for name in MOE_FIELDS if getattr(target, name) is not None]
+    if not old.is_moe:
+        return [f"prune.target.{name} needs a mixture-of-experts model (model.num_moe_experts is not set)"
+                for name in given]
+    problems = []
+    if target.ffn_hidden_size is not None:
+        problems.append("prune.target.ffn_hidden_size: every layer of a mixture-of-experts model is MoE (no "
+                        "dense MLP); cut prune.target.moe_ffn_hidden_size (routed experts) or "
+                        "moe_shared_expert_intermediate_size")
+    if target.param_budget is not None:
+        problems.append("prune.target.param_budget does not handle mixture-of-experts models yet; give "
+                        "prune.target.num_moe_experts / moe_ffn_hidden_size / hidden_size explicitly")
+    for name in given:
+        value, limit = getattr(target, name), getattr(old, name)
+        if limit is None:
+            problems.append(f"prune.target.{name}={value}: the model has no shared expert "
+                            "(model.moe_shared_expert_intermediate_size is not set)")
+        elif not 1 <= value <= limit:
+            problems.append(f"prune.target.{name}={value} must be between 1 and the original model.{name}={limit}")
+    experts = target.num_moe_experts
+    if experts is not None and 1 <= experts <= old.num_moe_experts:
+        feasible = [n for n in range(old.moe_router_topk, old.num_moe_experts + 1) if n % ep == 0]
+        if experts % ep or experts < old.moe_router_topk:
+            problems.append(f"prune.target.num_moe_experts={experts} is not feasible with parallel.ep={ep} and "
+                            f"model.moe_router_topk={old.moe_router_topk} (every EP rank holds the same number of "
+                            f"experts; the router picks top-{old.moe_router_topk}); feasible counts: {feasible}")
+    shared = target.moe_shared_expert_intermediate_size
+    if shared is not None and old.moe_shared_expert_intermediate_size and shared % tp:
+        problems.append(f"parallel.tp={tp} does not divide prune.target.moe_shared_expert_intermediate_size="
+                        f"{shared} (the shared expert is split over TP like a dense MLP)")
     return problems
 
 
