@@ -217,3 +217,52 @@ def test_an_old_run_dir_recording_transformer_impl_loads_with_the_default():
     fixture = Path(__file__).parent / "fixtures" / "cross_version" / "mcore-0.16.1"
     assert yaml.safe_load((fixture / rd.MODEL_YAML).read_text())["model"]["transformer_impl"] == "local"
     assert rd.read_model_yaml(fixture)[0].transformer_impl == "auto"
+
+
+def _cuda_sdpa(heads=32, groups=8, hn=128):
+    """SDPAttention for a Llama-8B-like layer, bf16, TP=1, without Megatron's parallel state."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from minitron_megatron.model.attention import SDPAttention
+
+    config = TransformerConfig(num_layers=1, hidden_size=heads * hn, num_attention_heads=heads,
+                               num_query_groups=groups, kv_channels=hn, attention_dropout=0.0, bf16=True,
+                               params_dtype=torch.bfloat16)
+    one_rank_group = SimpleNamespace(tp=SimpleNamespace(size=lambda: 1))
+    return SDPAttention(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
+                        pg_collection=one_rank_group)
+
+
+def _cuda_qkv(sq, heads=32, groups=8, hn=128):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(sq, 1, n, hn, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+            for n in (heads, groups, groups)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sdpa_on_cuda_is_exact_and_linear_in_memory():
+    """On the GPU, bf16: the kernel SDPA picks computes causal GQA attention (against a float32
+    softmax reference), and forward + backward at 8192 tokens stays far below the
+    [heads, s, s] scores DotProductAttention would hold (4 GiB in bf16, 8 GiB as its float32
+    softmax): catches a fallback to the math kernel (a mask or layout the flash and
+    memory-efficient kernels refuse)."""
+    sdpa = _cuda_sdpa()
+    q, k, v = _cuda_qkv(256)
+    out = sdpa(q, k, v, None).float()  # [s, 1, heads * hn]
+    kk, vv = (t.float().repeat_interleave(4, dim=2) for t in (k, v))
+    scores = torch.einsum("qbhd,kbhd->bhqk", q.float(), kk) / 128 ** 0.5
+    scores = scores.masked_fill(torch.ones(256, 256, device="cuda").triu(1).bool(), float("-inf"))
+    ref = torch.einsum("bhqk,kbhd->qbhd", scores.softmax(-1), vv).reshape(256, 1, -1)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    q, k, v = _cuda_qkv(8192)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    sdpa(q, k, v, None).float().square().mean().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 2 << 30, f"forward + backward took {extra / 2**30:.2f} GiB beyond the inputs"
