@@ -181,6 +181,9 @@ def test_recompute_gives_the_same_loss_and_grads(one_rank):
 
 
 def test_recompute_settings_are_checked_in_one_message():
+    """Catches a recompute combination Megatron would reject (full without method or layer
+    count, a layer count without full) reaching its TransformerConfig as a bare ValueError
+    instead of one ConfigError naming the keys, with an unknown transformer_impl beside it."""
     from minitron_megatron.errors import ConfigError
     from minitron_megatron.model import validate_model
 
