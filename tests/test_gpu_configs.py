@@ -25,12 +25,13 @@ MODELS = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
 
-def _preset(model: str, impl: str):
+def _preset(model: str, impl: str, **run_settings):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = OmegaConf.to_object(compose(config_name="train", overrides=[f"model={model}"])).model
     # tiny takes its vocab from the tokenizer; 4096 is the embedded corpus's.
-    return replace(cfg, params_dtype="bfloat16", transformer_impl=impl, vocab_size=cfg.vocab_size or 4096)
+    return replace(cfg, params_dtype="bfloat16", transformer_impl=impl, vocab_size=cfg.vocab_size or 4096,
+                   **run_settings)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,8 @@ def _fused_softmax_runs(model) -> None:
     torch.testing.assert_close(probs.float().sum(-1), torch.ones(1, 4, 32), rtol=1e-2, atol=1e-2)
 
 
-def _check_cuda_build(model: str, impl: str, ctx) -> None:
-    cfg = _preset(model, impl)
+def _check_cuda_build(model: str, impl: str, ctx, **run_settings):
+    cfg = _preset(model, impl, **run_settings)
     parallel = ParallelConfig(tp=1, pp=1)
     config = transformer_config(cfg, ctx, parallel)
     assert not config.use_cpu_initialization and config.bf16  # really the CUDA config
@@ -71,7 +72,7 @@ def _check_cuda_build(model: str, impl: str, ctx) -> None:
     assert sum(p.numel() for p in params) == parameter_count(cfg, padded)
     # The build-only flags are not left on the config every module shares.
     assert not gpt.config.use_cpu_initialization and not gpt.config.init_model_with_meta_device
-    _fused_softmax_runs(gpt)
+    return gpt
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -79,7 +80,21 @@ def test_cuda_bf16_config_builds_local_spec(cuda_ctx, model):
     """Catches GPU-only config bugs: persist_layer_norm with Megatron's torch norms (an assert
     at build), masked_softmax_fusion without its kernel (an ImportError at the first forward),
     fusion/activation combinations TransformerConfig rejects, and a meta build that allocates."""
-    _check_cuda_build(model, "local", cuda_ctx)
+    _fused_softmax_runs(_check_cuda_build(model, "local", cuda_ctx))
+
+
+@pytest.mark.skipif(HAVE_TE, reason="with Transformer Engine installed, auto on CUDA builds TE's spec")
+@pytest.mark.parametrize("model", MODELS)
+def test_cuda_bf16_default_builds_sdpa_with_recompute(cuda_ctx, model):
+    """The default (transformer_impl=auto) on CUDA without Transformer Engine, with selective
+    recomputation: catches auto falling back to DotProductAttention (the O(seq^2) path), an
+    SDPA core attention that names the GPU or allocates at build, and recompute settings that
+    Megatron's TransformerConfig rejects for a GPU run."""
+    from minitron_megatron.model.attention import SDPAttention
+
+    gpt = _check_cuda_build(model, "auto", cuda_ctx, recompute_granularity="selective")
+    assert all(isinstance(layer.self_attention.core_attention, SDPAttention) for layer in gpt.decoder.layers)
+    assert all(layer.self_attention.checkpoint_core_attention for layer in gpt.decoder.layers)
 
 
 @pytest.mark.gpu

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Tuple
 
 import yaml
 
-from minitron_megatron.config.model import LOAD_SETTINGS, ModelConfig
+from minitron_megatron.config.model import LOAD_SETTINGS, RUN_SETTINGS, ModelConfig
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.runtime.faults import fault_point
 
@@ -77,7 +77,8 @@ def write_model_yaml(run_dir, cfg: ModelConfig, padded_vocab_size: int, tokenize
     run_dir.mkdir(parents=True, exist_ok=True)
     if origin and (Path(origin) / HF_CONFIG).is_file() and Path(origin).resolve() != run_dir.resolve():
         atomic_write_text(run_dir / HF_CONFIG, (Path(origin) / HF_CONFIG).read_text())
-    body = {"model": asdict(cfg.resolved()), "padded_vocab_size": int(padded_vocab_size), "tokenizer": None,
+    model = {key: value for key, value in asdict(cfg.resolved()).items() if key not in RUN_SETTINGS}
+    body = {"model": model, "padded_vocab_size": int(padded_vocab_size), "tokenizer": None,
             "seq_length": int(seq_length or cfg.max_position_embeddings)}
     if tokenizer_path:
         target = run_dir / TOKENIZER
@@ -95,7 +96,8 @@ def read_model_yaml(run_dir) -> Tuple[ModelConfig, int, Optional[str]]:
     if not path.is_file():
         raise ConfigError(f"load={run_dir}: {path} not found (not a minitron run directory)")
     body = yaml.safe_load(path.read_text())
-    known = {f.name for f in fields(ModelConfig)}
+    # RUN_SETTINGS are this run's: a value an older run dir recorded (transformer_impl: local) is ignored.
+    known = {f.name for f in fields(ModelConfig)} - set(RUN_SETTINGS)
     model = dict(body["model"])
     if "seq_length" in model:  # written before the run's length and the model's limit were apart
         model.setdefault("max_position_embeddings", model["seq_length"])

@@ -3,14 +3,22 @@
 from dataclasses import dataclass
 from typing import Optional
 
-LOAD_SETTINGS = ("hidden_dropout", "attention_dropout", "init_method_std", "transformer_impl", "params_dtype")
+RUN_SETTINGS = ("transformer_impl", "recompute_granularity", "recompute_method", "recompute_num_layers")
+"""The `model.*` keys that say how this run computes, not what the model is: a run dir's
+model.yaml does not record them (one written before this rule has its value read and ignored),
+so a loaded model takes this run's values (the defaults unless given). Every implementation
+computes the same function from the same checkpoint keys, and recomputation only trades
+memory for compute."""
+
+LOAD_SETTINGS = ("hidden_dropout", "attention_dropout", "init_method_std", "params_dtype") + RUN_SETTINGS
 """The `model.*` keys a command applies to a model it loads (`load=`, distill's `student.load`):
 they change neither the weights' shapes nor what the weights compute. Dropout is a training
-setting; init_method_std only initialises weights the checkpoint then overwrites;
-transformer_impl picks Megatron's modules (local and Transformer Engine specs share checkpoint
-keys); params_dtype casts the loaded weights (as Megatron-LM's --bf16 on a float32 checkpoint).
+setting; init_method_std only initialises weights the checkpoint then overwrites; params_dtype
+casts the loaded weights (as Megatron-LM's --bf16 on a float32 checkpoint); RUN_SETTINGS above.
 Every other key (shapes, norms, activations, RoPE, vocab, the position limit, the name) is the
 run dir's: a different value given with `load=` is refused, never silently ignored."""
+
+TRANSFORMER_IMPLS = ("auto", "sdpa", "local", "transformer_engine")
 
 
 @dataclass
@@ -62,8 +70,21 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
-    transformer_impl: str = "local"
-    """local (Megatron's torch layers) or transformer_engine (needs TE installed)."""
+    transformer_impl: str = "auto"
+    """Which modules compute the layers (a run setting, see RUN_SETTINGS): transformer_engine
+    (Transformer Engine's fused modules; needs TE and CUDA), sdpa (Megatron's local torch spec
+    with torch's scaled_dot_product_attention as core attention: flash / memory-efficient
+    kernels on GPU), local (Megatron's local spec unchanged: its DotProductAttention, O(seq^2)
+    memory) or auto (transformer_engine on CUDA when TE imports, else sdpa)."""
+    recompute_granularity: Optional[str] = None
+    """Megatron's activation recomputation (a run setting): selective (recompute core
+    attention in the backward pass), full (recompute whole layers: needs recompute_method and
+    recompute_num_layers) or None (keep every activation)."""
+    recompute_method: Optional[str] = None
+    """With recompute_granularity=full: uniform (checkpoint every recompute_num_layers layers as
+    one chunk) or block (recompute the first recompute_num_layers layers of each pipeline stage)."""
+    recompute_num_layers: Optional[int] = None
+    """With recompute_granularity=full: layers per chunk (uniform) or recomputed layers per stage (block)."""
     params_dtype: str = "float32"
     """float32, bfloat16 or float16."""
 
@@ -106,6 +127,14 @@ class ModelConfig:
         if self.num_moe_experts is not None and expert_ffn is None:
             expert_ffn = self.ffn_hidden_size
         return replace(self, num_query_groups=groups, kv_channels=head_dim, moe_ffn_hidden_size=expert_ffn)
+
+    def architecture(self) -> "ModelConfig":
+        """`resolved()` with the RUN_SETTINGS at their defaults: what decides whether two configs
+        are the same model (a run dir's model.yaml records the other fields only)."""
+        from dataclasses import fields, replace
+
+        defaults = {f.name: f.default for f in fields(self) if f.name in RUN_SETTINGS}
+        return replace(self.resolved(), **defaults)
 
     @property
     def is_moe(self) -> bool:

@@ -8,7 +8,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from minitron_megatron.config.model import ModelConfig
+from minitron_megatron.config.model import TRANSFORMER_IMPLS, ModelConfig
 from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.megatron_compat import define_router_gemm_fallback
@@ -62,13 +62,13 @@ def validate_model(cfg: ModelConfig, parallel: ParallelConfig) -> None:
         ("normalization", ("RMSNorm", "LayerNorm")),
         ("activation", ("silu", "gelu", "squared_relu")),
         ("position_embedding_type", ("rope", "learned_absolute")),
-        ("transformer_impl", ("local", "transformer_engine")),
+        ("transformer_impl", TRANSFORMER_IMPLS),
         ("params_dtype", tuple(DTYPES)),
         *(MOE_CHOICES if cfg.is_moe else ()),
     ):
         if getattr(cfg, name) not in allowed:
             problems.append(f"model.{name}={getattr(cfg, name)!r} is not one of {list(allowed)}")
-    problems += moe_problems(cfg)
+    problems += moe_problems(cfg) + recompute_problems(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -94,10 +94,33 @@ def moe_problems(cfg: ModelConfig) -> List[str]:
     for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             problems.append(f"model.{name}={getattr(cfg, name)} must be >= 1")
-    if cfg.moe_grouped_gemm and cfg.transformer_impl != "transformer_engine":
+    if cfg.moe_grouped_gemm and cfg.transformer_impl not in ("transformer_engine", "auto"):
         problems.append("model.moe_grouped_gemm=true needs model.transformer_impl=transformer_engine "
                         "(Megatron's local spec runs one MLP per expert)")
     return problems
+
+
+RECOMPUTE_GRANULARITIES = (None, "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def recompute_problems(cfg: ModelConfig) -> List[str]:
+    """The recompute_* combinations Megatron's TransformerConfig accepts, as ConfigError lines."""
+    granularity, method, layers = cfg.recompute_granularity, cfg.recompute_method, cfg.recompute_num_layers
+    if granularity not in RECOMPUTE_GRANULARITIES:
+        return [f"model.recompute_granularity={granularity!r} is not one of {list(RECOMPUTE_GRANULARITIES)}"]
+    if granularity == "full":
+        problems = []
+        if method not in RECOMPUTE_METHODS:
+            problems.append(f"model.recompute_granularity=full needs model.recompute_method in "
+                            f"{list(RECOMPUTE_METHODS)} (got {method!r})")
+        if layers is None or not 1 <= layers <= cfg.num_layers:
+            problems.append(f"model.recompute_granularity=full needs model.recompute_num_layers in "
+                            f"[1, {cfg.num_layers}] (got {layers!r})")
+        return problems
+    given = [f"model.{name}={value!r}" for name, value in (("recompute_method", method),
+                                                            ("recompute_num_layers", layers)) if value is not None]
+    return [f"{', '.join(given)} needs model.recompute_granularity=full (it is {granularity!r})"] if given else []
 
 
 def moe_transformer_config(cfg: ModelConfig, parallel: ParallelConfig) -> dict:
@@ -121,6 +144,22 @@ def moe_transformer_config(cfg: ModelConfig, parallel: ParallelConfig) -> dict:
         # As runtime/distributed.py initialises Megatron's groups: experts are whole on their EP rank.
         expert_tensor_parallel_size=1,
     )
+
+
+def transformer_impl(cfg: ModelConfig, device: torch.device) -> str:
+    """The implementation this run builds: `cfg.transformer_impl`, with auto resolved to
+    transformer_engine on CUDA when Transformer Engine imports, else sdpa."""
+    if cfg.transformer_impl != "auto":
+        return cfg.transformer_impl
+    return "transformer_engine" if device.type == "cuda" and _transformer_engine_importable() else "sdpa"
+
+
+def _transformer_engine_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # not installed, or installed without its CUDA libraries
+        return False
+    return True
 
 
 def transformer_config(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelConfig):
@@ -180,7 +219,10 @@ def transformer_config(cfg: ModelConfig, ctx: ParallelContext, parallel: Paralle
         # As Megatron-LM always sets it: the schedule frees each stage's sent activations and
         # asserts that they are not a view (our DistillLoss and p2p tensors never are).
         deallocate_pipeline_outputs=True,
-        persist_layer_norm=not on_cpu and _persistent_norm_usable(cfg),
+        persist_layer_norm=not on_cpu and _persistent_norm_usable(cfg, ctx.device),
+        recompute_granularity=cfg.recompute_granularity,
+        recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
         **moe_transformer_config(cfg, parallel),
     )
 
@@ -196,7 +238,7 @@ def _softmax_kernels_importable() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in SOFTMAX_KERNELS)
 
 
-def _persistent_norm_usable(cfg: ModelConfig) -> bool:
+def _persistent_norm_usable(cfg: ModelConfig, device: torch.device) -> bool:
     """`persist_layer_norm` only selects apex's persistent kernel inside Megatron's
     FusedLayerNorm; WrappedTorchNorm (the local spec's norm without apex, and always for
     RMSNorm) asserts against the flag. So: only when every norm the model builds is a
@@ -208,27 +250,40 @@ def _persistent_norm_usable(cfg: ModelConfig) -> bool:
     from megatron.core.transformer import transformer_block
     from megatron.core.transformer.identity_op import IdentityOp
 
-    layer = layer_spec(cfg).submodules
+    layer = layer_spec(cfg, device).submodules
     norms = {layer.input_layernorm, layer.pre_mlp_layernorm, transformer_block.LayerNormImpl} - {IdentityOp}
     return norms == {fused_layer_norm.FusedLayerNorm}
 
 
-def layer_spec(cfg: ModelConfig):
-    """Local (torch) spec, or Transformer Engine's with its fused norm+linear modules."""
+def layer_spec(cfg: ModelConfig, device: torch.device):
+    """Transformer Engine's spec with its fused norm+linear modules, or Megatron's local (torch)
+    spec, with the SDPA core attention (sdpa) or its own DotProductAttention (local)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if cfg.transformer_impl == "transformer_engine":
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError as err:
-            raise ConfigError(
-                "model.transformer_impl=transformer_engine but Transformer Engine is not "
-                "installed; use model.transformer_impl=local"
-            ) from err
+    from minitron_megatron.model.attention import with_sdpa_core_attention
+
+    impl = transformer_impl(cfg, device)
+    if impl == "transformer_engine":
+        if not _transformer_engine_importable():
+            raise ConfigError("model.transformer_impl=transformer_engine but Transformer Engine does not import "
+                              "here; use model.transformer_impl=auto, sdpa or local")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=cfg.num_moe_experts, moe_grouped_gemm=cfg.moe_grouped_gemm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
-                                                    normalization=cfg.normalization)
+    local = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
+                                                     normalization=cfg.normalization)
+    return with_sdpa_core_attention(local) if impl == "sdpa" else local
+
+
+def _check_impl(cfg: ModelConfig, parallel: ParallelConfig, impl: str) -> None:
+    """What needs Transformer Engine, checked once auto is resolved (validate_model lets auto pass)."""
+    if impl == "transformer_engine":
+        return
+    needs = [name for name, on in (("parallel.sequence_parallel=true", parallel.sequence_parallel),
+                                   ("model.moe_grouped_gemm=true", cfg.moe_grouped_gemm)) if on]
+    if needs:
+        raise ConfigError(f"{' and '.join(needs)} need(s) Transformer Engine, but this run builds "
+                          f"transformer_impl={impl} (model.transformer_impl={cfg.transformer_impl}); on Megatron's "
+                          "local spec turn them off, or run on CUDA with Transformer Engine")
 
 
 INITS = ("random", "none", "meta")
@@ -266,7 +321,13 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
     if init != "random":
         config = replace(config, init_method=_no_init, output_layer_init_method=_no_init,
                          embedding_init_method=_no_init)
-    build_flags = _meta_build_flags(cfg) if init == "meta" else {}
+    impl = transformer_impl(cfg, ctx.device)
+    _check_impl(cfg, parallel, impl)
+    spec = layer_spec(cfg, ctx.device)
+    if cfg.layernorm_zero_centered_gamma and impl != "transformer_engine":
+        # Megatron's torch norms refuse zero-centred gamma (only TE/apex have it): see model/norms.py.
+        spec = with_zero_centered_gamma(spec, config, ctx.pp_rank)
+    build_flags = _meta_build_flags(impl) if init == "meta" else {}
     saved = {name: getattr(config, name) for name in build_flags}
     for name, value in build_flags.items():
         setattr(config, name, value)
@@ -275,10 +336,7 @@ def build_gpt_model(cfg: ModelConfig, ctx: ParallelContext, parallel: ParallelCo
             experts_aside_from_default_generator() if keyed_experts else contextlib.nullcontext():
         model = GPTModel(
             config=config,
-            # Megatron's torch norms refuse zero-centred gamma (only TE/apex have it): see model/norms.py.
-            transformer_layer_spec=(with_zero_centered_gamma(layer_spec(cfg), config, ctx.pp_rank)
-                                    if cfg.layernorm_zero_centered_gamma and cfg.transformer_impl == "local"
-                                    else layer_spec(cfg)),
+            transformer_layer_spec=spec,
             vocab_size=padded_vocab,
             max_sequence_length=cfg.max_position_embeddings,
             pre_process=ctx.is_first_stage,
@@ -365,7 +423,7 @@ def in_params_dtype(model):
     return model if dtype == torch.float32 else model.to(dtype)
 
 
-def _meta_build_flags(cfg: ModelConfig) -> dict:
+def _meta_build_flags(impl: str) -> dict:
     """Config flags that put a build's parameters on the meta device.
 
     Transformer Engine modules allocate on the device their config names: `init_model_with_meta_device`
@@ -376,6 +434,6 @@ def _meta_build_flags(cfg: ModelConfig) -> dict:
     its embedding and output layer are then allocated on the GPU, as in Megatron-LM's own meta
     init), and the local spec builds with CPU init.
     """
-    if cfg.transformer_impl == "transformer_engine":
+    if impl == "transformer_engine":
         return {"init_model_with_meta_device": True}
     return {"init_model_with_meta_device": True, "use_cpu_initialization": True}

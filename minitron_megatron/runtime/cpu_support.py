@@ -19,7 +19,11 @@ Megatron-core assumes CUDA in a handful of places on the GPT path we use
    waits on an event it records there: host streams, a no-op stream context and events that
    are already complete stand in. Its host copy (`maybe_move_tensor_to_cpu`) is also where its
    split sizes become numpy arrays, the sequences `all_to_all_single` accepts; it skips tensors
-   that are already on the host, so on the CPU the conversion is done for it.
+   that are already on the host, so on the CPU the conversion is done for it;
+8. activation recomputation (`recompute_granularity`: Megatron's `CheckpointFunction`) saves
+   the CUDA generator's state beside the CPU one and the tracker's, and restores all three
+   before recomputing: on the CPU there is no CUDA generator (the CPU one and the CPU tracker
+   are what dropout draws from), so an empty state stands in and restoring it does nothing.
 
 `enable()` redirects exactly these to the CPU, and is called by `init_runtime`
 only when the run's device is the CPU (also on a machine that has CUDA: the CPU
@@ -221,6 +225,7 @@ class _Patches:
         self.stream_class = torch.cuda.Stream
         self.stream_context = torch.cuda.stream
         self.tracker = (mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED)
+        self.cuda_rng_state = (mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state)
         self.mode = _CudaToCpuMode()
 
     def restore(self) -> None:
@@ -240,6 +245,7 @@ class _Patches:
         torch.cuda.stream = self.stream_context
         token_dispatcher.maybe_move_tensor_to_cpu = self.move_to_cpu
         mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = self.tracker
+        mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = self.cuda_rng_state
 
 
 def enable() -> None:
@@ -261,6 +267,10 @@ def enable() -> None:
     from megatron.core.transformer.moe import token_dispatcher
 
     token_dispatcher.maybe_move_tensor_to_cpu = _host_split_sizes(patches.move_to_cpu)
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
     # Entered for the life of the runtime, not around calls: the schedules and optimizer
     # create these tensors from many call sites, including user forward-step functions.
     patches.mode.__enter__()

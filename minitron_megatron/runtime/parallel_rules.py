@@ -84,11 +84,19 @@ def sequence_parallel_problems(sequence_parallel: bool, tp: int, transformer_imp
     problems = []
     if sequence_parallel and tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp>1")
-    if sequence_parallel and transformer_impl != "transformer_engine":
+    # auto may resolve to TE only where it imports (and then only on CUDA: model/build.py checks that)
+    te_possible = transformer_impl == "transformer_engine" or (transformer_impl == "auto" and _te_importable())
+    if sequence_parallel and not te_possible:
         # Megatron's local spec wraps torch norms, which assert against sequence parallelism.
         problems.append("parallel.sequence_parallel=true needs model.transformer_impl=transformer_engine "
                         "(Megatron's local torch norms do not support it)")
     return problems
+
+
+def _te_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def moe_training_problems(cfg, parallel) -> List[str]:

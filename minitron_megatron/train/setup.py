@@ -60,7 +60,7 @@ def check_same_model(save: str, run: "RunInputs", what: str) -> None:
     """An unfinished `save` dir resumes only with the model and sequence length it was started
     with (another length would cut the samples it has consumed differently)."""
     saved_cfg, padded, _ = rd.read_model_yaml(save)
-    if saved_cfg.resolved() != run.model_cfg.resolved() or padded != run.padded_vocab:
+    if saved_cfg.architecture() != run.model_cfg.architecture() or padded != run.padded_vocab:
         raise ConfigError(f"save={save} holds an unfinished run of a different {what}; resume it with the same "
                           "settings, or choose a new save directory")
     saved_seq = rd.recorded_seq_length(save)
