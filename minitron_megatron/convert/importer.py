@@ -3,6 +3,8 @@
 Every check (architecture, config fields, tensor names and shapes, tokenizer vs
 vocab, TP/PP divisibility, the target directory) runs in `plan_import` on every
 rank before anything is built or written, so bad input leaves no files behind.
+A GGUF import (gguf_import.py) is the same import from an `ImportSource` whose tensors
+transformers has already loaded: `plan_source` and `import_plan` serve both.
 """
 
 import json
@@ -37,7 +39,7 @@ CHECKPOINT_ITERATION = 1
 @dataclass
 class ImportSource:
     """Where an import's config, tensors and tokenizer come from: a HF directory, or a GGUF file
-    that transformers has loaded and dequantised (convert/gguf.py)."""
+    that transformers has loaded and dequantised (convert/gguf_import.py)."""
 
     setting: str
     """The command-line input, as messages name it: `from_hf=DIR` or `from_gguf=FILE`."""
