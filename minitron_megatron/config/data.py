@@ -11,7 +11,9 @@ class DataConfig:
     """Training/validation data and its tokenizer.
 
     `stdlib` builds (once, cached) a corpus from this machine's Python standard
-    library sources plus a sentencepiece tokenizer trained on it. `custom` reads
+    library sources plus a sentencepiece tokenizer trained on it; with a loaded run dir
+    (`load=`, `student.load=`) it is tokenized with that run's tokenizer instead
+    (sentencepiece or Hugging Face; cached per tokenizer). `custom` reads
     Megatron indexed datasets (`PREFIX.bin` + `PREFIX.idx`, e.g. written by
     `python -m minitron_megatron.data.preprocess`) and their sentencepiece model.
     """
@@ -36,7 +38,8 @@ class DataConfig:
     else ~/.cache/minitron_megatron. Multi-node runs need a directory every node
     sees: Megatron's rank 0 writes the index caches that the other ranks read."""
     stdlib_vocab_size: int = 4096
-    """stdlib: sentencepiece vocabulary size (including 256 byte-fallback pieces)."""
+    """stdlib: sentencepiece vocabulary size (including 256 byte-fallback pieces); unused
+    when a loaded run dir brings its own tokenizer."""
     stdlib_max_mb: float = 16.0
     """stdlib: cap on the source bytes used (the test-free 3.11 stdlib is ~11 MB)."""
     stdlib_valid_percent: float = 4.0

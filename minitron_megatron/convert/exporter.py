@@ -29,7 +29,7 @@ from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.convert import tensor_map as tm
 from minitron_megatron.convert.families import FAMILIES, Family, family_for_model, hf_config_from_model
 from minitron_megatron.convert.hf_io import StreamingShardWriter, finalize_shards, optional_json
-from minitron_megatron.convert.importer import HF_CONFIG, _check_target
+from minitron_megatron.convert.importer import HF_CONFIG, check_target
 from minitron_megatron.data.tokenizer import HFTokenizer, load_tokenizer, write_hf_tokenizer
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model import validate_model
@@ -51,7 +51,7 @@ class ExportPlan:
 def plan_export(load: str, to_hf: str, options: ConvertConfig, parallel: ParallelConfig) -> ExportPlan:
     """Every reason this export cannot run, as a ConfigError; nothing is written."""
     run_dir = rd.check_loadable(load, "load")
-    _check_target(to_hf, "to_hf")
+    check_target(to_hf, "to_hf")
     cfg, padded, tokenizer = rd.read_model_yaml(run_dir)
     base = optional_json(run_dir / HF_CONFIG)
     base_arch = (base or {}).get("architectures", [None])[0]

@@ -64,6 +64,41 @@ class HFReader:
         with self._open(self.weight_map[name]) as handle:
             return handle.get_slice(name)[index]
 
+    def missing_files(self) -> List[str]:
+        """Files the index names that are not there."""
+        return sorted({f for f in self.weight_map.values() if not (self.dir / f).is_file()})
+
+
+class StateDictReader:
+    """HFReader's interface over tensors already in memory: a transformers model's state dict
+    (a GGUF import, dequantised by transformers itself).
+
+    Tied weights appear twice in a state dict (Llama's lm_head.weight is embed_tokens.weight)
+    but once in a HF checkpoint; like `save_pretrained`, the first name of a storage wins.
+    """
+
+    def __init__(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        self.tensors: Dict[str, torch.Tensor] = {}
+        seen = set()
+        for name, tensor in state_dict.items():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if key not in seen:
+                seen.add(key)
+                self.tensors[name] = tensor
+
+    def names(self) -> List[str]:
+        return list(self.tensors)
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self.tensors.items()}
+
+    def read(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        tensor = self.tensors[name]
+        return tensor[start:stop] if dim == 0 else tensor[:, start:stop]
+
+    def missing_files(self) -> List[str]:
+        return []
+
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 

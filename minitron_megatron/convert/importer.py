@@ -3,6 +3,8 @@
 Every check (architecture, config fields, tensor names and shapes, tokenizer vs
 vocab, TP/PP divisibility, the target directory) runs in `plan_import` on every
 rank before anything is built or written, so bad input leaves no files behind.
+A GGUF import (gguf_import.py) is the same import from an `ImportSource` whose tensors
+transformers has already loaded: `plan_source` and `import_plan` serve both.
 """
 
 import json
@@ -35,10 +37,41 @@ CHECKPOINT_ITERATION = 1
 
 
 @dataclass
-class ImportPlan:
-    hf_dir: Path
-    save: Path
+class ImportSource:
+    """Where an import's config, tensors and tokenizer come from: a HF directory, or a GGUF file
+    that transformers has loaded and dequantised (convert/gguf_import.py)."""
+
+    setting: str
+    """The command-line input, as messages name it: `from_hf=DIR` or `from_gguf=FILE`."""
+    name: str
+    """The run's model name (the directory's or the file's)."""
     hf_config: dict
+    """config.json's content."""
+    reader: object
+    """HFReader or StateDictReader: names(), shapes(), read(name, dim, start, stop), missing_files()."""
+    tokenizer_dir: Path
+    """A directory holding the HF tokenizer files (tokenizer.json, tokenizer_config.json, ...)."""
+    origin: Dict[str, str]
+    """Recorded in the checkpoint and the JSON summary, e.g. {"from_hf": DIR}."""
+
+
+def hf_dir_source(from_hf: str) -> ImportSource:
+    """A HF directory as an import source, or a ConfigError when it is not one."""
+    hf_dir = Path(from_hf or "")
+    if not from_hf or not (hf_dir / "config.json").is_file():
+        raise ConfigError(f"from_hf={from_hf}: no config.json there (a Hugging Face model directory is needed)")
+    try:
+        reader = HFReader(hf_dir)
+    except FileNotFoundError as err:
+        raise ConfigError(f"from_hf={from_hf}: {err}") from err
+    return ImportSource(f"from_hf={from_hf}", hf_dir.name, read_config(hf_dir), reader, hf_dir,
+                        {"from_hf": str(hf_dir)})
+
+
+@dataclass
+class ImportPlan:
+    source: ImportSource
+    save: Path
     family: Family
     model_cfg: ModelConfig
     padded_vocab: int
@@ -46,38 +79,46 @@ class ImportPlan:
     seq_length: int
     """Recorded in model.yaml: the length later commands on this run dir run at by default."""
 
+    @property
+    def hf_config(self) -> dict:
+        return self.source.hf_config
+
 
 def plan_import(from_hf: str, save: str, options: ConvertConfig, parallel: ParallelConfig,
                 seq_length: Optional[int] = None) -> ImportPlan:
     """Every reason this import cannot run, as one ConfigError; nothing is written. `seq_length`
     (default: the position limit) must fit config.json's max_position_embeddings."""
-    hf_dir = Path(from_hf or "")
-    if not from_hf or not (hf_dir / "config.json").is_file():
-        raise ConfigError(f"from_hf={from_hf}: no config.json there (a Hugging Face model directory is needed)")
-    _check_target(save, "save", unfinished_ok=True)
-    hf = read_config(hf_dir)
+    source = hf_dir_source(from_hf)
+    check_target(save, "save", unfinished_ok=True)
+    return plan_source(source, save, options, parallel, seq_length)
+
+
+def plan_source(source: ImportSource, save: str, options: ConvertConfig, parallel: ParallelConfig,
+                seq_length: Optional[int] = None) -> ImportPlan:
+    """`plan_import` for any source (the target directory already checked)."""
+    hf = source.hf_config
     family = family_of(hf)
-    cfg = model_config_from_hf(hf, name=hf_dir.name, params_dtype=options.dtype)
+    cfg = model_config_from_hf(hf, name=source.name, params_dtype=options.dtype)
     validate_model(cfg, parallel)
-    problems = tensor_problems(HFReader(hf_dir), cfg, family)
+    problems = tensor_problems(source.reader, cfg, family, source.setting.split("=")[0])
     try:
-        seq = rd.run_seq_length(seq_length, cfg, None, f"from_hf={from_hf}")
+        seq = rd.run_seq_length(seq_length, cfg, None, source.setting)
     except ConfigError as err:
         problems += [p + position_limit_note(hf, family) for p in err.problems]
-    bundle, vocab = _tokenizer(hf_dir)
+    bundle, vocab = _tokenizer(source.tokenizer_dir, source.setting)
     if vocab > cfg.vocab_size:
-        problems.append(f"from_hf={from_hf}: its tokenizer has {vocab} tokens but config.json vocab_size="
+        problems.append(f"{source.setting}: its tokenizer has {vocab} tokens but config.json vocab_size="
                         f"{cfg.vocab_size} embedding rows; the tokenizer does not fit the embedding")
     if problems:
         raise ConfigError(problems)
     padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, parallel.tp)
-    return ImportPlan(hf_dir, Path(save), hf, family, cfg, padded, bundle, seq)
+    return ImportPlan(source, Path(save), family, cfg, padded, bundle, seq)
 
 
 _OWN_FILES = {rd.MODEL_YAML, rd.TOKENIZER, HF_CONFIG, rd.CHECKPOINT}
 
 
-def _check_target(path: str, setting: str, unfinished_ok: bool = False) -> None:
+def check_target(path: str, setting: str, unfinished_ok: bool = False) -> None:
     """The target must be new or empty; `unfinished_ok` also admits an import that crashed
     (our files only, no summary.json), which is then written again from scratch."""
     if not path:
@@ -91,25 +132,25 @@ def _check_target(path: str, setting: str, unfinished_ok: bool = False) -> None:
     raise ConfigError(f"{setting}={path} already exists and is not empty; choose a new directory")
 
 
-def _tokenizer(hf_dir: Path) -> Tuple[str, int]:
+def _tokenizer(hf_dir: Path, setting: str) -> Tuple[str, int]:
     try:
         bundle = bundle_hf_tokenizer(hf_dir)
     except FileNotFoundError as err:
-        raise ConfigError(f"from_hf={hf_dir}: {err}") from err
+        raise ConfigError(f"{setting}: {err}") from err
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tokenizer.json"
         path.write_text(bundle, encoding="utf-8")
         try:
             return bundle, HFTokenizer(str(path)).vocab_size
         except ValueError as err:
-            raise ConfigError(f"from_hf={hf_dir}: {err}") from err
+            raise ConfigError(f"{setting}: {err}") from err
 
 
-def tensor_problems(reader: HFReader, cfg: ModelConfig, family: Family) -> List[str]:
+def tensor_problems(reader, cfg: ModelConfig, family: Family, setting: str = "from_hf") -> List[str]:
     """Missing, unexpected and wrongly shaped tensors (shapes read from file headers only)."""
-    absent = sorted({f for f in reader.weight_map.values() if not (reader.dir / f).is_file()})
+    absent = reader.missing_files()
     if absent:
-        return [f"from_hf: the safetensors index names files that are missing: {_few(absent)}"]
+        return [f"{setting}: the safetensors index names files that are missing: {_few(absent)}"]
     expected = tm.expected_hf_shapes(cfg, family)
     present = set(reader.names())
     shapes = reader.shapes()
@@ -117,12 +158,12 @@ def tensor_problems(reader: HFReader, cfg: ModelConfig, family: Family) -> List[
     missing = [n for n in expected if n not in present]
     extra = sorted(present - set(expected))
     if missing:
-        problems.append(f"from_hf: {len(missing)} tensors that config.json implies are missing: {_few(missing)}")
+        problems.append(f"{setting}: {len(missing)} tensors that config.json implies are missing: {_few(missing)}")
     if extra:
-        problems.append(f"from_hf: {len(extra)} tensors that config.json does not explain: {_few(extra)}")
+        problems.append(f"{setting}: {len(extra)} tensors that config.json does not explain: {_few(extra)}")
     for name, shape in expected.items():
         if name in present and shapes.get(name) != shape:
-            problems.append(f"from_hf: tensor {name} has shape {list(shapes.get(name, ()))}, config.json "
+            problems.append(f"{setting}: tensor {name} has shape {list(shapes.get(name, ()))}, config.json "
                             f"implies {list(shape)}")
     return problems
 
@@ -139,7 +180,7 @@ def load_hf_weights(model, plan: ImportPlan, ctx: ParallelContext) -> int:
     """
     import torch
 
-    reader = HFReader(plan.hf_dir)
+    reader = plan.source.reader
     offset = tm.layer_offset_of(model)
     read = 0
     named = list(model.named_parameters())
@@ -172,18 +213,24 @@ def assign_parameter(model, name: str, tensor) -> None:
 def import_hf(from_hf: str, save: str, options: ConvertConfig, parallel: ParallelConfig,
               ctx: ParallelContext, seq_length: Optional[int] = None) -> Dict:
     """Convert a HF directory into the run dir `save` at the context's TP/PP; the JSON summary."""
+    start = time.time()
+    return import_plan(plan_import(from_hf, save, options, parallel, seq_length), parallel, ctx, start)
+
+
+def import_plan(plan: ImportPlan, parallel: ParallelConfig, ctx: ParallelContext, start: float,
+                summary_extra: Optional[Dict] = None) -> Dict:
+    """Build the model on meta, fill it from the plan's source, write the run dir; the JSON summary."""
     from minitron_megatron.model import build_gpt_model, count_model_parameters
 
-    start = time.time()
-    plan = plan_import(from_hf, save, options, parallel, seq_length)
     # Meta build: Megatron's CPU init would first allocate every weight (plus a float32 master
     # copy per layer) only for us to overwrite it; measured +0.9 GiB over a 1.65 GiB model.
     model = build_gpt_model(plan.model_cfg, ctx, parallel, plan.padded_vocab, init="meta")
     load_hf_weights(model, plan, ctx)
     params = count_model_parameters(model, ctx)
     _write_run_dir(plan, model, ctx)
-    summary = {"direction": "from_hf", "architecture": plan.family.architecture, "params": params,
-               "vocab_size": plan.model_cfg.vocab_size, "padded_vocab_size": plan.padded_vocab,
+    direction = next(iter(plan.source.origin))
+    summary = {"direction": direction, "architecture": plan.family.architecture, **(summary_extra or {}),
+               "params": params, "vocab_size": plan.model_cfg.vocab_size, "padded_vocab_size": plan.padded_vocab,
                "save": str(plan.save), "seconds": round(time.time() - start, 3)}
     if ctx.is_main:
         rd.write_summary(plan.save, summary)  # the commit point: written last
@@ -205,4 +252,4 @@ def _write_run_dir(plan: ImportPlan, model, ctx: ParallelContext) -> None:
                            seq_length=plan.seq_length, tokenizer_path=str(run_dir / rd.TOKENIZER))  # Megatron-LM's
     # The model is not used after this save: let it free each weight it has copied.
     ckpt.save_checkpoint(rd.checkpoint_root(run_dir), CHECKPOINT_ITERATION, model, ctx, args=args, release_model=True,
-                         extra={"convert": {"from_hf": str(plan.hf_dir), "architecture": plan.family.architecture}})
+                         extra={"convert": {**plan.source.origin, "architecture": plan.family.architecture}})

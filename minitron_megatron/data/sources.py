@@ -93,23 +93,25 @@ def _custom_sources(cfg: DataConfig, cache_dir: str) -> DataSources:
                        cfg.split, cache_dir, settings)
 
 
-def _stdlib_sources(cfg: DataConfig, cache_dir: str) -> DataSources:
+def _stdlib_sources(cfg: DataConfig, cache_dir: str, run_tokenizer: Optional[str]) -> DataSources:
     for name in ("train_prefixes", "valid_prefixes", "tokenizer_model"):
         if getattr(cfg, name):
             raise ConfigError(f"data.{name}={getattr(cfg, name)}: only used with data=custom; "
-                              "data=stdlib builds its own corpus and tokenizer")
+                              "data=stdlib builds its own corpus and tokenizer (or uses the loaded run's)")
     corpus = build_stdlib_corpus(cache_dir, cfg.stdlib_vocab_size, cfg.stdlib_max_mb,
-                                 cfg.stdlib_valid_percent)
+                                 cfg.stdlib_valid_percent, tokenizer_path=run_tokenizer)
     settings = {corpus.train_prefix: "data=stdlib (train)", corpus.valid_prefix: "data=stdlib (valid)"}
     return DataSources(corpus.tokenizer_model, ([corpus.train_prefix], None),
                        ([corpus.valid_prefix], None), cfg.split, cache_dir, settings)
 
 
-def prepare_data(cfg: DataConfig) -> DataSources:
-    """Check `cfg` and resolve it to files: builds (or reuses) the stdlib corpus."""
+def prepare_data(cfg: DataConfig, run_tokenizer: Optional[str] = None) -> DataSources:
+    """Check `cfg` and resolve it to files: builds (or reuses) the stdlib corpus. `run_tokenizer`
+    (the loaded run dir's tokenizer file, if any): data=stdlib is tokenized with it, so any
+    model, an imported one with its own tokenizer included, runs on the embedded corpus."""
     if cfg.name not in DATA_NAMES:
         raise ConfigError(f"data.name={cfg.name}: expected one of {', '.join(DATA_NAMES)}")
     cache_dir = str(resolve_cache_dir(cfg.cache_dir))
     if cfg.name == "stdlib":
-        return _stdlib_sources(cfg, cache_dir)
+        return _stdlib_sources(cfg, cache_dir, run_tokenizer)
     return _custom_sources(cfg, cache_dir)

@@ -9,20 +9,28 @@ settings. Layout of `<cache_dir>/stdlib-<key>/`:
     train_text_document.{bin,idx}       one document per train file, EOD appended
     valid_text_document.{bin,idx}       one document per held-out file
     manifest.json                       key, settings, files per split, counts
+
+With a given tokenizer (a loaded run dir's: sentencepiece or a Hugging Face bundle), the same
+files and split are tokenized with it instead, into `<cache_dir>/stdlib-tok-<key>/` whose key
+hashes the tokenizer file's bytes (and the tokenizer libraries' versions) in place of the
+vocabulary size; `tokenizer.model` there is a byte copy of the given file, so runs compare
+equal digests. The embedded corpus's own tokenizer maps to the embedded corpus itself.
 """
 
 import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import sentencepiece
+import tokenizers
 
 from minitron_megatron.data.cache import atomic_directory, file_lock, remove_stale_temporaries, resolve_cache_dir
 from minitron_megatron.data.indexed import write_indexed_dataset
@@ -142,11 +150,35 @@ def _tokenizer_lines(files: List[SourceFile]) -> List[str]:
     return lines[::stride]
 
 
+def tokenizer_corpus_settings(files: List[SourceFile], tokenizer_path: str, max_mb: float,
+                              valid_percent: float) -> dict:
+    """`corpus_settings` for the corpus tokenized with a given tokenizer file: its bytes' hash
+    (and what reads it) replace the vocabulary size of a tokenizer we would train."""
+    return {
+        "format": FORMAT_VERSION,
+        "python": f"{sys.implementation.name}-{sys.version_info.major}.{sys.version_info.minor}."
+        f"{sys.version_info.micro}",
+        "tokenizer_sha256": file_sha256(tokenizer_path),
+        "sentencepiece": sentencepiece.__version__,
+        "tokenizers": tokenizers.__version__,
+        "max_mb": max_mb,
+        "valid_percent": valid_percent,
+        "files": {f.rel_path: f.digest for f in files},
+    }
+
+
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _build_into(directory: Path, train: List[SourceFile], valid: List[SourceFile],
-                settings: dict, key: str) -> dict:
+                settings: dict, key: str, tokenizer_path: Optional[str] = None) -> dict:
     started = time.time()
     model_path = str(directory / "tokenizer.model")
-    train_sentencepiece(_tokenizer_lines(train), settings["vocab_size"], model_path)
+    if tokenizer_path is None:
+        train_sentencepiece(_tokenizer_lines(train), settings["vocab_size"], model_path)
+    else:
+        shutil.copyfile(tokenizer_path, model_path)  # byte for byte: digests compare equal
     tokenizer = load_tokenizer(model_path)
     counts = {}
     for split, files in (("train", train), ("valid", valid)):
@@ -181,27 +213,42 @@ def _corpus_at(directory: Path, reused: bool) -> StdlibCorpus:
 
 
 def build_stdlib_corpus(cache_dir: str = "", vocab_size: int = 4096, max_mb: float = 16.0,
-                        valid_percent: float = 4.0) -> StdlibCorpus:
-    """Build the embedded corpus into the cache, or reuse it; safe to call from many processes."""
+                        valid_percent: float = 4.0, tokenizer_path: Optional[str] = None) -> StdlibCorpus:
+    """Build the embedded corpus into the cache, or reuse it; safe to call from many processes.
+    `tokenizer_path`: tokenize it with that tokenizer file (cached per tokenizer) instead of
+    the corpus's own sentencepiece model (`vocab_size` is then unused)."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError(f"data.stdlib_vocab_size={vocab_size}: must be at least {MIN_VOCAB_SIZE}")
     if not 0 < valid_percent < 100:
         raise ConfigError(f"data.stdlib_valid_percent={valid_percent}: must be in (0, 100)")
     files = collect_stdlib_files(max_mb)
-    settings = corpus_settings(files, vocab_size, max_mb, valid_percent)
     if len(files) < 2:
         raise ConfigError(f"data.stdlib_max_mb={max_mb}: too small, the corpus needs at least 2 source files")
-    key = corpus_key(settings)
     root = resolve_cache_dir(cache_dir or None)
-    final = root / f"stdlib-{key}"
+    settings = corpus_settings(files, vocab_size, max_mb, valid_percent)
+    own = root / f"stdlib-{corpus_key(settings)}"
+    if tokenizer_path is not None and not _is_tokenizer_of(own, tokenizer_path):
+        settings = tokenizer_corpus_settings(files, tokenizer_path, max_mb, valid_percent)
+        return _build_or_reuse(root / f"stdlib-tok-{corpus_key(settings)}", files, settings, tokenizer_path)
+    return _build_or_reuse(own, files, settings)
+
+
+def _is_tokenizer_of(corpus_dir: Path, tokenizer_path: str) -> bool:
+    """Whether an already built corpus has this very tokenizer (a run trained on it)."""
+    own = corpus_dir / "tokenizer.model"
+    return corpus_dir.is_dir() and file_sha256(own) == file_sha256(tokenizer_path)
+
+
+def _build_or_reuse(final: Path, files: List[SourceFile], settings: dict,
+                    tokenizer_path: Optional[str] = None) -> StdlibCorpus:
     if final.is_dir():  # fast path: published directories are always complete
         return _corpus_at(final, reused=True)
-    with file_lock(root / f"stdlib-{key}.lock"):
+    with file_lock(final.parent / f"{final.name}.lock"):
         if final.is_dir():  # another process built it while we waited
             return _corpus_at(final, reused=True)
-        remove_stale_temporaries(root, final.name)
-        train, valid = split_by_file(files, valid_percent)
+        remove_stale_temporaries(final.parent, final.name)
+        train, valid = split_by_file(files, settings["valid_percent"])
         logger.info("building the stdlib corpus (%d files) into %s", len(files), final)
         with atomic_directory(final) as tmp:
-            _build_into(tmp, train, valid, settings, key)
+            _build_into(tmp, train, valid, settings, final.name.rsplit("-", 1)[-1], tokenizer_path)
     return _corpus_at(final, reused=False)

@@ -188,11 +188,21 @@ def check_distill(cfg: DistillCommand, ctx: ParallelContext, data_tokenizer: str
     return teacher, student
 
 
+def _shared_tokenizer(cfg: DistillCommand) -> Optional[str]:
+    """The tokenizer data=stdlib is tokenized with: the student's, when the teacher's has the same
+    bytes. Otherwise None (the corpus's own), and check_distill names the mismatch before any
+    corpus is tokenized with a tokenizer that cannot serve both."""
+    from minitron_megatron.train.setup import run_tokenizer
+
+    student, teacher = run_tokenizer(cfg.student.load), run_tokenizer(cfg.teacher.load)
+    return student if student and teacher and _digest(student) == _digest(teacher) else None
+
+
 def prepare_distill(cfg: DistillCommand, ctx: ParallelContext) -> DistillInputs:
     """Check everything, then build the tokenizer and datasets (no model yet)."""
     from minitron_megatron.data import prepare_data
 
-    sources = prepare_data(cfg.data)
+    sources = prepare_data(cfg.data, _shared_tokenizer(cfg))
     teacher, student = check_distill(cfg, ctx, sources.tokenizer_model)
     t = cfg.distill
     run = prepare_run(replace(cfg, load=cfg.student.load), ctx, num_train_samples=t.steps * t.global_batch_size,

@@ -98,10 +98,19 @@ def resolve_model(cfg: CommonConfig, tokenizer_path: str, tokenizer_vocab: int, 
     return model_cfg, padded_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, tp)
 
 
+def run_tokenizer(load: Optional[str]) -> Optional[str]:
+    """The tokenizer file of the run dir `load` (None without one, or for a Megatron-LM
+    checkpoint dir): data=stdlib is tokenized with it."""
+    if not load or is_megatron_lm_dir(load) or not (Path(load) / rd.MODEL_YAML).is_file():
+        return None
+    tokenizer = rd.read_model_yaml(load)[2]
+    return tokenizer if tokenizer and Path(tokenizer).is_file() else None
+
+
 def prepare_run(cfg: CommonConfig, ctx: ParallelContext, num_train_samples: int,
                 num_valid_samples: int) -> RunInputs:
     """Validate settings and build tokenizer + datasets (no model yet)."""
-    sources = prepare_data(cfg.data)
+    sources = prepare_data(cfg.data, run_tokenizer(cfg.load))
     tokenizer = load_tokenizer(sources.tokenizer_model)
     model_cfg, padded = resolve_model(cfg, sources.tokenizer_model, tokenizer.vocab_size, ctx.tp_size)
     validate_model(model_cfg, cfg.parallel)
