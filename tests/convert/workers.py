@@ -260,7 +260,7 @@ distill run dirs written by the same calls; `run`'s stages are train, search and
 ALONE_KINDS = RUN_DIR_KINDS + ("train-tp1",)
 """What the one-process export reads: those, and a teacher trained at TP=1 (whole-layer chunks)."""
 STACKED_MODEL = dict(name="stacked", num_layers=4, hidden_size=64, ffn_hidden_size=512, num_attention_heads=4,
-                     num_query_groups=2, kv_channels=16, seq_length=64)
+                     num_query_groups=2, kv_channels=16, max_position_embeddings=64)
 """tests/commands.py's SMALL with a wider MLP: the decoder's bytes (1.7 MiB) exceed the largest
 parameter's (the 4096 x 64 embedding, 1 MiB), and so do the pruned model's (1.0 MiB > 0.75 MiB),
 so a streamed export reads each layer-stacked key (`decoder.layers.*`, [4, ...]) in pieces."""
