@@ -39,15 +39,48 @@ def quantize_rows(x: torch.Tensor, scaling: str = "token",
 
     "token": one scale per row; "tensor": one for all rows (repeated, see the module docstring).
     With `amax_group`, x is this rank's slice of K and the amax is that of the whole K.
+    One read of x for the amax and one for the scaled cast; neither makes a float32 copy of x
+    (a bf16 activation used to get three, alive together): the result is bitwise the same as
+    `(x.float() / scale).clamp(-448, 448).to(e4m3)` with `scale` from `x.float().abs()`'s amax.
     """
     if scaling not in SCALINGS:
         raise ValueError(f"activation scaling {scaling!r} is not one of {list(SCALINGS)}")
-    x = x.float()
-    amax = x.abs().amax(dim=-1, keepdim=True) if scaling == "token" else x.abs().amax().reshape(1, 1)
+    amax = _amax(x, scaling)  # float32 [M, 1] or [1, 1]
     if amax_group is not None and dist.get_world_size(amax_group) > 1:
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=amax_group)
     scale = (amax.clamp(min=_MIN_AMAX) / FP8_MAX).expand(x.shape[0], 1).contiguous()  # [M, 1]
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return _scaled_cast(x, scale), scale
+
+
+def _amax(x: torch.Tensor, scaling: str) -> torch.Tensor:
+    """max |x| per row ([M, 1]) or overall ([1, 1]), float32, as max(max x, -min x) in x's own
+    dtype: no |x| temporary, and exact (a max selects a value; bf16 -> float32 is exact)."""
+    if scaling == "token":
+        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)  # [M, 1] each
+    else:
+        lo, hi = (v.reshape(1, 1) for v in torch.aminmax(x))
+    return torch.maximum(hi, lo.neg()).float()
+
+
+_CAST_BLOCK_ELEMENTS = 1 << 20
+"""The scaled cast goes through a float32 scratch of at most this many elements (4 MiB; at
+least one row), a block of rows at a time, instead of a float32 copy of the whole activation."""
+
+
+def _scaled_cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 of x / scale (x [M, K] any float dtype, scale float32 [M, 1]), clamped to e4m3's range.
+
+    The division runs in float32 (the promoted dtype of x and scale, so the same values as
+    x.float() / scale) into a block-sized scratch, clamped there, then cast into the output."""
+    m, k = x.shape
+    out = torch.empty(m, k, dtype=FP8, device=x.device)  # [M, K]
+    rows = max(1, min(m, _CAST_BLOCK_ELEMENTS // max(k, 1)))
+    scratch = torch.empty(rows, k, dtype=torch.float32, device=x.device)  # [rows, K]
+    for start in range(0, m, rows):
+        stop = min(m, start + rows)
+        block = torch.div(x[start:stop], scale[start:stop], out=scratch[: stop - start])
+        out[start:stop].copy_(block.clamp_(-FP8_MAX, FP8_MAX))
+    return out
 
 
 class Fp8Gemm(torch.nn.Module):
