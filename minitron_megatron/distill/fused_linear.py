@@ -192,6 +192,8 @@ class _FusedLinearKD(torch.autograd.Function):
             grad_h.mul_(lam)
         if grad_w is not None:
             grad_w.mul_(lam)
+        # d_ce is all 0 without a CE upstream and ce_weight: their corrections skip the CE terms.
+        ce_terms = cfg.with_ce and (grad_ce is not None or cfg.ce_weight != 0)
         need = (d_kd != 0) | (d_ce != 0)  # [tokens]: to recompute
         n_fix = need.sum().tolist()  # backward's one host read (none per chunk)
         if n_fix:  # their ids in increasing order, as torch.nonzero would give (without its host read)
@@ -199,7 +201,7 @@ class _FusedLinearKD(torch.autograd.Function):
             for part in _token_slices(n_fix, cfg.chunk_tokens):
                 rows = fix[part]
                 s, t = _chunk_logits(h_s, w_s, h_t, w_t, rows)
-                g = _recomputed_grad(s, t, labels[rows], per_token[:, rows], d_kd[rows], d_ce[rows], cfg)
+                g = _recomputed_grad(s, t, labels[rows], per_token[:, rows], d_kd[rows], d_ce[rows], cfg, ce_terms)
                 _accumulate(g, h_s, w_s, rows, grad_h, grad_w)
                 del s, t, g
         out_h = grad_h.to(h_s.dtype) if grad_h is not None else None  # [tokens, h_s]
@@ -271,18 +273,19 @@ def _forward_chunk(s, t, labels, coef, cfg: _FusedConfig, want_grad: bool):
                                      scratch, ce_grad=cfg.with_ce and cfg.ce_weight != 0)
 
 
-def _recomputed_grad(s, t, labels, per_token, coef_kd, coef_ce, cfg: _FusedConfig):
+def _recomputed_grad(s, t, labels, per_token, coef_kd, coef_ce, cfg: _FusedConfig, ce_terms: bool = True):
     """Backward's correction for some tokens: d(sum coef_kd * KD + coef_ce * CE)/d s from
     their recomputed logits and the per-token results of forward (no TP communication:
-    the local maxima need not match forward's). Float32 [chunk, V_s/tp], over `s`."""
+    the local maxima need not match forward's). Float32 [chunk, V_s/tp], over `s`.
+    `ce_terms` false: coef_ce is known to be all 0."""
     s, t = s.float(), t.float()
     scratch = _scratch_for(s)
     _scale_kd_columns(s, t, cfg)
     kd_stats, other = _kd_partials(s[:, : cfg.layout.n_valid], t, cfg.reverse, scratch)
-    # CE terms whenever the loss has a CE: where coef_ce is 0 they add exact zeros, and asking
-    # the device whether any is nonzero would cost a host read per chunk.
+    # CE terms unless known (on the host) to be 0: where coef_ce is 0 they add exact zeros, and
+    # asking the device whether any is nonzero would cost a host read per chunk.
     return _grad_in_place(s, other, labels, per_token, kd_stats, coef_kd, coef_ce, cfg, scratch,
-                          ce_grad=cfg.with_ce)
+                          ce_grad=cfg.with_ce and ce_terms)
 
 
 def _scale_kd_columns(s, t, cfg: _FusedConfig) -> None:
