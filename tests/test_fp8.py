@@ -85,6 +85,47 @@ def test_quantize_rows_handles_zeros_and_saturation():
         quantize_rows(x, "channel")
 
 
+def _float32_outputs(fn) -> list:
+    """numel of every float32 tensor an aten op creates while `fn` runs (the dispatcher's view:
+    every copy, temporary and out-of-place result, not just the ones Python names)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sizes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    sizes.append(t.numel())
+            return out
+
+    with Record():
+        fn()
+    return sizes
+
+
+@pytest.mark.parametrize("scaling", ["token", "tensor"])
+def test_activation_quantisation_makes_no_float32_copy(monkeypatch, scaling):
+    """Catches float32 copies of the whole activation in the FP8 linear's forward (the
+    quantisation used to make three per GEMM: x.float(), |x|, x / scale, and the clamp's):
+    with bf16 activations, no float32 tensor of more than one cast block is created, and the
+    blocked cast (several blocks, a short last one) is bitwise the whole-tensor math."""
+    from minitron_megatron.model import fp8
+
+    x, w = _data(64, 256, 80)
+    x = x.bfloat16()
+    gemm = Fp8Gemm(w.bfloat16(), scaling)
+    whole = gemm(x)
+    monkeypatch.setattr(fp8, "_CAST_BLOCK_ELEMENTS", 10 * 256)  # 10 rows a block: 7 blocks for 64 rows
+    sizes = _float32_outputs(lambda: gemm(x))
+    assert max(sizes) <= 10 * 256, sorted(sizes)[-5:]
+    assert torch.equal(gemm(x), whole)
+    q, scale = quantize_rows(x, scaling)
+    ref = _ref_quantize(x, per_row=scaling == "token")  # float64, the old float32-copy math
+    assert torch.equal(q.double() * scale.double(), ref)
+
+
 def test_dtype_casts_leave_fp8_weights_alone():
     """Catches `.bfloat16()` / Megatron-LM's Float16Module casting FP8 data and float32 scales
     (both floating point to torch) and so silently dropping the quantisation scales."""

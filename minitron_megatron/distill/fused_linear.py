@@ -34,11 +34,18 @@ Mismatched padding at TP > 1: the teacher's weight rows for this rank's student
 slice are fetched from their owners once (the teacher is frozen) and cached.
 Hidden states must be replicated across TP ranks (with sequence parallelism,
 gather them first with a split backward); the hidden-state gradient is all-reduced
-over `tp_group` here, as Megatron's ColumnParallelLinear does for its input.
+over `tp_group` here, in the hidden states' dtype, as Megatron's ColumnParallelLinear
+does for its input.
+
+The host reads the device at most twice per call, never per chunk (on a GPU each read
+waits for every queued kernel): forward, which chunks hold a token of nonzero weight
+(only when given token_weights); backward, how many tokens need recomputing. The vocab
+layout is resolved once per shape (`losses.resolve_layout`), and the most common
+upstream ratio is found with fixed-size ops (no `torch.unique`, no boolean indexing).
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -79,6 +86,7 @@ class _FusedConfig:
     ce_weight: float  # assumed upstream ratio d/dce : d/dkd (see the module docstring)
     with_ce: bool
     grad_enabled: bool  # autograd records this call (ctx.needs_input_grad ignores no_grad)
+    weighted: bool  # the caller passed token_weights (else they are all 1: no chunk is skipped)
 
 
 def fused_linear_kd_loss(
@@ -130,7 +138,7 @@ def fused_linear_kd_loss(
         tp_group=tp_group, layout=layout, reverse=kind == "reverse_kl", temperature=float(temperature),
         chunk_tokens=chunk_tokens or default_chunk_tokens(layout.student_local),
         ce_weight=float(ce_weight) if with_ce else 0.0, with_ce=with_ce,
-        grad_enabled=torch.is_grad_enabled(),
+        grad_enabled=torch.is_grad_enabled(), weighted=token_weights is not None,
     )
     weights = (torch.ones(h_s.shape[0], dtype=torch.float32, device=h_s.device) if token_weights is None
                else token_weights.detach().reshape(-1).float())  # [tokens]
@@ -152,11 +160,12 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_h = torch.zeros(n, h_s.shape[1], dtype=torch.float32, device=h_s.device) if want_h else None
         grad_w = torch.empty_like(w_s, dtype=_acc_dtype(w_s)) if want_w else None  # the first chunk writes it
         written = False  # grad_w: the first chunk with a gradient writes it
-        for rows in _token_slices(n, cfg.chunk_tokens):
+        slices = _token_slices(n, cfg.chunk_tokens)
+        # One host read for all chunks, not one per chunk: a fully masked chunk gets losses only.
+        with_grad = _weighted_chunks(weights, slices, cfg) if want_h or want_w else [False] * len(slices)
+        for rows, want_grad in zip(slices, with_grad):
             s, t = _chunk_logits(h_s, w_s, h_t, w_t, rows)
-            coef = weights[rows]
-            want_grad = (want_h or want_w) and bool((coef != 0).any())  # a fully masked chunk: losses only
-            per_token[:, rows], g = _forward_chunk(s, t, labels[rows], coef, cfg, want_grad)
+            per_token[:, rows], g = _forward_chunk(s, t, labels[rows], weights[rows], cfg, want_grad)
             if g is not None:
                 _accumulate(g, h_s, w_s, rows, grad_h, grad_w, first=not written)
                 written = True
@@ -177,28 +186,45 @@ class _FusedLinearKD(torch.autograd.Function):
         ctx.grad_h = ctx.grad_w = None  # once_differentiable: free them with the graph
         g_kd = _upstream(grad_kd, h_s.shape[0], h_s.device)
         g_ce = _upstream(grad_ce if cfg.with_ce else None, h_s.shape[0], h_s.device)
-        on = weights != 0
-        lam = _most_common(g_kd[on] / weights[on])
+        lam = _most_common(g_kd / weights, weights != 0)  # on the device: no host read
         d_kd, d_ce = g_kd - lam * weights, g_ce - lam * cfg.ce_weight * weights  # what the sums missed
         if grad_h is not None:
             grad_h.mul_(lam)
         if grad_w is not None:
             grad_w.mul_(lam)
-        fix = torch.nonzero((d_kd != 0) | (d_ce != 0)).view(-1)  # tokens to recompute
-        for part in _token_slices(fix.numel(), cfg.chunk_tokens):
-            rows = fix[part]
-            if rows.numel() == 0:
-                continue
-            s, t = _chunk_logits(h_s, w_s, h_t, w_t, rows)
-            g = _recomputed_grad(s, t, labels[rows], per_token[:, rows], d_kd[rows], d_ce[rows], cfg)
-            _accumulate(g, h_s, w_s, rows, grad_h, grad_w)
-            del s, t, g
-        if grad_h is not None and cfg.layout.tp_size > 1:
-            # Each rank's sum covers its vocab slice only: d loss / d h_s is their sum.
-            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=cfg.tp_group)
-        out_h = grad_h.to(h_s.dtype) if grad_h is not None else None
+        # d_ce is all 0 without a CE upstream and ce_weight: their corrections skip the CE terms.
+        ce_terms = cfg.with_ce and (grad_ce is not None or cfg.ce_weight != 0)
+        need = (d_kd != 0) | (d_ce != 0)  # [tokens]: to recompute
+        n_fix = need.sum().tolist()  # backward's one host read (none per chunk)
+        if n_fix:  # their ids in increasing order, as torch.nonzero would give (without its host read)
+            fix = torch.argsort(need.logical_not().to(torch.uint8), stable=True)[:n_fix]
+            for part in _token_slices(n_fix, cfg.chunk_tokens):
+                rows = fix[part]
+                s, t = _chunk_logits(h_s, w_s, h_t, w_t, rows)
+                g = _recomputed_grad(s, t, labels[rows], per_token[:, rows], d_kd[rows], d_ce[rows], cfg, ce_terms)
+                _accumulate(g, h_s, w_s, rows, grad_h, grad_w)
+                del s, t, g
+        out_h = grad_h.to(h_s.dtype) if grad_h is not None else None  # [tokens, h_s]
+        if out_h is not None and cfg.layout.tp_size > 1:
+            # Each rank's sum covers its vocab slice only: d loss / d h_s is their sum. Reduced in
+            # the activations' dtype, as Megatron's ColumnParallelLinear reduces its input gradient
+            # (a float32 reduce would move twice the bytes of a bf16 model's).
+            dist.all_reduce(out_h, op=dist.ReduceOp.SUM, group=cfg.tp_group)
         out_w = grad_w.to(w_s.dtype) if grad_w is not None else None
         return out_h, out_w, None, None, None, None, None
+
+
+def _weighted_chunks(weights: torch.Tensor, slices, cfg: _FusedConfig) -> List[bool]:
+    """For each chunk of `slices` (consecutive, `cfg.chunk_tokens` each, the last maybe
+    shorter): does it hold a token of nonzero weight? One host read for all chunks (a
+    per-chunk `bool(...)` would stop the host once per chunk on a GPU); none without
+    token weights, which are then all 1."""
+    if not cfg.weighted:
+        return [True] * len(slices)
+    size = len(slices) * cfg.chunk_tokens
+    on = torch.zeros(size, dtype=torch.bool, device=weights.device)  # padded to whole chunks
+    on[: weights.shape[0]] = weights != 0
+    return on.view(len(slices), cfg.chunk_tokens).any(dim=1).tolist()
 
 
 def _chunk_logits(h_s, w_s, h_t, w_t, rows):
@@ -242,19 +268,24 @@ def _forward_chunk(s, t, labels, coef, cfg: _FusedConfig, want_grad: bool):
     per_token = _reduce_chunk(kd_stats, ce_stats, cfg)
     if not want_grad:
         return per_token, None
+    # A chunk with a gradient holds a token of nonzero weight: its CE part is nonzero iff ce_weight is.
     return per_token, _grad_in_place(s, other, labels, per_token, kd_stats, coef, coef * cfg.ce_weight, cfg,
-                                     scratch)
+                                     scratch, ce_grad=cfg.with_ce and cfg.ce_weight != 0)
 
 
-def _recomputed_grad(s, t, labels, per_token, coef_kd, coef_ce, cfg: _FusedConfig):
+def _recomputed_grad(s, t, labels, per_token, coef_kd, coef_ce, cfg: _FusedConfig, ce_terms: bool = True):
     """Backward's correction for some tokens: d(sum coef_kd * KD + coef_ce * CE)/d s from
     their recomputed logits and the per-token results of forward (no TP communication:
-    the local maxima need not match forward's). Float32 [chunk, V_s/tp], over `s`."""
+    the local maxima need not match forward's). Float32 [chunk, V_s/tp], over `s`.
+    `ce_terms` false: coef_ce is known to be all 0."""
     s, t = s.float(), t.float()
     scratch = _scratch_for(s)
     _scale_kd_columns(s, t, cfg)
     kd_stats, other = _kd_partials(s[:, : cfg.layout.n_valid], t, cfg.reverse, scratch)
-    return _grad_in_place(s, other, labels, per_token, kd_stats, coef_kd, coef_ce, cfg, scratch)
+    # CE terms unless known (on the host) to be 0: where coef_ce is 0 they add exact zeros, and
+    # asking the device whether any is nonzero would cost a host read per chunk.
+    return _grad_in_place(s, other, labels, per_token, kd_stats, coef_kd, coef_ce, cfg, scratch,
+                          ce_grad=cfg.with_ce and ce_terms)
 
 
 def _scale_kd_columns(s, t, cfg: _FusedConfig) -> None:
@@ -354,8 +385,10 @@ def _reduce_chunk(kd_stats, ce_stats, cfg: _FusedConfig) -> torch.Tensor:
     return torch.stack([lse_s, lse_t, kl, lse_ce, lse_ce - sums[4]])
 
 
-def _grad_in_place(s, other, labels, per_token, kd_stats, coef_kd, coef_ce, cfg: _FusedConfig, scratch):
+def _grad_in_place(s, other, labels, per_token, kd_stats, coef_kd, coef_ce, cfg: _FusedConfig, scratch,
+                   ce_grad: bool):
     """G = d(coef_kd * KD + coef_ce * CE)/d s, written over `s` (float32 [chunk, V_s/tp]).
+    `ce_grad` false: coef_ce is known (on the host) to be all 0, so the CE terms are skipped.
 
     s[:, :n_valid] holds e_s and `other` e_t or u (`_kd_partials`); s's padding columns
     the unscaled logits. With q = softmax(s/T) = e_s e^(m_s - lse_s), p = e_t e^(m_t - lse_t):
@@ -367,7 +400,6 @@ def _grad_in_place(s, other, labels, per_token, kd_stats, coef_kd, coef_ce, cfg:
     n, temp = cfg.layout.n_valid, cfg.temperature
     lse_s, lse_t, kl, lse_ce = per_token[0], per_token[1], per_token[2], per_token[3]
     m_s, m_t = (kd_stats[0], kd_stats[1]) if cfg.reverse else (kd_stats[1], kd_stats[0])
-    ce_grad = cfg.with_ce and bool((coef_ce != 0).any())
     e_s = s[:, :n]  # [chunk, n_valid]
     if n > 0:
         a = temp * coef_kd * torch.exp(m_s - lse_s)  # [chunk]
@@ -423,12 +455,22 @@ def _upstream(grad: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
     return grad.reshape(-1).float()
 
 
-def _most_common(values: torch.Tensor) -> torch.Tensor:
-    """The most frequent entry (a 0-dim tensor): the scale the precomputed sums get."""
+def _most_common(values: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """The most frequent of values[on] (the smallest of equally frequent ones; 0 when no entry
+    is on), a 0-dim tensor: the scale the precomputed sums get. The value of
+    `torch.unique(values[on], return_counts=True)`'s most counted entry, in fixed-size ops:
+    `values[on]` and `torch.unique` have data-dependent sizes, which the host must read."""
     if values.numel() == 0:
         return values.new_zeros(())
-    unique, counts = torch.unique(values, return_counts=True)
-    return unique[counts.argmax()]
+    keyed = torch.where(on, values, torch.full_like(values, float("inf")))  # off entries: counted 0
+    ordered, order = torch.sort(keyed)  # [n]
+    new_run = torch.ones_like(on)
+    new_run[1:] = ordered[1:] != ordered[:-1]
+    run = torch.cumsum(new_run, dim=0) - 1  # [n] run id of each sorted entry, runs in increasing value
+    counts = torch.zeros_like(run).scatter_add_(0, run, on[order].long())  # [n] entries on per run
+    best = counts.argmax()  # the first of the most counted: the smallest value
+    value = ordered[(run == best).int().argmax()]  # the run's first entry
+    return torch.where(counts[best] > 0, value, torch.zeros_like(value))
 
 
 # --------------------------------------------------------------- teacher rows at mismatched padding
@@ -439,11 +481,11 @@ def _teacher_rows(teacher_weight, layout: VocabLayout, group, cache: Optional[di
     if layout.aligned:
         return teacher_weight[: layout.n_valid]  # a view: same ids, same rank
     key = (teacher_weight.data_ptr(), teacher_weight._version, layout)
-    hit = cache is not None and cache.get("key") == key
-    # Ranks must agree, or one would broadcast while another waits: a 1-int all_reduce.
-    miss = torch.tensor([0 if hit else 1], device=teacher_weight.device)
-    dist.all_reduce(miss, op=dist.ReduceOp.MAX, group=group)
-    if miss.item() == 0:
+    # Ranks must agree, or one would broadcast while another waits. They do without asking
+    # each other (a host read per microbatch): every rank calls with the same arguments, and
+    # its teacher shard is loaded, moved or cast when the others' are, which is when the key
+    # changes (data_ptr, version); the cache is the caller's, kept as long on every rank.
+    if cache is not None and cache.get("key") == key:
         return cache["rows"]
     rows = _fetch_teacher_rows(teacher_weight, layout, group)
     if cache is not None:

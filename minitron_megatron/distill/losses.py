@@ -365,27 +365,46 @@ def _impl(name: str):
 # ------------------------------------------------------------- vocab layout and chunks
 
 
+_LAYOUTS: dict = {}
+"""Resolved layouts by (tp size, tp rank, local slice sizes, true vocab): see `resolve_layout`."""
+_MAX_LAYOUTS = 64
+
+
 def resolve_layout(tp_group, student_shape, teacher_shape, true_vocab_size,
                    student_vocab_start=None, teacher_vocab_start=None,
                    device=torch.device("cpu")) -> VocabLayout:
     """Check both slicings cover the true vocab; decide, identically on every rank, if they align.
 
-    One small all_gather (5 ints per rank) when TP > 1.
+    One small all_gather (5 ints per rank) when TP > 1, and a host read of its result, the
+    first time a layout is seen: with the default starts (tp_rank x local size) the layout is
+    a function of the TP size and rank, both local slice sizes and the true vocab, so it is
+    cached under them. Every rank calls with the same shapes, so all hit or all miss (the
+    token counts are compared on that first call only). Explicit starts are gathered every call.
     """
     tp_size, tp_rank = _group_size_rank(tp_group)
     n_tokens, s_local = student_shape
     t_local = teacher_shape[1]
+    key = None
+    if student_vocab_start is None and teacher_vocab_start is None:
+        key = (tp_size, tp_rank, s_local, t_local, int(true_vocab_size))
+        if key in _LAYOUTS:
+            return _LAYOUTS[key]
     s_start = tp_rank * s_local if student_vocab_start is None else int(student_vocab_start)
     t_start = tp_rank * t_local if teacher_vocab_start is None else int(teacher_vocab_start)
     mine = torch.tensor([n_tokens, s_start, s_local, t_start, t_local], dtype=torch.int64)
     table = _all_gather_ints(mine, tp_group, tp_size, device)  # [tp, 5]
     _check_table(table, true_vocab_size)
     aligned = all(_rank_aligned(row, true_vocab_size) for row in table.tolist())
-    return VocabLayout(
+    layout = VocabLayout(
         tp_size=tp_size, student_start=s_start, student_local=s_local, teacher_start=t_start,
         teacher_local=t_local, true_vocab_size=int(true_vocab_size),
         teacher_starts=tuple(table[:, 3].tolist()), aligned=aligned,
     )
+    if key is not None:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:  # the same on every rank: they see the same shapes
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[key] = layout
+    return layout
 
 
 def _rank_aligned(row, vocab: int) -> bool:

@@ -165,6 +165,19 @@ def _intermediate_problems(cfg: DistillCommand, ctx: ParallelContext, teacher: R
     return problems
 
 
+def _teacher_precision_problems(cfg: DistillCommand, ctx: ParallelContext, teacher: RunModel) -> List[str]:
+    """teacher.precision=fp8's needs (local spec, an FP8-capable GPU, every local GEMM dimension
+    a multiple of 16 at this TP size) from the teacher's model.yaml: checked here, before the
+    build and the checkpoint load (minutes at 70B), not by the first FP8 GEMM after them. A
+    pruned teacher (a search round's winner, hidden in steps of 8) can miss the last one."""
+    if cfg.teacher.precision != "fp8":
+        return []
+    from minitron_megatron.model.fp8 import fp8_problems
+
+    return [f"teacher.precision=fp8 with {teacher.setting}={teacher.path}: {p}; use teacher.precision=bf16 "
+            "for this teacher" for p in fp8_problems(teacher.cfg, ctx.tp_size, ctx.device)]
+
+
 def check_distill(cfg: DistillCommand, ctx: ParallelContext, data_tokenizer: str) -> Tuple[RunModel, RunModel]:
     """(teacher, student) run models once every check passed; else one ConfigError."""
     problems = settings_problems(cfg, ctx)
@@ -183,6 +196,7 @@ def check_distill(cfg: DistillCommand, ctx: ParallelContext, data_tokenizer: str
     problems += _model_problems(student, parallel, ctx.tp_size)
     problems += _model_problems(teacher, teacher_parallel(parallel, student.cfg, teacher.cfg), ctx.tp_size)
     problems += _intermediate_problems(cfg, ctx, teacher, student)
+    problems += _teacher_precision_problems(cfg, ctx, teacher)
     if problems:
         raise ConfigError(problems)
     return teacher, student

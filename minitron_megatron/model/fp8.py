@@ -31,6 +31,66 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 SCALINGS = ("token", "tensor")
 LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 _MIN_AMAX = 1e-12  # an all-zero row or token gets a harmless scale, not a division by zero
+GEMM_MULTIPLE = 16
+"""Every dimension of an FP8 GEMM's operands but the token count must be a multiple of this on
+CUDA (`torch._scaled_mm`: the weight's both dimensions, so each linear's local in and out)."""
+MIN_CAPABILITY = (8, 9)
+"""CUDA compute capability with FP8 tensor cores (Ada 8.9, Hopper 9.0 and later)."""
+
+
+def fp8_problems(cfg, tp: int, device: torch.device) -> List[str]:
+    """Why the transformer linears of a GPTModel built from `cfg` (a resolved ModelConfig) at
+    tensor-parallel size `tp` on `device` cannot run as FP8 GEMMs (`convert_to_fp8`); [] if
+    they can. Reads settings only, so a caller can refuse before loading any weight: each
+    problem names the model settings it comes from and what is allowed.
+
+    Sizes a TP split leaves fractional are `validate_model`'s to report and skipped here.
+    """
+    problems = []
+    if cfg.transformer_impl != "local":
+        problems.append(f"model.transformer_impl={cfg.transformer_impl}: FP8 GEMMs replace the GEMMs of "
+                        "Megatron's local spec (allowed: local; Transformer Engine layers have FP8 recipes "
+                        "of their own)")
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if tuple(capability) < MIN_CAPABILITY:
+            problems.append(f"device={device} is {torch.cuda.get_device_name(device)} with compute capability "
+                            f"{capability[0]}.{capability[1]}: FP8 GEMMs need "
+                            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ada, Hopper, Blackwell)")
+    for setting, size, gemms in _local_gemm_dims(cfg, tp):
+        if size % GEMM_MULTIPLE:
+            problems.append(f"{setting} = {size} ({gemms}, at parallel.tp={tp}) is not a multiple of "
+                            f"{GEMM_MULTIPLE}: every local dimension of an FP8 GEMM must be one")
+    return problems
+
+
+def _local_gemm_dims(cfg, tp: int) -> List[Tuple[str, int, str]]:
+    """(the settings a dimension comes from, its size on one TP rank, the GEMMs it belongs to)
+    for every linear `convert_to_fp8` converts. Column-parallel linears (qkv, fc1) split their
+    output over TP, row-parallel ones (proj, fc2) their input; routed experts are whole on their
+    EP rank (expert TP = 1, as model/build.py builds them), shared experts split like a dense MLP."""
+    heads, groups, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
+    dims = [("model.hidden_size", cfg.hidden_size, "linear_qkv/linear_fc1 input, linear_proj/linear_fc2 output")]
+
+    def split(setting: str, size: int, gemms: str, shards: int) -> None:
+        if size % shards == 0:
+            dims.append((setting if shards == 1 else f"{setting} / parallel.tp", size // shards, gemms))
+
+    split("(model.num_attention_heads + 2 x model.num_query_groups) x model.kv_channels",
+          (heads + 2 * groups) * d, "linear_qkv output", tp)
+    split("model.num_attention_heads x model.kv_channels", heads * d, "linear_proj input", tp)
+    mlps = [("model.moe_ffn_hidden_size", cfg.moe_ffn_hidden_size, "each routed expert's", 1),
+            ("model.moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size,
+             "the shared expert's", tp)] if cfg.is_moe else [("model.ffn_hidden_size", cfg.ffn_hidden_size, "the MLP's", tp)]
+    for setting, width, whose, shards in mlps:
+        if width is None:  # no shared expert
+            continue
+        if cfg.gated_linear_unit:  # fc1 holds [gate; up]: twice the width
+            split(setting, width, f"{whose} linear_fc2 input", shards)
+            split(f"2 x {setting}", 2 * width, f"{whose} linear_fc1 output ([gate; up])", shards)
+        else:
+            split(setting, width, f"{whose} linear_fc1 output and linear_fc2 input", shards)
+    return dims
 
 
 def quantize_rows(x: torch.Tensor, scaling: str = "token",
@@ -39,15 +99,48 @@ def quantize_rows(x: torch.Tensor, scaling: str = "token",
 
     "token": one scale per row; "tensor": one for all rows (repeated, see the module docstring).
     With `amax_group`, x is this rank's slice of K and the amax is that of the whole K.
+    One read of x for the amax and one for the scaled cast; neither makes a float32 copy of x
+    (a bf16 activation used to get three, alive together): the result is bitwise the same as
+    `(x.float() / scale).clamp(-448, 448).to(e4m3)` with `scale` from `x.float().abs()`'s amax.
     """
     if scaling not in SCALINGS:
         raise ValueError(f"activation scaling {scaling!r} is not one of {list(SCALINGS)}")
-    x = x.float()
-    amax = x.abs().amax(dim=-1, keepdim=True) if scaling == "token" else x.abs().amax().reshape(1, 1)
+    amax = _amax(x, scaling)  # float32 [M, 1] or [1, 1]
     if amax_group is not None and dist.get_world_size(amax_group) > 1:
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=amax_group)
     scale = (amax.clamp(min=_MIN_AMAX) / FP8_MAX).expand(x.shape[0], 1).contiguous()  # [M, 1]
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return _scaled_cast(x, scale), scale
+
+
+def _amax(x: torch.Tensor, scaling: str) -> torch.Tensor:
+    """max |x| per row ([M, 1]) or overall ([1, 1]), float32, as max(max x, -min x) in x's own
+    dtype: no |x| temporary, and exact (a max selects a value; bf16 -> float32 is exact)."""
+    if scaling == "token":
+        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)  # [M, 1] each
+    else:
+        lo, hi = (v.reshape(1, 1) for v in torch.aminmax(x))
+    return torch.maximum(hi, lo.neg()).float()
+
+
+_CAST_BLOCK_ELEMENTS = 1 << 20
+"""The scaled cast goes through a float32 scratch of at most this many elements (4 MiB; at
+least one row), a block of rows at a time, instead of a float32 copy of the whole activation."""
+
+
+def _scaled_cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 of x / scale (x [M, K] any float dtype, scale float32 [M, 1]), clamped to e4m3's range.
+
+    The division runs in float32 (the promoted dtype of x and scale, so the same values as
+    x.float() / scale) into a block-sized scratch, clamped there, then cast into the output."""
+    m, k = x.shape
+    out = torch.empty(m, k, dtype=FP8, device=x.device)  # [M, K]
+    rows = max(1, min(m, _CAST_BLOCK_ELEMENTS // max(k, 1)))
+    scratch = torch.empty(rows, k, dtype=torch.float32, device=x.device)  # [rows, K]
+    for start in range(0, m, rows):
+        stop = min(m, start + rows)
+        block = torch.div(x[start:stop], scale[start:stop], out=scratch[: stop - start])
+        out[start:stop].copy_(block.clamp_(-FP8_MAX, FP8_MAX))
+    return out
 
 
 class Fp8Gemm(torch.nn.Module):

@@ -154,3 +154,69 @@ def test_state_losses_are_zero_for_equal_states():
     assert per_token_state_loss(h, h.clone(), "cosine").abs().max() < 1e-6
     assert per_token_state_loss(h, h.clone(), "mse").abs().max() == 0
     assert per_token_state_loss(h, -h, "cosine").sub(2).abs().max() < 1e-6
+
+
+# ---- teacher.precision=fp8: its needs, from model.yaml, before any weight is read ---------------
+
+FP8_BAD = replace(TEACHER, hidden_size=72, ffn_hidden_size=200, kv_channels=12,
+                  transformer_impl="transformer_engine")
+"""A teacher no FP8 GEMM can run at TP=2: hidden in a step of 8 (as a pruned round-teacher can
+have), 4 heads x 12 / 2 = 24 per rank, FFN 200 / 2 = 100 (and its [gate; up] 200), TE layers."""
+
+
+def test_fp8_teacher_needs_are_all_listed_before_any_load(dirs, monkeypatch):
+    """Catches the FP8 teacher's needs checked only once the teacher is built and loaded (minutes
+    at 70B) or one at a time: every one is in the one ConfigError, naming the settings and what
+    is allowed, and neither the build nor the checkpoint load ran (both would raise here)."""
+    from minitron_megatron.checkpoint import dist as ckpt
+    from minitron_megatron.distill import loop
+    from minitron_megatron import model as model_pkg
+
+    def never(*args, **kwargs):
+        raise AssertionError("the teacher was built or loaded before the FP8 checks")
+
+    monkeypatch.setattr(ckpt, "load_checkpoint", never)
+    monkeypatch.setattr(model_pkg, "build_gpt_model", never)
+    monkeypatch.setattr(loop.ckpt, "load_checkpoint", never)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    tmp_path, teacher, student, tok = dirs
+    rd.write_model_yaml(teacher, FP8_BAD, 4096, tok)
+    cfg = _cfg(tmp_path, teacher, student)
+    cfg.teacher.precision = "fp8"
+    ctx = replace(_ctx(tp=2), device=torch.device("cuda", 0))
+    with pytest.raises(ConfigError) as err:
+        check_distill(cfg, ctx, tok)
+    problems = [p for p in err.value.problems if p.startswith("teacher.precision=fp8")]
+    prefix = f"teacher.precision=fp8 with teacher.load={teacher}: "
+    expected = [
+        "model.transformer_impl=transformer_engine: FP8 GEMMs replace the GEMMs of Megatron's local spec "
+        "(allowed: local",
+        "device=cuda:0 is NVIDIA A100 with compute capability 8.0: FP8 GEMMs need 8.9 or newer",
+        "model.hidden_size = 72 (linear_qkv/linear_fc1 input, linear_proj/linear_fc2 output, at parallel.tp=2) "
+        "is not a multiple of 16: every local dimension of an FP8 GEMM must be one",
+        "model.num_attention_heads x model.kv_channels / parallel.tp = 24 (linear_proj input",
+        "model.ffn_hidden_size / parallel.tp = 100 (the MLP's linear_fc2 input",
+        "2 x model.ffn_hidden_size / parallel.tp = 200 (the MLP's linear_fc1 output ([gate; up])",
+    ]
+    assert len(problems) == len(expected), problems
+    for problem, start in zip(problems, expected):
+        assert problem.startswith(prefix + start) and problem.endswith("use teacher.precision=bf16 for this "
+                                                                       "teacher"), problem
+    cfg.teacher.precision = "bf16"  # the same teacher in bf16 passes
+    assert check_distill(cfg, ctx, tok)[0].cfg.hidden_size == 72
+
+
+def test_fp8_teacher_that_fits_passes_and_moe_widths_split_as_built():
+    """The presets' shapes pass at TP=2 on CPU; MoE: routed experts are whole on each rank
+    (expert TP = 1), the shared expert splits over TP. Catches a check that refuses every
+    teacher or divides the wrong widths by TP."""
+    from minitron_megatron.model.fp8 import fp8_problems
+
+    cpu = torch.device("cpu")
+    assert fp8_problems(TEACHER.resolved(), 2, cpu) == []
+    moe = replace(TEACHER, num_moe_experts=4, moe_ffn_hidden_size=40, moe_shared_expert_intermediate_size=48,
+                  gated_linear_unit=False).resolved()
+    assert [p.split(" (")[0] for p in fp8_problems(moe, 2, cpu)] == [
+        "model.moe_ffn_hidden_size = 40",  # not 40 / 2 = 20: experts are whole
+        "model.moe_shared_expert_intermediate_size / parallel.tp = 24"]  # not 48: split over TP

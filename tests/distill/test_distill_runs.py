@@ -150,6 +150,33 @@ def test_missing_teacher_fails_fast(pair, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_fp8_teacher_that_cannot_run_fails_before_loading(pair, tmp_path):
+    """Catches the FP8 teacher's needs found only after its checkpoint loaded (minutes at 70B):
+    a teacher whose model.yaml says hidden 72 and FFN 200 (a pruned round-teacher's steps of 8)
+    and whose checkpoint holds no weights at all (so any build+load would fail otherwise)
+    exits 2 with every FP8 problem in one message and writes nothing."""
+    import yaml
+
+    teacher = tmp_path / "teacher"
+    source = Path(pair[0].split("=", 1)[1])
+    teacher.mkdir()
+    shutil.copy(source / rd.TOKENIZER, teacher / rd.TOKENIZER)
+    body = yaml.safe_load((source / rd.MODEL_YAML).read_text())
+    body["model"].update(hidden_size=72, ffn_hidden_size=200)
+    (teacher / rd.MODEL_YAML).write_text(yaml.safe_dump(body))
+    (teacher / "checkpoint" / "iter_0000001").mkdir(parents=True)  # committed, and empty
+    (teacher / "checkpoint" / "latest_checkpointed_iteration.txt").write_text("1\n")
+    proc = distill(f"teacher.load={teacher}", pair[1], "teacher.precision=fp8", f"save={tmp_path / 'run'}",
+                   check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("error: ") == 1, proc.stderr[-2000:]  # one message, one problem a line
+    fp8 = [line for line in proc.stderr.splitlines() if "teacher.precision=fp8 with" in line]
+    assert [line.split(": ", 1)[1].split(" (")[0] for line in fp8] == [
+        "model.hidden_size = 72", "model.ffn_hidden_size = 200"], fp8  # at TP=1; 2 x 200 is a multiple of 16
+    assert "checkpoint" not in proc.stderr.replace(str(teacher), "")
+    assert not (tmp_path / "run").exists()
+
+
 def test_fp8_teacher_through_the_command_at_pp2(logit_run, pair, tmp_path):
     """Catches `teacher.precision=fp8` broken in the command (not applied, FP8 data cast by a
     later `.to()`, its bf16 activations mis-sent between stages beside the float32 student):

@@ -255,6 +255,89 @@ def test_unused_ce_output_costs_no_correction():
     assert_loss_close(ce, reference(case)["ce"])
 
 
+# ------------------------------------------------------------------ host syncs and the TP reduce dtype
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+              "unique")
+"""Tensor methods that make the host wait for the device (on a GPU) when they read a device tensor."""
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts host reads of tensors: the methods above, torch.nonzero / unique / equal, and
+    indexing by a boolean tensor (its result size is data-dependent). On CPU nothing waits,
+    but each of these would stop the host on CUDA until the device caught up."""
+    calls = []
+
+    def spy(name, real):
+        def wrapped(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return wrapped
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    for name in ("nonzero", "unique", "equal", "argwhere", "masked_select"):
+        monkeypatch.setattr(torch, name, spy(f"torch.{name}", getattr(torch, name)))
+    real_getitem = torch.Tensor.__getitem__
+
+    def getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
+            calls.append("bool index")
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
+    return calls
+
+
+@pytest.mark.parametrize("upstream, weighted", [("masked", True), ("uniform", False), ("random", True)])
+def test_host_reads_do_not_grow_with_the_chunk_count(host_reads, upstream, weighted):
+    """Catches a host-device sync per chunk (a `bool(t.any())`, `.item()`, `torch.nonzero`
+    or `torch.unique` on the chunk path, each stopping the host on a GPU) and a vocab layout
+    gathered and read every microbatch: forward + backward of one microbatch read the device
+    at most twice (forward: which chunks have a token of nonzero weight, only when given a
+    loss mask; backward: how many tokens to recompute), for 12 chunks as for one."""
+    counts = {}
+    for chunk_tokens in (None, 1):
+        case = Case("syncs", kind="reverse_kl", temperature=2.0, teacher_padded=1152, upstream=upstream,
+                    chunk_tokens=chunk_tokens, seed=16)
+        mask = _loss_mask(case) if weighted else None
+        ours(case, token_weights=mask)  # the first microbatch of a shape resolves the vocab layout
+        host_reads.clear()
+        result = ours(case, token_weights=mask)
+        counts[chunk_tokens] = list(host_reads)
+        assert_matches(result, reference(case))
+    print(f"host reads per microbatch: {counts}")
+    assert counts[1] == counts[None] and len(counts[1]) <= 2, counts
+    assert len(counts[1]) == (2 if weighted else 1), counts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hidden_gradient_is_reduced_over_tp_in_the_activation_dtype(monkeypatch, dtype):
+    """Catches grad_h all-reduced over TP in float32 for bf16 activations (twice the bytes of
+    Megatron's own input-gradient reduce): with a TP=2 layout (all-reduces recorded, not
+    run), the [tokens, h_s] reduce is in the hidden states' dtype and its result is what
+    reaches h_s.grad."""
+    import dataclasses
+
+    reduced = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None, group=None: reduced.append(t))
+    real_layout = fused_linear.resolve_layout
+    monkeypatch.setattr(fused_linear, "resolve_layout",
+                        lambda *a, **k: dataclasses.replace(real_layout(*a, **k), tp_size=2))
+    h_s, w_s, h_t, w_t, labels, up_kd, up_ce = case_inputs(Case("dtype", upstream="random", seed=17))
+    h, w = h_s.to(dtype).requires_grad_(), w_s.to(dtype).requires_grad_()
+    kd, ce = fused_linear_kd_loss(h, w, h_t.to(dtype), w_t.to(dtype), labels, tp_group=None,
+                                  true_vocab_size=TRUE_VOCAB, ce_weight=0.5, chunk_tokens=5)
+    ((kd * up_kd).sum() + (ce * up_ce).sum()).backward()
+    grad_reduces = [t for t in reduced if t.shape == (h_s.numel() // H_S, H_S)]
+    assert len(grad_reduces) == 1 and grad_reduces[0].dtype == dtype
+    assert torch.equal(h.grad.view(-1, H_S), grad_reduces[0])
+    assert all(t.dtype == torch.float32 for t in reduced if t is not grad_reduces[0])  # the loss partials
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [(dict(kind="kl"), "kind="), (dict(temperature=0.0), "temperature"), (dict(true_vocab_size=1100), "cover"),
