@@ -190,6 +190,12 @@ def check_distill(cfg: DistillCommand, ctx: ParallelContext, data_tokenizer: str
     if len(sides) < 2:
         raise ConfigError(problems)
     teacher, student = sides
+    if "transformer_impl" in cfg.model_overrides:  # a run setting: the teacher runs on it too
+        teacher = replace(teacher, cfg=replace(teacher.cfg, transformer_impl=cfg.model.transformer_impl))
+    if cfg.teacher.precision == "fp8" and teacher.cfg.transformer_impl == "auto":
+        # FP8 GEMMs replace the local spec's linears: an FP8 teacher never resolves auto to
+        # Transformer Engine (SDPA's layers are the local spec's, with fused core attention).
+        teacher = replace(teacher, cfg=replace(teacher.cfg, transformer_impl="sdpa"))
     problems += _pair_problems(cfg, teacher, student, data_tokenizer)
     problems += _seq_length_problems(cfg, teacher, student)
     parallel = replace(cfg.parallel, tp=ctx.tp_size, pp=ctx.pp_size)  # the sizes this run has

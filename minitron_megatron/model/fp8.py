@@ -46,11 +46,13 @@ def fp8_problems(cfg, tp: int, device: torch.device) -> List[str]:
 
     Sizes a TP split leaves fractional are `validate_model`'s to report and skipped here.
     """
+    from minitron_megatron.model.build import transformer_impl
+
     problems = []
-    if cfg.transformer_impl != "local":
-        problems.append(f"model.transformer_impl={cfg.transformer_impl}: FP8 GEMMs replace the GEMMs of "
-                        "Megatron's local spec (allowed: local; Transformer Engine layers have FP8 recipes "
-                        "of their own)")
+    if transformer_impl(cfg, device) == "transformer_engine":
+        problems.append(f"model.transformer_impl={cfg.transformer_impl} builds Transformer Engine layers: FP8 "
+                        "GEMMs replace the GEMMs of Megatron's local spec (allowed: sdpa or local; Transformer "
+                        "Engine layers have FP8 recipes of their own)")
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         if tuple(capability) < MIN_CAPABILITY:

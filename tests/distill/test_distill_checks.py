@@ -158,10 +158,10 @@ def test_state_losses_are_zero_for_equal_states():
 
 # ---- teacher.precision=fp8: its needs, from model.yaml, before any weight is read ---------------
 
-FP8_BAD = replace(TEACHER, hidden_size=72, ffn_hidden_size=200, kv_channels=12,
-                  transformer_impl="transformer_engine")
+FP8_BAD = replace(TEACHER, hidden_size=72, ffn_hidden_size=200, kv_channels=12)
 """A teacher no FP8 GEMM can run at TP=2: hidden in a step of 8 (as a pruned round-teacher can
-have), 4 heads x 12 / 2 = 24 per rank, FFN 200 / 2 = 100 (and its [gate; up] 200), TE layers."""
+have), 4 heads x 12 / 2 = 24 per rank, FFN 200 / 2 = 100 (and its [gate; up] 200); the test
+asks for TE layers (model.transformer_impl, a run setting)."""
 
 
 def test_fp8_teacher_needs_are_all_listed_before_any_load(dirs, monkeypatch):
@@ -184,14 +184,15 @@ def test_fp8_teacher_needs_are_all_listed_before_any_load(dirs, monkeypatch):
     rd.write_model_yaml(teacher, FP8_BAD, 4096, tok)
     cfg = _cfg(tmp_path, teacher, student)
     cfg.teacher.precision = "fp8"
+    cfg.model.transformer_impl, cfg.model_overrides = "transformer_engine", ["transformer_impl"]
     ctx = replace(_ctx(tp=2), device=torch.device("cuda", 0))
     with pytest.raises(ConfigError) as err:
         check_distill(cfg, ctx, tok)
     problems = [p for p in err.value.problems if p.startswith("teacher.precision=fp8")]
     prefix = f"teacher.precision=fp8 with teacher.load={teacher}: "
     expected = [
-        "model.transformer_impl=transformer_engine: FP8 GEMMs replace the GEMMs of Megatron's local spec "
-        "(allowed: local",
+        "model.transformer_impl=transformer_engine builds Transformer Engine layers: FP8 GEMMs replace the "
+        "GEMMs of Megatron's local spec (allowed: sdpa or local",
         "device=cuda:0 is NVIDIA A100 with compute capability 8.0: FP8 GEMMs need 8.9 or newer",
         "model.hidden_size = 72 (linear_qkv/linear_fc1 input, linear_proj/linear_fc2 output, at parallel.tp=2) "
         "is not a multiple of 16: every local dimension of an FP8 GEMM must be one",
