@@ -1,12 +1,12 @@
 """Which experts to drop? 8 -> 4 routed experts of a trained `tiny-moe`, kept by importance
-(the mean output norm over routed tokens), by routing frequency (dropping the least-routed) and
-at random, zero-shot and after the same short distillation from the unpruned teacher.
+(the mean output norm over routed tokens; or that times the routing frequency), by routing
+frequency (dropping the least-routed) and at random, zero-shot and after the same short distillation from the unpruned teacher.
 
     python benchmarks/moe_expert_pruning.py --out /tmp/moe_experts [--teacher RUN] [--train-steps 300]
 
 Without --teacher, `tiny-moe` is trained first (`train model=tiny-moe`). Then the importance
 stage runs once, and for each way of choosing experts the trim stage reuses its scores
-(`prune.stage=trim prune.expert_metric=output_norm|frequency`, `prune.method=random` with
+(`prune.stage=trim prune.expert_metric=output_norm|contribution|frequency`, `prune.method=random` with
 --random-seeds seeds), `evaluate` gives the zero-shot loss and `distill` the loss after
 --kd-steps steps (same schedule, data order and teacher for every student). Ends with a table
 and a JSON line.
@@ -45,6 +45,7 @@ def main() -> None:
         run("prune", f"load={teacher}", *common, "prune.stage=importance", f"save={scores}",
             f"prune.importance.calibration_samples={args.calibration_samples}", "prune.importance.depth_metrics=[]")
     ways = {"importance (output norm)": ["prune.expert_metric=output_norm"],
+            "contribution (norm x freq)": ["prune.expert_metric=contribution"],
             "most routed (frequency)": ["prune.expert_metric=frequency"]}
     ways.update({f"random seed {s}": ["prune.method=random", f"seed={s}"] for s in range(args.random_seeds)})
     results = {}

@@ -34,8 +34,10 @@ DEPTH_METRICS = ("block_importance", "loss_drop", "contiguous")
 """Layer rankings importance can compute (`prune.importance.depth_metrics`) and trimming can
 rank by (`prune.depth_metric`)."""
 
-EXPERT_METRICS = {"output_norm": "moe.expert", "frequency": "moe.expert_frequency"}
-"""`prune.expert_metric` -> the score that ranks routed experts."""
+EXPERT_METRICS = {"output_norm": ("moe.expert",), "frequency": ("moe.expert_frequency",),
+                  "contribution": ("moe.expert", "moe.expert_frequency")}
+"""`prune.expert_metric` -> the scores that rank routed experts (contribution: their product, the
+expert's mean output norm over every token, routed to it or not)."""
 
 
 @dataclass
@@ -106,8 +108,9 @@ class PruneConfig:
     the moments."""
     expert_metric: str = "output_norm"
     """How routed experts are ranked when prune.target.num_moe_experts cuts them: output_norm
-    (moe.expert, the mean norm of the expert's output over its routed tokens) or frequency
-    (moe.expert_frequency, how often the router picks it)."""
+    (moe.expert, the mean norm of the expert's output over its routed tokens), frequency
+    (moe.expert_frequency, how often the router picks it) or contribution (their product: its
+    output norm summed over every token, divided by the token count)."""
     residual_heads: bool = False
     """Fold pruned query heads into kept ones (the paper's head_i + (head_i - head_2K-i+1))."""
     scores: Optional[str] = None

@@ -157,7 +157,9 @@ def _moe_plan(old: ModelConfig, new: ModelConfig, scores, layers: List[int], exp
     shared expert's neurons, per kept layer."""
     experts, expert_ffn = [], []
     for i in layers:
-        kept = _keep_axis(scores, EXPERT_METRICS.get(expert_metric, ""), old.num_moe_experts, new.num_moe_experts, i)
+        kept = list(range(old.num_moe_experts))
+        if new.num_moe_experts < old.num_moe_experts:
+            kept = top_k(expert_ranking(scores, expert_metric)[i], new.num_moe_experts)
         experts.append(kept)
         if new.moe_ffn_hidden_size == old.moe_ffn_hidden_size:
             expert_ffn.append([list(range(old.moe_ffn_hidden_size))] * len(kept))
@@ -235,13 +237,21 @@ def _contiguous_keep(block_scores: torch.Tensor, num_layers: int, drop: int) -> 
     return [i for i in range(num_layers) if i not in dropped]
 
 
+def expert_ranking(scores: Dict[str, torch.Tensor], metric: str) -> torch.Tensor:
+    """[L, E] scores ranking routed experts by `prune.expert_metric` (config/prune.py)."""
+    ranking = scores[EXPERT_METRICS[metric][0]].double()
+    for key in EXPERT_METRICS[metric][1:]:
+        ranking = ranking * scores[key].double()
+    return ranking
+
+
 def _needed_keys(old, new, scores, drop_layers, metric, expert_metric="output_norm") -> List[str]:
     keys = []
     if old.is_moe:
         if new.num_moe_experts < old.num_moe_experts:
             if expert_metric not in EXPERT_METRICS:
                 raise ConfigError(f"prune.expert_metric={expert_metric!r} is not one of {list(EXPERT_METRICS)}")
-            keys.append(EXPERT_METRICS[expert_metric])
+            keys += EXPERT_METRICS[expert_metric]
         if new.moe_ffn_hidden_size < old.moe_ffn_hidden_size:
             keys.append("moe.expert_neuron")
         if (old.moe_shared_expert_intermediate_size or 0) > (new.moe_shared_expert_intermediate_size or 0):

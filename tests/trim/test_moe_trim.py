@@ -224,7 +224,8 @@ def test_moe_targets_that_cannot_work_are_refused_together():
 
 def test_expert_metric_picks_the_score_that_ranks_experts():
     """Catches prune.expert_metric being ignored: output_norm keeps the experts with the largest
-    moe.expert, frequency those the router picks most, whichever the other score says."""
+    moe.expert, frequency those the router picks most, whichever the other score says, and
+    contribution ranks by their product."""
     from minitron_megatron.trim import plan_from_scores, validate_target
 
     cfg = _cfg()
@@ -236,3 +237,7 @@ def test_expert_metric_picks_the_score_that_ranks_experts():
     assert by_norm.experts[2] == KEEP_EXPERTS[2] and by_norm.notes["expert_metric"] == "output_norm"
     assert by_frequency.experts == [[4, 5, 6, 7]] * cfg.num_layers
     assert by_frequency.target_config(cfg).num_moe_experts == 4
+    scores["moe.expert"] = torch.tensor([8.0, 1, 1, 1, 1, 1, 1, 0.5]).repeat(cfg.num_layers, 1)
+    scores["moe.expert_frequency"] = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 100]).repeat(cfg.num_layers, 1)
+    by_product = plan_from_scores(cfg, new, scores, expert_metric="contribution")  # 8, 2, 3, ..., 7, 50
+    assert by_product.experts == [[0, 5, 6, 7]] * cfg.num_layers
