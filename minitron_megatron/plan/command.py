@@ -11,7 +11,7 @@ from minitron_megatron.errors import ConfigError
 from minitron_megatron.plan import memory as M
 from minitron_megatron.plan.estimate import KINDS, Plan, PlanInputs, plan_from_counts
 
-GB, GIB = 1e9, 1 << 30
+GB, GIB, MIB = 1e9, 1 << 30, 1 << 20
 
 
 def _teacher_config(cfg) -> Tuple[ModelConfig, Optional[int], Optional[int]]:
@@ -49,16 +49,21 @@ def _choice_problems(cfg) -> List[str]:
     return problems
 
 
+def _world_problems(cfg) -> List[str]:
+    tp, pp, world, dp = cfg.parallel.tp, cfg.parallel.pp, cfg.plan.world_size, cfg.plan.dp
+    if world is None:
+        return [] if dp >= 1 else [f"plan.dp={dp} must be >= 1"]
+    if world < 1 or world % (tp * pp):
+        return [f"plan.world_size={world} must be a multiple of parallel.tp={tp} x parallel.pp={pp} "
+                "(DP is world_size / (tp * pp))"]
+    return []
+
+
 def _data_parallel(cfg) -> int:
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    """DP of the planned run (checked by `_world_problems`)."""
     if cfg.plan.world_size is None:
-        if cfg.plan.dp < 1:
-            raise ConfigError(f"plan.dp={cfg.plan.dp} must be >= 1")
         return cfg.plan.dp
-    if cfg.plan.world_size < 1 or cfg.plan.world_size % (tp * pp):
-        raise ConfigError(f"plan.world_size={cfg.plan.world_size} must be a multiple of parallel.tp={tp} x "
-                          f"parallel.pp={pp} (DP is world_size / (tp * pp))")
-    return cfg.plan.world_size // (tp * pp)
+    return cfg.plan.world_size // (cfg.parallel.tp * cfg.parallel.pp)
 
 
 def plan_inputs(cfg) -> PlanInputs:
@@ -67,12 +72,15 @@ def plan_inputs(cfg) -> PlanInputs:
     from minitron_megatron.model.build import padded_vocab_size, validate_model
     from minitron_megatron.trim.validate import validate_target
 
-    problems = _choice_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
+    problems = _choice_problems(cfg) + _world_problems(cfg)
     teacher, padded, recorded = _teacher_config(cfg)
     teacher = teacher.resolved()
-    validate_model(teacher, replace(cfg.parallel, pp_layout=None))
+    try:
+        validate_model(teacher, replace(cfg.parallel, pp_layout=None))
+    except ConfigError as err:
+        problems += err.problems
+    if problems:
+        raise ConfigError(problems)
     padded = padded or padded_vocab_size(teacher.vocab_size, teacher.make_vocab_size_divisible_by, cfg.parallel.tp)
     seq = run_seq_length(cfg.seq_length, teacher, recorded, f"load={cfg.load}" if cfg.load else f"model={teacher.name}")
     student = teacher
@@ -104,20 +112,21 @@ def estimate(inp: PlanInputs) -> Plan:
 
 
 def table(plan: Plan, inp: PlanInputs, limit_bytes: float) -> str:
-    """Kinds x pipeline stages, in GiB."""
+    """Kinds x pipeline stages, in GiB (MiB for a plan under 1 GiB)."""
+    unit, size = ("GiB", GIB) if max(plan.totals()) >= GIB else ("MiB", MIB)
     head = ["kind"] + [f"stage {i}" for i in range(len(plan.stages))]
-    rows = [[kind] + [f"{stage[kind] / GIB:.2f}" for stage in plan.stages] for kind in KINDS]
-    rows.append(["total"] + [f"{total / GIB:.2f}" for total in plan.totals()])
+    rows = [[kind] + [f"{stage[kind] / size:.2f}" for stage in plan.stages] for kind in KINDS]
+    rows.append(["total"] + [f"{total / size:.2f}" for total in plan.totals()])
     widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in [head] + rows]
     s, t = inp.student, inp.teacher
-    intro = (f"plan (GiB per rank): teacher {t.num_layers}L h{t.hidden_size} ffn{t.ffn_hidden_size} -> student "
+    intro = (f"plan ({unit} per rank): teacher {t.num_layers}L h{t.hidden_size} ffn{t.ffn_hidden_size} -> student "
              f"{s.num_layers}L h{s.hidden_size} ffn{s.ffn_hidden_size} heads{s.num_attention_heads}/"
              f"{s.num_query_groups}; tp={inp.parallel.tp} pp={inp.parallel.pp} dp={inp.dp} seq={inp.seq_length} "
              f"mbs={inp.micro_batch_size} in flight {plan.micro_batches_in_flight}; attention={inp.attention} "
              f"recompute={inp.recompute}; distributed optimizer {'on' if inp.distributed_optimizer else 'off'}")
-    return "\n".join([intro, *lines, f"limit {limit_bytes / GIB:.2f} GiB"])
+    return "\n".join([intro, *lines, f"limit {limit_bytes / GIB:.2f} GiB ({limit_bytes / GB:.1f} GB)"])
 
 
 def plan(cfg, ctx=None) -> dict:

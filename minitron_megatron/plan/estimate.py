@@ -81,7 +81,8 @@ def plan_from_counts(inp: PlanInputs, teacher_counts: List[Dict[str, int]],
             "optimizer": M.optimizer_bytes(student_params, inp.student_dtype, inp.dp, inp.distributed_optimizer),
             "activations": flight * saved,
             "activation_transient": transient,
-            "kd_loss": M.kd_loss_bytes(inp.student, inp.teacher, shape, vocab_local, act_t, chunk, inp.kd_impl)
+            "kd_loss": M.kd_loss_bytes(inp.student, inp.teacher, shape, vocab_local, act_t, chunk, inp.kd_impl,
+                                         student_act=act_s)
             if last else 0,
         })
         plan.micro_batches_in_flight.append(flight)

@@ -107,18 +107,21 @@ def final_norm_bytes(cfg: ModelConfig, shape: Shape, act: int) -> int:
 
 
 def kd_loss_bytes(student: ModelConfig, teacher: ModelConfig, shape: Shape, vocab_local: int,
-                  teacher_act: int, chunk_tokens: int, impl: str = "fused_linear") -> int:
+                  teacher_act: int, chunk_tokens: int, impl: str = "fused_linear", student_act: int = FP32) -> int:
     """The KD loss's working set on the last stage, one micro-batch: the teacher's final hidden
     states [n, h_t], and for fused_linear (distill/fused_linear.py) the float32 grad_h [n, h_s]
     and grad_w [V/tp, h_s] it computes in forward and keeps for backward, per-token results
-    [5, n] and two float32 [chunk, V/tp] logit buffers; for torch/triton, both models' logits
-    [n, V/tp] (student float32 for the loss, teacher in its dtype) and the chunk's buffers."""
+    [5, n] and two float32 [chunk, V/tp] logit buffers (a 16-bit student first computes both
+    chunks' logits in its dtype, then copies them to float32, and its backward returns grad_h and
+    grad_w cast to its dtype: those copies too); for torch/triton, both models' logits [n, V/tp]
+    (student float32 for the loss, teacher in its dtype) and the chunk's buffers."""
     n = shape.seq_length * shape.micro_batch_size
     held = n * teacher.hidden_size * teacher_act
     chunk = min(chunk_tokens, n)
     if impl == "fused_linear":
-        return held + FP32 * (n * student.hidden_size + vocab_local * student.hidden_size + 5 * n
-                              + 2 * chunk * vocab_local)
+        grads = n * student.hidden_size + vocab_local * student.hidden_size
+        casts = 0 if student_act == FP32 else student_act * (2 * chunk * vocab_local + grads)
+        return held + FP32 * (grads + 5 * n + 2 * chunk * vocab_local) + casts
     return held + n * vocab_local * (FP32 + teacher_act) + 2 * FP32 * chunk * vocab_local
 
 
