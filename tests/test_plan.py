@@ -162,3 +162,30 @@ def test_plan_command_prints_table_and_summary():
     assert table[0].startswith("plan (MiB per rank)") and [row.split()[0] for row in table[2:-1]] == [
         "teacher_weights", "student_weights", "gradients", "optimizer", "activations", "activation_transient",
         "kd_loss", "total"]
+
+
+def test_distill_refuses_a_plan_over_the_device_before_loading():
+    """Catches the distill guard planning another run than the command's (its total must be the
+    plan command's for the same settings, from this rank's own meta build), or letting a run
+    that cannot fit go on to load its teacher."""
+    from types import SimpleNamespace
+
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.plan.guard import refuse_if_over
+    from minitron_megatron.runtime import destroy_runtime, init_runtime
+
+    cfg = _cfg("prune.target.ffn_hidden_size=192")
+    inp = plan_inputs(cfg)
+    planned = sum(estimate(inp).stages[0].values())
+    run = SimpleNamespace(model_cfg=inp.student, padded_vocab=inp.padded_vocab, seq_length=inp.seq_length)
+    inputs = SimpleNamespace(run=run, teacher=SimpleNamespace(cfg=inp.teacher, padded_vocab=inp.padded_vocab),
+                             teacher_parallel=ParallelConfig())
+    distill_cfg = replace(cfg, parallel=ParallelConfig())
+    ctx = init_runtime(tp=1, pp=1, device="cpu", seed=1)
+    try:
+        assert refuse_if_over(inputs, distill_cfg, ctx) is None  # CPU: no device limit, nothing checked
+        assert refuse_if_over(inputs, distill_cfg, ctx, limit_bytes=planned) == planned
+        with pytest.raises(ConfigError, match="needs about .* GiB on its largest rank"):
+            refuse_if_over(inputs, distill_cfg, ctx, limit_bytes=planned - 1)
+    finally:
+        destroy_runtime()

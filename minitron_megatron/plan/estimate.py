@@ -46,44 +46,48 @@ class Plan:
         return totals.index(max(totals))
 
 
-def in_flight(pp: int, pp_rank: int, micro_batches: int) -> int:
-    """1F1B keeps up to pp - pp_rank micro-batches' activations on a stage (Megatron's schedule)."""
-    return max(1, min(pp - pp_rank, micro_batches))
-
-
-def plan_from_counts(inp: PlanInputs, teacher_counts: List[Dict[str, int]],
-                     student_counts: List[Dict[str, int]]) -> Plan:
-    """Bytes per stage from per-stage parameter counts (plan/layout.py) and the formulas of plan/memory.py."""
+def stage_bytes(inp: PlanInputs, pp_rank: int, teacher_counts: Dict[str, int],
+                student_counts: Dict[str, int]) -> Dict[str, int]:
+    """Bytes by kind (KINDS) of one rank of pipeline stage `pp_rank`, from that rank's parameter
+    counts (plan/layout.py `count_local`) and the formulas of plan/memory.py."""
     from minitron_megatron.distill.fused_linear import default_chunk_tokens
     from minitron_megatron.model.build import pipeline_layer_split
 
     pp, tp = inp.parallel.pp, inp.parallel.tp
     shape = M.Shape(inp.seq_length, inp.micro_batch_size, tp, inp.attention, inp.recompute)
-    act_s, act_t = M.DTYPE_BYTES[inp.student_dtype], M.DTYPE_BYTES[M.teacher_dtype(inp.teacher_dtype,
-                                                                                     inp.teacher_precision)]
-    layers = pipeline_layer_split(inp.student.num_layers, pp, inp.parallel.pp_layout)
-    micro_batches = max(1, inp.global_batch_size // (inp.micro_batch_size * inp.dp))
+    act_s = M.DTYPE_BYTES[inp.student_dtype]
+    act_t = M.DTYPE_BYTES[M.teacher_dtype(inp.teacher_dtype, inp.teacher_precision)]
+    layers = pipeline_layer_split(inp.student.num_layers, pp, inp.parallel.pp_layout)[pp_rank]
     vocab_local = inp.padded_vocab // tp
     chunk = inp.kd_chunk_tokens or default_chunk_tokens(vocab_local)
-    transient = max(M.layer_working_bytes(inp.student, shape, act_s),
-                    M.layer_working_bytes(inp.teacher, M.replace_recompute(shape), act_t))
+    last = pp_rank == pp - 1
+    saved = layers * M.layer_activation_bytes(inp.student, shape, act_s)
+    saved += M.final_norm_bytes(inp.student, shape, act_s) if last else 0
+    params = student_counts["params"]
+    return {
+        "teacher_weights": M.teacher_weight_bytes(teacher_counts, inp.teacher_dtype, inp.teacher_precision),
+        "student_weights": params * act_s,
+        "gradients": M.grad_bytes(params),
+        "optimizer": M.optimizer_bytes(params, inp.student_dtype, inp.dp, inp.distributed_optimizer),
+        "activations": micro_batches_in_flight(inp, pp_rank) * saved,
+        "activation_transient": max(M.layer_working_bytes(inp.student, shape, act_s),
+                                    M.layer_working_bytes(inp.teacher, M.replace_recompute(shape), act_t)),
+        "kd_loss": M.kd_loss_bytes(inp.student, inp.teacher, shape, vocab_local, act_t, chunk, inp.kd_impl,
+                                   student_act=act_s) if last else 0,
+    }
+
+
+def micro_batches_in_flight(inp: PlanInputs, pp_rank: int) -> int:
+    """1F1B keeps up to pp - pp_rank micro-batches' activations on a stage (Megatron's schedule)."""
+    micro_batches = max(1, inp.global_batch_size // (inp.micro_batch_size * inp.dp))
+    return max(1, min(inp.parallel.pp - pp_rank, micro_batches))
+
+
+def plan_from_counts(inp: PlanInputs, teacher_counts: List[Dict[str, int]],
+                     student_counts: List[Dict[str, int]]) -> Plan:
+    """Every stage's bytes from per-stage parameter counts."""
     plan = Plan()
-    for rank in range(pp):
-        flight = in_flight(pp, rank, micro_batches)
-        last = rank == pp - 1
-        saved = layers[rank] * M.layer_activation_bytes(inp.student, shape, act_s)
-        saved += M.final_norm_bytes(inp.student, shape, act_s) if last else 0
-        student_params = student_counts[rank]["params"]
-        plan.stages.append({
-            "teacher_weights": M.teacher_weight_bytes(teacher_counts[rank], inp.teacher_dtype, inp.teacher_precision),
-            "student_weights": student_params * M.DTYPE_BYTES[inp.student_dtype],
-            "gradients": M.grad_bytes(student_params),
-            "optimizer": M.optimizer_bytes(student_params, inp.student_dtype, inp.dp, inp.distributed_optimizer),
-            "activations": flight * saved,
-            "activation_transient": transient,
-            "kd_loss": M.kd_loss_bytes(inp.student, inp.teacher, shape, vocab_local, act_t, chunk, inp.kd_impl,
-                                         student_act=act_s)
-            if last else 0,
-        })
-        plan.micro_batches_in_flight.append(flight)
+    for rank in range(inp.parallel.pp):
+        plan.stages.append(stage_bytes(inp, rank, teacher_counts[rank], student_counts[rank]))
+        plan.micro_batches_in_flight.append(micro_batches_in_flight(inp, rank))
     return plan
