@@ -50,6 +50,7 @@ setup(
             "minitron-run=minitron_megatron.cli:run",
             "minitron-convert=minitron_megatron.cli:convert",
             "minitron-search=minitron_megatron.cli:search",
+            "minitron-plan=minitron_megatron.cli:plan",
             "minitron-preprocess=minitron_megatron.data.preprocess:main",
         ]
     },

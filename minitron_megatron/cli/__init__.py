@@ -34,3 +34,7 @@ def convert() -> None:
 
 def search() -> None:
     main("search")
+
+
+def plan() -> None:
+    main("plan")

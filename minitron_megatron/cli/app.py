@@ -31,6 +31,10 @@ def run_command(command: Command, cfg) -> dict:
     # Before the runtime's world-size check, so `parallel.tp=3` on one process names the real problem.
     if command.builds_from_model and not cfg.load:
         validate_model(cfg.model, cfg.parallel)
+    if not command.starts_runtime:
+        summary = command.stage()(cfg, None)
+        _print_summary(True, summary)
+        return summary
     try:
         ctx = init_runtime(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=cfg.device, seed=cfg.seed,
                            ep=cfg.parallel.ep)

@@ -53,6 +53,12 @@ def _search():
     return search
 
 
+def _plan():
+    from minitron_megatron.plan.command import plan
+
+    return plan
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -62,6 +68,8 @@ class Command:
     """Returns the stage function `(cfg, ctx) -> summary dict`."""
     builds_from_model: bool = False
     """Builds `model=` when no `load=` is given: its parallel sizes are checked before start-up."""
+    starts_runtime: bool = True
+    """False: the stage gets no runtime (ctx None) and runs in this one process (plan simulates ranks)."""
 
 
 COMMANDS: Dict[str, Command] = {
@@ -72,4 +80,5 @@ COMMANDS: Dict[str, Command] = {
     "run": Command("run", C.RunCommand, _run, builds_from_model=True),
     "convert": Command("convert", C.ConvertCommand, _convert),
     "search": Command("search", C.SearchCommand, _search),
+    "plan": Command("plan", C.PlanCommand, _plan, starts_runtime=False),
 }

@@ -12,6 +12,7 @@ from minitron_megatron.config.data import DataConfig
 from minitron_megatron.config.model import LOAD_SETTINGS, ModelConfig
 from minitron_megatron.config.distill import DistillConfig, ModelSource
 from minitron_megatron.config.parallel import ParallelConfig
+from minitron_megatron.config.plan import PlanConfig
 from minitron_megatron.config.prune import PruneConfig
 from minitron_megatron.config.search import SearchConfig
 from minitron_megatron.config.train import OptimConfig, TrainConfig
@@ -159,6 +160,24 @@ class SearchCommand(CommonConfig):
     """Zero-shot and post-distillation val_loss: the same samples as `evaluate`."""
 
 
+@dataclass
+class PlanCommand(CommonConfig):
+    """Per-rank memory of distilling `load` (a run dir: its model.yaml only) or `model` into
+    `prune.target`, at `parallel.*` and `plan.world_size`/`plan.dp`, for `seq_length` and
+    `distill.micro_batch_size`; nothing is loaded, the models are built on the meta device.
+    `data` and `save` are unused."""
+
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """Only `prune.target.*`: the student's architecture (no scores needed)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """`micro_batch_size`, `global_batch_size`, `kd_impl` and `kd_chunk_tokens`."""
+    teacher: ModelSource = field(default_factory=ModelSource)
+    """`teacher.precision` (fp8, bf16, fp32) and `teacher.params_dtype`; the teacher is `load`/`model`."""
+    student: ModelSource = field(default_factory=ModelSource)
+    """`student.params_dtype` (default: the teacher's dtype)."""
+
+
 def derived_common(cfg: CommonConfig, **overrides) -> dict:
     """The CommonConfig keys of `cfg` (data, parallel, seed, device, seq_length, ...) for a stage
     that `run` or `search` starts on another run dir, with `overrides`. Such a stage keeps only
@@ -170,7 +189,7 @@ def derived_common(cfg: CommonConfig, **overrides) -> dict:
 
 
 SCHEMAS = {"train": TrainCommand, "evaluate": EvaluateCommand, "prune": PruneCommand, "distill": DistillCommand,
-           "run": RunCommand, "convert": ConvertCommand, "search": SearchCommand}
+           "run": RunCommand, "convert": ConvertCommand, "search": SearchCommand, "plan": PlanCommand}
 
 
 def register_configs() -> None:

@@ -44,6 +44,9 @@ class DistillConfig(TrainConfig):
     evenly onto the teacher's last layers, as the paper does after depth pruning."""
     embedding_loss: bool = False
     """Also match the embedding outputs (with a projection when hidden sizes differ)."""
+    memory_check: bool = True
+    """On CUDA, refuse (before loading the teacher) a run whose memory plan (plan/guard.py, as
+    `python -m minitron_megatron.plan` computes it) exceeds the device's memory."""
     projection: bool = True
     """Learn a shared linear map student hidden -> teacher hidden for the intermediate losses
     when the hidden sizes differ (saved with the student); false requires equal hidden sizes."""

@@ -57,7 +57,10 @@ def distill(cfg: DistillCommand, ctx: ParallelContext) -> dict:
     """Distil `student.load` from `teacher.load` on `data`, resuming an unfinished `save`."""
     from minitron_megatron.train.optimizer import build_optimizer, wrap_ddp
 
+    from minitron_megatron.plan.guard import refuse_if_over
+
     inputs = prepare_distill(cfg, ctx)
+    refuse_if_over(inputs, cfg, ctx)  # on CUDA: a plan larger than the device fails here, not after the load
     t, save, run = cfg.distill, Path(cfg.save), inputs.run
     model = build_distillation_model(inputs, cfg, ctx)
     ddp = wrap_ddp(model, model.config)

@@ -1,0 +1,64 @@
+"""`distill` refuses, before it loads a teacher, a run whose plan cannot fit on its GPU.
+
+Each rank plans its own stage from Megatron's GPTModel built on the meta device in the real
+runtime (this rank's exact shapes), with the settings the run uses today: local attention, no
+recomputation, no distributed optimizer. The plan came within 3% below measured CPU peaks
+(benchmarks/plan_vs_measured.py), so a plan larger than the whole device will not fit; what it
+does not count (CUDA context, NCCL buffers, fragmentation) only makes it worse. Skipped on CPU
+(no device limit) and with `distill.memory_check=false`.
+"""
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from minitron_megatron.errors import ConfigError
+from minitron_megatron.plan.estimate import KINDS, PlanInputs, stage_bytes
+
+GIB = 1 << 30
+
+
+def _local_counts(cfg, ctx, parallel, padded_vocab):
+    from minitron_megatron.model.build import build_gpt_model
+    from minitron_megatron.plan.layout import count_local
+
+    return count_local(build_gpt_model(cfg, ctx, parallel, padded_vocab, init="meta"))
+
+
+def distill_plan_inputs(inputs, cfg, ctx) -> PlanInputs:
+    """The plan of a prepared `distill` run (distill/setup.py DistillInputs) on this runtime."""
+    run, teacher = inputs.run, inputs.teacher
+    return PlanInputs(
+        teacher=teacher.cfg.resolved(), student=run.model_cfg.resolved(), parallel=cfg.parallel, dp=ctx.dp_size,
+        padded_vocab=run.padded_vocab, seq_length=run.seq_length, micro_batch_size=cfg.distill.micro_batch_size,
+        global_batch_size=cfg.distill.global_batch_size, teacher_dtype=teacher.cfg.params_dtype,
+        teacher_precision=cfg.teacher.precision, student_dtype=run.model_cfg.params_dtype,
+        distributed_optimizer=False, kd_impl=cfg.distill.kd_impl, kd_chunk_tokens=cfg.distill.kd_chunk_tokens)
+
+
+def refuse_if_over(inputs, cfg, ctx, limit_bytes: Optional[int] = None) -> Optional[int]:
+    """Raise a ConfigError on every rank when some rank's planned bytes exceed `limit_bytes`
+    (default: this CUDA device's total memory; on CPU nothing is checked). Returns the largest
+    planned total over the ranks (None when skipped)."""
+    if limit_bytes is None:
+        if ctx.device.type != "cuda" or not getattr(cfg.distill, "memory_check", True):
+            return None
+        limit_bytes = torch.cuda.get_device_properties(ctx.device).total_memory
+    inp = distill_plan_inputs(inputs, cfg, ctx)
+    mine = stage_bytes(inp, ctx.pp_rank, _local_counts(inp.teacher, ctx, inputs.teacher_parallel,
+                                                       inputs.teacher.padded_vocab),
+                       _local_counts(inp.student, ctx, cfg.parallel, inp.padded_vocab))
+    worst = torch.tensor([sum(mine.values())], dtype=torch.int64, device=ctx.device)
+    if dist.is_initialized():
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    worst = int(worst.item())
+    if worst > limit_bytes:
+        kinds = ", ".join(f"{k} {mine[k] / GIB:.1f}" for k in KINDS)
+        raise ConfigError(
+            f"this distillation needs about {worst / GIB:.1f} GiB on its largest rank but the device has "
+            f"{limit_bytes / GIB:.1f} GiB (this rank, GiB: {kinds}); lower distill.micro_batch_size or "
+            "seq_length, raise parallel.tp / parallel.pp, or use teacher.precision=fp8 "
+            "(`python -m minitron_megatron.plan` with the same settings shows the plan); "
+            "distill.memory_check=false runs it anyway")
+    return worst
