@@ -88,7 +88,7 @@ def test_bad_settings_fail_in_one_config_error():
         plan_inputs(_cfg("prune.target.ffn_hidden_size=100000"))
 
 
-def _saved_bytes_of_one_layer(params_dtype: str, seq: int, batch: int):
+def _saved_bytes_of_one_layer(attention, params_dtype: str, seq: int, batch: int):
     """Bytes autograd saves inside decoder layer 1 of a real tiny GPTModel (one gloo process),
     parameters excluded, each storage once."""
     from minitron_megatron.config.model import ModelConfig
@@ -96,7 +96,8 @@ def _saved_bytes_of_one_layer(params_dtype: str, seq: int, batch: int):
     from minitron_megatron.model.build import build_gpt_model
     from minitron_megatron.runtime import destroy_runtime, init_runtime
 
-    cfg = ModelConfig(num_layers=2, vocab_size=512, max_position_embeddings=seq, params_dtype=params_dtype)
+    cfg = ModelConfig(num_layers=2, vocab_size=512, max_position_embeddings=seq, params_dtype=params_dtype,
+                      transformer_impl=attention)
     ctx = init_runtime(tp=1, pp=1, device="cpu", seed=1)
     try:
         model = build_gpt_model(cfg, ctx, ParallelConfig(), 512)
@@ -121,13 +122,14 @@ def _saved_bytes_of_one_layer(params_dtype: str, seq: int, batch: int):
         destroy_runtime()
 
 
+@pytest.mark.parametrize("attention", ["local", "sdpa"])
 @pytest.mark.parametrize("params_dtype,seq,batch", [("float32", 64, 2), ("bfloat16", 32, 3)])
-def test_activation_formula_equals_autograds_saved_tensors(params_dtype, seq, batch):
-    """Catches the activation formula drifting from what Megatron's local layer really keeps for
+def test_activation_formula_equals_autograds_saved_tensors(attention, params_dtype, seq, batch):
+    """Catches the activation formula drifting from what a Megatron local-spec layer (with its own or the SDPA core attention) really keeps for
     backward (a new saved tensor in a Megatron or torch release, the float32 norm copies, the
     softmax's float32 + bf16 probabilities, GQA's expanded k/v)."""
-    got, cfg = _saved_bytes_of_one_layer(params_dtype, seq, batch)
-    shape = M.Shape(seq_length=seq, micro_batch_size=batch, tp=1)
+    got, cfg = _saved_bytes_of_one_layer(attention, params_dtype, seq, batch)
+    shape = M.Shape(seq_length=seq, micro_batch_size=batch, tp=1, attention=attention)
     assert M.layer_activation_bytes(cfg, shape, M.DTYPE_BYTES[params_dtype]) == got
 
 

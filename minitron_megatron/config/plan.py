@@ -19,10 +19,12 @@ class PlanConfig:
     distributed_optimizer: Optional[bool] = None
     """Shard the Adam state (and fp32 main weights) over DP, as Megatron's DistributedOptimizer.
     None: on when DP > 1 (issue 19's default)."""
-    attention: str = "local"
+    attention: str = "sdpa"
     """Core attention whose activations are planned: local (Megatron's DotProductAttention: the
     [b, heads/tp, s, s] probabilities are saved, in float32 and, for bf16, again in bf16) or
-    sdpa (flash / memory-efficient kernels: q, k, v, output and the log-sum-exp only)."""
+    sdpa (flash / memory-efficient kernels: q, k, v, output and the log-sum-exp only; also what
+    Transformer Engine's fused attention keeps). The default is what model.transformer_impl=auto
+    builds on a GPU."""
     recompute: str = "none"
     """none, selective (Megatron's core-attention recompute) or full (each layer's input only)."""
     global_batch_size: Optional[int] = None

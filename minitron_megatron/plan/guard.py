@@ -1,8 +1,8 @@
 """`distill` refuses, before it loads a teacher, a run whose plan cannot fit on its GPU.
 
 Each rank plans its own stage from Megatron's GPTModel built on the meta device in the real
-runtime (this rank's exact shapes), with the settings the run uses today: local attention, no
-recomputation, no distributed optimizer. The plan came within 3% below measured CPU peaks
+runtime (this rank's exact shapes), with the run's attention implementation and recomputation
+(model.transformer_impl, model.recompute_granularity) and no distributed optimizer. The plan came within 3% below measured CPU peaks
 (benchmarks/plan_vs_measured.py), so a plan larger than the whole device will not fit; what it
 does not count (CUDA context, NCCL buffers, fragmentation) only makes it worse. Skipped on CPU
 (no device limit) and with `distill.memory_check=false`.
@@ -28,8 +28,14 @@ def _local_counts(cfg, ctx, parallel, padded_vocab):
 
 def distill_plan_inputs(inputs, cfg, ctx) -> PlanInputs:
     """The plan of a prepared `distill` run (distill/setup.py DistillInputs) on this runtime."""
+    from minitron_megatron.model.build import transformer_impl
+
     run, teacher = inputs.run, inputs.teacher
+    # Megatron's local core attention saves the [b, heads, s, s] probabilities; SDPA and
+    # Transformer Engine's fused attention keep O(s) state.
+    attention = "local" if transformer_impl(run.model_cfg, ctx.device) == "local" else "sdpa"
     return PlanInputs(
+        attention=attention, recompute=run.model_cfg.recompute_granularity or "none",
         teacher=teacher.cfg.resolved(), student=run.model_cfg.resolved(), parallel=cfg.parallel, dp=ctx.dp_size,
         padded_vocab=run.padded_vocab, seq_length=run.seq_length, micro_batch_size=cfg.distill.micro_batch_size,
         global_batch_size=cfg.distill.global_batch_size, teacher_dtype=teacher.cfg.params_dtype,
