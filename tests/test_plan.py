@@ -141,7 +141,7 @@ def test_pipeline_keeps_micro_batches_in_flight():
     assert result.micro_batches_in_flight == [2, 1]
     first, last = result.stages
     assert first["kd_loss"] == 0 < last["kd_loss"]
-    assert first["activations"] == 2 * 2 * M.layer_activation_bytes(inp.student, M.Shape(64, 2, 1), 2)
+    assert first["activations"] == 2 * 2 * M.layer_activation_bytes(inp.student, M.Shape(64, 2, 1, inp.attention), 2)
 
 
 def test_llama_70b_preset_is_the_published_architecture():
