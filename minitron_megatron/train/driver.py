@@ -33,7 +33,7 @@ class TrainingDiverged(RuntimeError):
     """A guarded metric became NaN/Inf; the last committed checkpoint is the last good one."""
 
     def __init__(self, step: int, component: str, value: float, last_checkpoint, setting: str):
-        self.step, self.component, self.last_checkpoint = step, component, last_checkpoint
+        self.step, self.component, self.value, self.last_checkpoint = step, component, value, last_checkpoint
         super().__init__(
             f"training diverged at step {step}: {component} = {value}; stopped without saving. "
             f"The last good checkpoint is step {last_checkpoint}; lower {setting}.optim.lr "
