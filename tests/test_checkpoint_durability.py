@@ -97,3 +97,15 @@ def test_only_committed_iterations_count_towards_keep_last(tmp_path):
     (tmp_path / TRACKER).write_text("6\n")
     _prune_old(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000005", "iter_0000006"]
+
+
+def test_keep_last_below_one_is_refused():
+    """Catches train.keep_last=0 (or distill.keep_last=0) accepted: each save would delete every
+    committed checkpoint, the one a resume needs included."""
+    from types import SimpleNamespace
+
+    from minitron_megatron.config.train import TrainConfig
+    from minitron_megatron.train.driver import loop_problems
+
+    problems = loop_problems(TrainConfig(keep_last=0), "distill", "runs/x", "runs/x", SimpleNamespace(dp_size=1))
+    assert problems == ["distill.keep_last=0 must be >= 1"]

@@ -1,12 +1,13 @@
 """`python -m minitron_megatron.search` with spies, for tests that need to see inside one search.
 
-    python -m tests.search.spy_search OUT.json [DIVERGE_INDEX] -- search overrides...
+    python -m tests.search.spy_search OUT.json DIVERGE -- search overrides...
 
 Writes OUT.json at exit: `loads`, the checkpoint root of every `checkpoint.dist.load_checkpoint`
 call (every model read: teacher, trim source, student start), in order; `left`, after each
 candidate, how many Megatron DDP wrappers and grad buffers are still alive (an earlier
-candidate's, not freed), and `rss`, the process's RSS then (MiB). With DIVERGE_INDEX (>= 0), that candidate's distillation reports a NaN
-KD loss from its first step, as a diverging run would.
+candidate's, not freed); `rss`, the process's RSS then (MiB). DIVERGE (a candidate index,
+"all", or -1 for none): that candidate's distillation reports a NaN KD loss from its first
+step, as a diverging run would.
 """
 
 import atexit
@@ -16,7 +17,7 @@ from pathlib import Path
 
 
 def main() -> None:
-    out, diverge = sys.argv[1], int(sys.argv[2])
+    out, diverge = sys.argv[1], sys.argv[2]
     sys.argv = [sys.argv[0], *sys.argv[sys.argv.index("--") + 1:]]
     loads, left, rss = [], [], []
     atexit.register(lambda: Path(out).write_text(json.dumps({"loads": loads, "left": left, "rss": rss})))
@@ -41,7 +42,7 @@ def _alive(*names: str) -> int:
     return sum(type(obj).__name__ in names for obj in gc.get_objects())
 
 
-def _spy(loads: list, left: list, rss: list, diverge: int) -> None:
+def _spy(loads: list, left: list, rss: list, diverge: str) -> None:
     import psutil
 
     from minitron_megatron.checkpoint import dist
@@ -55,7 +56,7 @@ def _spy(loads: list, left: list, rss: list, diverge: int) -> None:
         return load_checkpoint(root, *args, **kwargs)
 
     def spied_training(job, ctx):
-        if f"candidates/{diverge}/" in str(job.save) + "/":
+        if f"candidates/{diverge}/" in str(job.save) + "/" or (diverge == "all" and "candidates/" in str(job.save)):
             step = job.step
             job.step = lambda batches: {**step(batches), "kd_loss": float("nan")}
         return run_training(job, ctx)

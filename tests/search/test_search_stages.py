@@ -46,3 +46,18 @@ def test_a_diverging_candidate_is_marked_failed_and_the_others_ranked(diverged_s
     assert failed["rank"] is None and failed["val_loss"] is None and failed["zero_shot_loss"] is not None
     assert json.loads((save / "candidates/1/failed.json").read_text())["component"] == "kd_loss"
     assert rd.read_summary(save) == out and "failed: distill diverged" in (save / "report.md").read_text()
+
+
+def test_a_round_where_every_candidate_diverges_exits_3_and_stays_incomplete(teacher, tmp_path):
+    """Catches a search that, with nothing to rank, crashes on the missing winner (or writes a
+    summary.json that looks complete): it must exit 3 as a diverged `distill` does, naming every
+    candidate, with candidates.json saying why."""
+    save = tmp_path / "search"
+    cmd = [sys.executable, "-m", "tests.search.spy_search", str(tmp_path / "spy.json"), "all", "--",
+           f"load={teacher}", *SEARCH, *SPACE, *BUDGET, f"save={save}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=command_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert "every candidate's distillation diverged (#0 distill diverged at step 1" in proc.stderr
+    assert not rd.is_complete(save)
+    statuses = [e["status"] for e in json.loads((save / "candidates.json").read_text())]
+    assert statuses == ["failed: distill diverged at step 1 (kd_loss = nan)"] * 2
