@@ -12,13 +12,13 @@ from typing import Optional
 
 from minitron_megatron.checkpoint import dist as ckpt
 from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.checkpoint.resident import ResidentModels, resident_key
 from minitron_megatron.config.commands import DistillCommand
 from minitron_megatron.distill.intermediate import build_projection
 from minitron_megatron.distill.model import DistillationModel
 from minitron_megatron.distill.objective import DistillLoss
 from minitron_megatron.distill.setup import DistillInputs, prepare_distill
 from minitron_megatron.distill.step import distill_train_step, evaluate_distill
-from minitron_megatron.checkpoint.resident import ResidentModels, resident_key
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.train.driver import TrainingDiverged, TrainingJob, run_training
 from minitron_megatron.train.setup import check_same_model, megatron_lm_args, train_batches

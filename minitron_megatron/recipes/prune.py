@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from typing import List, Optional
 
+from minitron_megatron.checkpoint.resident import ResidentModels, resident_key
 from minitron_megatron.config.commands import PruneCommand
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.prune import DEPTH_METRICS, ImportanceConfig, PruneConfig
@@ -23,7 +24,6 @@ from minitron_megatron.errors import ConfigError
 from minitron_megatron.importance.estimate import validate_importance
 from minitron_megatron.importance.io import load_importance
 from minitron_megatron.importance.stage import importance_batches, score_model
-from minitron_megatron.checkpoint.resident import ResidentModels, resident_key
 from minitron_megatron.runtime import clock
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.train import setup
