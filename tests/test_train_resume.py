@@ -40,13 +40,21 @@ def _assert_same_run(save, uninterrupted, final: dict) -> None:
 
 def test_stop_and_resume_gives_the_same_later_losses(tmp_path, uninterrupted):
     """Catches resume bugs: lost optimizer moments, LR schedule restarting, data order
-    restarting at sample 0, RNG not restored. Losses after the stop must match."""
+    restarting at sample 0, RNG not restored. Losses after the stop must match. Also catches
+    step checkpoints piling up (or the one resumed from deleted): train.keep_last=2 keeps the
+    two newest committed iterations, before and after the resume."""
     split = tmp_path / "split"
     stopped = summary(run_command("train", *RUN, "train.exit_after_steps=3", f"save={split}"))
     assert stopped == {"stopped_at": 3, "steps": 8, "resumable": True}
     assert not rd.is_complete(split) and latest_iteration(split / "checkpoint") == 3
+    assert _iterations(split) == [2, 3]  # saved at 2 and 3
     resumed = summary(run_command("train", *RUN, f"save={split}"))
     _assert_same_run(split, uninterrupted, resumed)
+    assert _iterations(split) == [6, 8]  # saved at 4, 6, 8 after resuming from 3
+
+
+def _iterations(save) -> list:
+    return sorted(int(p.name[len("iter_"):]) for p in (save / "checkpoint").glob("iter_*"))
 
 
 # (fault, the committed iteration it leaves, what else it leaves on disk). Each rerun

@@ -7,6 +7,7 @@ The state dict has Megatron-LM's top-level keys (`model`, `optimizer`,
 tensors carry global offsets, so a checkpoint saved at one TP/PP loads at another.
 """
 
+import os
 import random
 import shutil
 from dataclasses import replace
@@ -16,7 +17,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from minitron_megatron.checkpoint.run_dir import atomic_write_text
+from minitron_megatron.checkpoint.run_dir import atomic_write_text, fsync_dir
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.megatron_compat import load_common_state_dict, load_dist_checkpoint
 from minitron_megatron.runtime.context import ParallelContext
@@ -81,9 +82,14 @@ def _rng_state(ctx: ParallelContext):
 
 
 def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer=None, scheduler=None,
-                    extra: Optional[dict] = None, keep_last: int = 1, args=None,
+                    extra: Optional[dict] = None, keep_last: int = 2, args=None,
                     release_model: bool = False) -> Path:
     """Collectively save; the tracker file is the commit point, written after every rank is done.
+
+    Durable before it counts: the new dir's files and entries are fsynced before its rename, the
+    rename is fsynced (`ROOT`'s entry) before the tracker names it, and the tracker's own rename is
+    fsynced before any older iteration is deleted. `keep_last`: committed iterations kept (the
+    new one included); older ones are deleted only once the new one is committed (`_prune_old`).
 
     `args`: Megatron-LM's argument namespace (`checkpoint.megatron_lm.checkpoint_args`), saved
     under "args" so Megatron-LM's `load_checkpoint` checks and resumes from our checkpoints.
@@ -112,8 +118,10 @@ def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer
     fault_point("checkpoint.write")
     ctx.barrier()
     if ctx.is_main:
+        _fsync_contents(tmp)  # Megatron's writers fsync their shards; common.pt is torch.save's
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fsync_dir(root)
         fault_point("checkpoint.commit")
         atomic_write_text(root / TRACKER, f"{iteration}\n")
         _prune_old(root, keep=keep_last)
@@ -149,10 +157,36 @@ def _copy_views_releasing(sharded: dict, model) -> None:
             params[ptr].data = torch.empty(0, dtype=params[ptr].dtype)
 
 
+def _fsync_contents(directory: Path) -> None:
+    """fsync every file directly in `directory` (a dist checkpoint is flat), then its entries."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fsync_dir(directory)
+
+
 def _prune_old(root: Path, keep: int) -> None:
-    iters = sorted(p for p in root.glob("iter_*") if p.is_dir())
-    for old in iters[:-keep]:
+    """Delete the committed iterations older than the newest `keep` (the tracker's included).
+
+    Only iterations at or below the tracker's count: a newer `iter_` dir is what a crash left
+    between its rename and the tracker write (never committed, overwritten when the run gets
+    there); counting it would delete a committed one in its place, possibly the only one."""
+    committed = latest_iteration(root)
+    if committed is None:
+        return
+    iters = sorted(p for p in root.glob("iter_*") if p.is_dir() and _number(p) is not None
+                   and _number(p) <= committed)
+    for old in iters[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(root)
+
+
+def _number(path: Path) -> Optional[int]:
+    try:
+        return int(path.name[len("iter_"):])
+    except ValueError:
+        return None
 
 
 def _committed_path(root) -> str:

@@ -11,6 +11,9 @@ RUN/
 ```
 Every file is written to a temporary name and renamed into place, so a crash
 leaves either the old state or the new one, never something that looks complete.
+Each rename is followed by an fsync of the directory it renamed into (`fsync_dir`): a rename
+lives in the directory's own metadata, which a power loss can lose after the rename returned,
+so without it a checkpoint or summary.json that looked committed could vanish on reboot.
 """
 
 import json
@@ -37,6 +40,15 @@ not say (architecture name, max_position_embeddings, sliding window, extra keys)
 derived from an import (prune, distill, train load=) carries it over."""
 
 
+def fsync_dir(path) -> None:
+    """Make the entries of directory `path` durable (a file created or renamed into it)."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_save_figure(fig, path) -> None:
     """A matplotlib figure saved as PNG via a temporary file in the same directory and a rename
     (the caller closes the figure)."""
@@ -46,6 +58,7 @@ def atomic_save_figure(fig, path) -> None:
     try:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -66,6 +79,7 @@ def atomic_write_text(path, text: str, fault: Optional[str] = None) -> None:
     if fault:
         fault_point(fault)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def write_model_yaml(run_dir, cfg: ModelConfig, padded_vocab_size: int, tokenizer_path: Optional[str],
@@ -85,6 +99,8 @@ def write_model_yaml(run_dir, cfg: ModelConfig, padded_vocab_size: int, tokenize
         if Path(tokenizer_path).resolve() != target.resolve():
             tmp = run_dir / f".{TOKENIZER}.tmp"
             shutil.copyfile(tokenizer_path, tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
             os.replace(tmp, target)
         body["tokenizer"] = TOKENIZER
     atomic_write_text(run_dir / MODEL_YAML, yaml.safe_dump(body, sort_keys=False))

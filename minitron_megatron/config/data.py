@@ -35,8 +35,8 @@ class DataConfig:
     (for stdlib it is built and must stay null)."""
     cache_dir: Optional[str] = None
     """Built corpora and Megatron's dataset index caches. Default: $MINITRON_CACHE,
-    else ~/.cache/minitron_megatron. Multi-node runs need a directory every node
-    sees: Megatron's rank 0 writes the index caches that the other ranks read."""
+    else ~/.cache/minitron_megatron. It need not be shared between nodes: the first rank
+    of each node builds (or, on a shared directory, finds) what that node's ranks read."""
     stdlib_vocab_size: int = 4096
     """stdlib: sentencepiece vocabulary size (including 256 byte-fallback pieces); unused
     when a loaded run dir brings its own tokenizer."""

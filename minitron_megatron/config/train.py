@@ -26,6 +26,10 @@ class TrainConfig:
     eval_samples: int = 64
     """Validation samples per evaluation (all ranks together)."""
     save_interval: int = 100
+    keep_last: int = 2
+    """Committed step checkpoints kept in the run dir (the newest included); an older one is
+    deleted only after a newer one is committed. 2, not 1: the previous one survives a new one
+    that turns out unreadable (a disk or filesystem fault after the commit)."""
     log_interval: int = 10
     exit_after_steps: Optional[int] = None
     """Save and stop after this many steps (like Megatron-LM's --exit-interval); rerun to resume."""

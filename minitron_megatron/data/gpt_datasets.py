@@ -1,8 +1,9 @@
 """Megatron GPTDatasets (train, valid) from resolved DataSources.
 
-The real `BlendedMegatronDatasetBuilder`: with torch.distributed initialised,
-rank 0 builds the index caches first and the others load them after a barrier,
-so every rank of the default group must call `build_gpt_datasets`.
+The real `BlendedMegatronDatasetBuilder`, run by each rank as a lone process in three
+turns (`_build_turn`): global rank 0 builds the index caches, then the first rank of
+every other node builds or finds them, then everyone else finds them. Every rank of the
+default group must call `build_gpt_datasets`.
 """
 
 import contextlib
@@ -139,11 +140,44 @@ def _rank_zero_without_process_group() -> Iterator[None]:
         torch.distributed.get_rank = original
 
 
-def _builds_caches_here() -> bool:
-    # Under torch.distributed only rank 0 writes caches (others wait at Megatron's
-    # barrier), so only rank 0 may take the lock: a waiting non-zero rank holding
-    # it would deadlock rank 0. Separate jobs sharing the cache still serialise.
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+@contextlib.contextmanager
+def _lone_process() -> Iterator[None]:
+    """Megatron's builder as in a single process: it builds what is missing itself (as rank 0)
+    instead of waiting on the other ranks (see `_build_turn`)."""
+    initialized, rank = torch.distributed.is_initialized, torch.distributed.get_rank
+    torch.distributed.is_initialized = lambda: False
+    torch.distributed.get_rank = lambda group=None: 0
+    try:
+        yield
+    finally:
+        torch.distributed.is_initialized, torch.distributed.get_rank = initialized, rank
+
+
+def _local_rank() -> int:
+    """This rank's index on its node (torchrun's LOCAL_RANK, SLURM's SLURM_LOCALID); without
+    either, the global rank, which makes rank 0 its node's only first rank."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return torch.distributed.get_rank()
+
+
+def _build_turn() -> int:
+    """0: global rank 0; 1: the first rank of every other node; 2: the rest.
+
+    Why per node: the index caches live in data.cache_dir, by default $MINITRON_CACHE or
+    ~/.cache, and a cluster's home (or a node-local $MINITRON_CACHE) is often not shared, so
+    Megatron's protocol (global rank 0 builds, the others load after a barrier) failed on every
+    other node: their cache directory had nothing in it. Each turn runs after the previous
+    one's barrier, so on a shared directory turns 1 and 2 only read finished files (no two nodes
+    ever write one file, whatever the filesystem's locking), and on a node-local one turn 1
+    builds the same files again (same data, seed and sizes) where that node's ranks read them.
+    Megatron's own default (a `cache/` dir beside each data prefix) would be shared wherever the
+    data is, but data directories are often read-only, and the stdlib corpus lives in the cache
+    dir itself, built on each node."""
+    if torch.distributed.get_rank() == 0:
+        return 0
+    return 1 if _local_rank() == 0 else 2
 
 
 def build_gpt_datasets(sources: DataSources, tokenizer: SentencePieceTokenizer, seq_length: int,
@@ -168,10 +202,18 @@ def build_gpt_datasets(sources: DataSources, tokenizer: SentencePieceTokenizer, 
     sizes = [num_train_samples, num_valid_samples, 0]
     builder = BlendedMegatronDatasetBuilder(cls=GPTDataset, sizes=sizes, is_built_on_rank=lambda: True,
                                             config=config)
-    if not _builds_caches_here():
-        train_ds, valid_ds, _ = builder.build()
-    else:
+    if not torch.distributed.is_initialized():
         with file_lock(Path(config.path_to_cache) / ".lock"), _rank_zero_without_process_group():
             train_ds, valid_ds, _ = builder.build()
+        return train_ds, valid_ds
+    mine = _build_turn()
+    for turn in range(3):
+        if turn == mine:
+            # The lock serialises the ranks (and separate jobs) of one turn that share the
+            # directory: the first builds what is missing, the others find it.
+            with file_lock(Path(config.path_to_cache) / ".lock"), _lone_process():
+                train_ds, valid_ds, _ = builder.build()
+        if turn < 2:
+            torch.distributed.barrier()
     return train_ds, valid_ds
 

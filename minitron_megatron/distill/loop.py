@@ -8,9 +8,11 @@ NaN/Inf guard over every loss component.
 """
 
 from pathlib import Path
+from typing import Optional
 
 from minitron_megatron.checkpoint import dist as ckpt
 from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.checkpoint.resident import ResidentModels, resident_key
 from minitron_megatron.config.commands import DistillCommand
 from minitron_megatron.distill.intermediate import build_projection
 from minitron_megatron.distill.model import DistillationModel
@@ -27,10 +29,11 @@ GUARDED = ("kd_loss", "lm_loss", "is_loss", "loss", "grad_norm")
 """Checked for NaN/Inf after every step, most specific first (the first bad one is named)."""
 
 
-def build_distillation_model(inputs: DistillInputs, cfg: DistillCommand, ctx: ParallelContext) -> DistillationModel:
+def build_distillation_model(inputs: DistillInputs, cfg: DistillCommand, ctx: ParallelContext,
+                             resident: Optional[ResidentModels] = None) -> DistillationModel:
     """Student (weights loaded later: from student.load, or from save= on resume) and the
-    loaded, frozen teacher, this rank's pipeline stage of each."""
-    from minitron_megatron.distill.teacher import apply_teacher_precision
+    loaded, frozen teacher, this rank's pipeline stage of each. With `resident` (the search's)
+    the teacher is borrowed from it, loaded there on first use."""
     from minitron_megatron.model import build_gpt_model, count_model_parameters
 
     run = inputs.run
@@ -40,9 +43,11 @@ def build_distillation_model(inputs: DistillInputs, cfg: DistillCommand, ctx: Pa
     # casts every parameter, norms included, as Float16Module would). No Float16Module here:
     # it would cast the hidden teacher with the student (DistillationModel._apply), and the
     # last stage's per-token losses are float32 already. A checkpoint loads into either dtype.
-    teacher = build_gpt_model(inputs.teacher.cfg, ctx, inputs.teacher_parallel, inputs.teacher.padded_vocab)
-    ckpt.load_checkpoint(rd.checkpoint_root(inputs.teacher.path), teacher, ctx)
-    teacher = apply_teacher_precision(teacher, cfg.teacher.precision)
+    if resident is None:
+        teacher = _load_teacher(inputs, cfg, ctx, init="random")
+    else:  # init="none": the same model whichever stage of the search loads it first
+        key = resident_key(inputs.teacher.path, inputs.teacher.cfg, inputs.teacher_parallel, cfg.teacher.precision)
+        teacher = resident.get(key, lambda: _load_teacher(inputs, cfg, ctx, init="none"))
     projection = None
     if inputs.use_projection:
         projection = build_projection(run.model_cfg.hidden_size, inputs.teacher.cfg.hidden_size,
@@ -53,8 +58,21 @@ def build_distillation_model(inputs: DistillInputs, cfg: DistillCommand, ctx: Pa
                              projection=projection)
 
 
-def distill(cfg: DistillCommand, ctx: ParallelContext) -> dict:
-    """Distil `student.load` from `teacher.load` on `data`, resuming an unfinished `save`."""
+def _load_teacher(inputs: DistillInputs, cfg: DistillCommand, ctx: ParallelContext, init: str):
+    from minitron_megatron.distill.teacher import apply_teacher_precision
+    from minitron_megatron.model import build_gpt_model
+
+    teacher = build_gpt_model(inputs.teacher.cfg, ctx, inputs.teacher_parallel, inputs.teacher.padded_vocab,
+                              init=init)
+    ckpt.load_checkpoint(rd.checkpoint_root(inputs.teacher.path), teacher, ctx)
+    return apply_teacher_precision(teacher, cfg.teacher.precision)
+
+
+def distill(cfg: DistillCommand, ctx: ParallelContext, resident: Optional[ResidentModels] = None) -> dict:
+    """Distil `student.load` from `teacher.load` on `data`, resuming an unfinished `save`.
+
+    `resident`: models kept loaded across in-process stages (the search's): the teacher is
+    borrowed from it rather than read again."""
     from minitron_megatron.train.optimizer import build_optimizer, wrap_ddp
 
     from minitron_megatron.plan.guard import refuse_if_over
@@ -62,7 +80,7 @@ def distill(cfg: DistillCommand, ctx: ParallelContext) -> dict:
     inputs = prepare_distill(cfg, ctx)
     refuse_if_over(inputs, cfg, ctx)  # on CUDA: a plan larger than the device fails here, not after the load
     t, save, run = cfg.distill, Path(cfg.save), inputs.run
-    model = build_distillation_model(inputs, cfg, ctx)
+    model = build_distillation_model(inputs, cfg, ctx, resident)
     ddp = wrap_ddp(model, model.config)
     optimizer, scheduler = build_optimizer([ddp], t.optim, model.config, t.steps, global_batch_size=t.global_batch_size)
     loss = DistillLoss(cfg.distill, has_state_loss=bool(inputs.layer_pairs))

@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from typing import List, Optional
 
+from minitron_megatron.checkpoint.resident import ResidentModels, resident_key
 from minitron_megatron.config.commands import PruneCommand
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.prune import DEPTH_METRICS, ImportanceConfig, PruneConfig
@@ -87,8 +88,11 @@ def _check(cfg: PruneCommand, ctx: ParallelContext):
     return new_cfg, scoring, icfg
 
 
-def prune(cfg: PruneCommand, ctx: ParallelContext) -> dict:
-    """Score and/or trim `cfg.load` into `cfg.save`; returns the summary."""
+def prune(cfg: PruneCommand, ctx: ParallelContext, resident: Optional[ResidentModels] = None) -> dict:
+    """Score and/or trim `cfg.load` into `cfg.save`; returns the summary.
+
+    `resident`: models kept loaded across in-process stages (the search's): `cfg.load` is
+    borrowed from it (loaded there on first use) and left as it was."""
     new_cfg, scoring, icfg = _check(cfg, ctx)
     cfg = replace(cfg, prune=replace(cfg.prune, importance=icfg))  # never a None list past here
     p = cfg.prune
@@ -103,7 +107,11 @@ def prune(cfg: PruneCommand, ctx: ParallelContext) -> dict:
     scores = load_importance(p.scores)[0] if p.stage == "trim" and p.method == "importance" else None
     if scores is not None:
         check_scores(run.model_cfg, scores, sorted(scores))  # wrong shapes fail before loading
-    model = load_source(run, cfg, ctx, parallel)
+    if resident is None:
+        model = load_source(run, cfg, ctx, parallel)
+    else:
+        key = resident_key(cfg.load, run.model_cfg, parallel)
+        model = resident.get(key, lambda: load_source(run, cfg, ctx, parallel))
     importance_seconds = None
     if scoring:
         start = time.time()
@@ -114,4 +122,4 @@ def prune(cfg: PruneCommand, ctx: ParallelContext) -> dict:
                     "importance_seconds": importance_seconds, "seconds": clock.elapsed()}
     return trim_model(model, run, cfg, p, ctx, new_cfg, scores=scores, pp_layout=cfg.parallel.pp_layout,
                       eval_samples=eval_samples, eval_micro_batch_size=cfg.evaluate.micro_batch_size,
-                      extra_summary={"importance_seconds": importance_seconds})
+                      extra_summary={"importance_seconds": importance_seconds}, release_source=resident is None)

@@ -6,12 +6,14 @@ distilled, scored -> rank -> report. `search.candidate=i` stops after candidate 
 (single) round; a later `search` without it collects, running what is missing.
 """
 
+import json
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.checkpoint.resident import ResidentModels
 from minitron_megatron.config.commands import DistillCommand, SearchCommand
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.prune import DEPTH_METRICS, TrimTarget
@@ -26,6 +28,8 @@ from minitron_megatron.search.plan import Candidate, feasible_architectures, nea
 from minitron_megatron.search.rounds import Round, budget_problems, plan_rounds
 from minitron_megatron.search.scores import depth_metrics, ensure_importance
 from minitron_megatron.search.space import describe, space_problems
+from minitron_megatron.train.driver import TrainingDiverged
+from minitron_megatron.train.teardown import release_stage
 from minitron_megatron.trim.stage import METHODS
 
 
@@ -151,9 +155,11 @@ def search(cfg: SearchCommand, ctx: ParallelContext) -> dict:
                             f"({e['params_fraction']:.3f})  {e['status']}" for e in entries), flush=True)
         return {"candidates": entries, "budget": rounds[0].budget, "teacher_params": teacher.params}
     start, round_teacher, results = teacher.path, teacher.path, []
+    resident = ResidentModels()  # the teacher (and each round's start), read once per search
     for rnd in rounds:
         candidates = first if rnd.number == 1 else _plan_later(cfg, ctx, teacher, rnd, start)
-        result = run_round(cfg, ctx, teacher, rnd, candidates, start, round_teacher)
+        resident.keep_only([start, round_teacher])
+        result = run_round(cfg, ctx, teacher, rnd, candidates, start, round_teacher, resident)
         if cfg.search.candidate is not None:
             return result
         results.append(result)
@@ -179,8 +185,12 @@ def _plan_later(cfg: SearchCommand, ctx: ParallelContext, teacher: Teacher, rnd:
 
 
 def run_round(cfg: SearchCommand, ctx: ParallelContext, teacher: Teacher, rnd: Round,
-              candidates: List[Candidate], start: str, round_teacher: str) -> dict:
-    """Importance once, every (or the selected) candidate, then rank and report the round."""
+              candidates: List[Candidate], start: str, round_teacher: str,
+              resident: Optional[ResidentModels] = None) -> dict:
+    """Importance once, every (or the selected) candidate, then rank and report the round.
+
+    A candidate whose distillation diverged is reported as failed and the others ranked; a
+    round where every candidate failed ends the search (exit 3, as a diverged `distill`)."""
     s = cfg.search
     selected = candidates if s.candidate is None else [candidates[s.candidate]]
     # Scores are needed only to trim: a candidate already pruned (its student unfinished) is not.
@@ -189,13 +199,20 @@ def run_round(cfg: SearchCommand, ctx: ParallelContext, teacher: Teacher, rnd: R
     if to_prune and cfg.prune.method == "importance":
         start_layers = rd.read_model_yaml(start)[0].num_layers
         cuts = any(c.arch["num_layers"] < start_layers for c in candidates if not c.skipped)
-        ensure_importance(cfg, ctx, rnd.dir, start, depth_metrics(cfg, cuts))
+        ensure_importance(cfg, ctx, rnd.dir, start, depth_metrics(cfg, cuts), resident)
+        release_stage()
     for cand in selected:
-        run_candidate(cfg, ctx, cand, rnd.dir, start, round_teacher)
+        run_candidate(cfg, ctx, cand, rnd.dir, start, round_teacher, resident)
     entries = [entry(c, rnd.dir, teacher.params) for c in candidates]
     if s.candidate is not None:
         return {"candidate": entries[s.candidate], "candidates": len(entries)}
     report.rank(entries)
+    failed = [e for e in entries if e["status"].startswith("failed")]
+    if failed and not any(e["status"] == "done" for e in entries):
+        if ctx.is_main:
+            rd.atomic_write_text(rnd.dir / report.CANDIDATES_JSON, json.dumps(entries, indent=2) + "\n")
+        ctx.barrier()
+        raise EveryCandidateFailed(rnd.number, failed)
     meta = {"teacher": round_teacher, "teacher_params": teacher.params, "start": start, "budget": rnd.budget,
             "tolerance": s.tolerance, "steps": s.steps, "eval_samples": cfg.evaluate.samples,
             "title": f" - round {rnd.number}" if rnd.dir != Path(cfg.save) else ""}
@@ -207,6 +224,18 @@ def run_round(cfg: SearchCommand, ctx: ParallelContext, teacher: Teacher, rnd: R
             rd.write_summary(rnd.dir, summary)
     ctx.barrier()
     return summary
+
+
+class EveryCandidateFailed(TrainingDiverged):
+    """No candidate of a round finished its distillation: nothing to rank (exit 3)."""
+
+    def __init__(self, round_number: int, failed: List[dict]):
+        RuntimeError.__init__(
+            self, f"search round {round_number}: every candidate's distillation diverged ("
+            + "; ".join(f"#{e['index']} {e['status'][len('failed: '):]}" for e in failed)
+            + "); lower distill.optim.lr (or raise distill.optim.warmup_steps), delete the candidates' "
+            "failed.json and rerun with the same save=")
+        self.step, self.component, self.value, self.last_checkpoint = None, "every candidate", None, None
 
 
 def _rounds_summary(cfg: SearchCommand, rounds: List[Round], results: List[dict]) -> dict:

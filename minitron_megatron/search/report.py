@@ -7,6 +7,7 @@ collecting search write the same candidates.json and report.md.
 """
 
 import json
+import math
 from pathlib import Path
 from typing import Dict, List
 
@@ -22,12 +23,17 @@ def rank(entries: List[dict]) -> List[dict]:
     """Adds `rank` (by val_loss after distillation) and `rank_zero_shot` (by the pruned model's
     loss) to the done entries, 1 = best; ties go to the lower index."""
     for key, field in (("rank", "val_loss"), ("rank_zero_shot", "zero_shot_loss")):
-        done = sorted((e for e in entries if e["status"] == "done"), key=lambda e: (e[field], e["index"]))
+        done = sorted((e for e in entries if e["status"] == "done"), key=lambda e: (_finite(e[field]), e["index"]))
         for position, e in enumerate(done, start=1):
             e[key] = position
         for e in entries:
             e.setdefault(key, None)
     return entries
+
+
+def _finite(loss) -> float:
+    """A NaN/Inf loss (a zero-shot evaluation that overflowed) ranks last, not anywhere."""
+    return loss if loss is not None and math.isfinite(loss) else math.inf
 
 
 def best(entries: List[dict]) -> dict:

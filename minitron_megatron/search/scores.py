@@ -7,8 +7,9 @@ Scores already there (same source, every needed metric) are reused.
 
 from dataclasses import replace
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
+from minitron_megatron.checkpoint.resident import ResidentModels
 from minitron_megatron.config.commands import PruneCommand, SearchCommand
 from minitron_megatron.config.prune import ImportanceConfig
 from minitron_megatron.importance.io import has_importance, load_importance
@@ -38,8 +39,9 @@ def _reusable(round_dir: Path, start: str, icfg: ImportanceConfig) -> bool:
 
 
 def ensure_importance(cfg: SearchCommand, ctx: ParallelContext, round_dir: Path, start: str,
-                      metrics: List[str]) -> None:
-    """Score `start` into `round_dir` unless matching scores are there already."""
+                      metrics: List[str], resident: Optional[ResidentModels] = None) -> None:
+    """Score `start` into `round_dir` unless matching scores are there already (borrowing
+    `start` from `resident`, where the candidates' trims find it again)."""
     from minitron_megatron.recipes.prune import prune
     from minitron_megatron.search.candidate import common
 
@@ -50,4 +52,5 @@ def ensure_importance(cfg: SearchCommand, ctx: ParallelContext, round_dir: Path,
         print(f"[importance] {start} -> {round_dir} (depth metrics {metrics})", flush=True)
     p = replace(cfg.prune, stage="importance", importance=icfg)
     clock.restart()
-    prune(PruneCommand(**common(cfg, load=str(start), save=str(round_dir)), prune=p, evaluate=cfg.evaluate), ctx)
+    prune(PruneCommand(**common(cfg, load=str(start), save=str(round_dir)), prune=p, evaluate=cfg.evaluate), ctx,
+          resident=resident)

@@ -10,7 +10,7 @@ fields. Everything else is here, once:
 - periodic validation on `eval_samples`, and a final one (`final_eval`) that is the
   same measurement `evaluate load=SAVE` makes (same samples, same micro-batches);
 - checkpoints every `save_interval` steps, at the last step, at `exit_after_steps`
-  and on preemption (SIGTERM/SIGUSR1: runtime/preemption.py);
+  and on preemption (SIGTERM/SIGUSR1: runtime/preemption.py), the newest `keep_last` kept;
 - the logger's lifetime; summary.json written last, so a crash never looks complete.
 """
 
@@ -33,7 +33,7 @@ class TrainingDiverged(RuntimeError):
     """A guarded metric became NaN/Inf; the last committed checkpoint is the last good one."""
 
     def __init__(self, step: int, component: str, value: float, last_checkpoint, setting: str):
-        self.step, self.component, self.last_checkpoint = step, component, last_checkpoint
+        self.step, self.component, self.value, self.last_checkpoint = step, component, value, last_checkpoint
         super().__init__(
             f"training diverged at step {step}: {component} = {value}; stopped without saving. "
             f"The last good checkpoint is step {last_checkpoint}; lower {setting}.optim.lr "
@@ -95,7 +95,7 @@ def loop_problems(cfg: TrainConfig, setting: str, save: Optional[str], example: 
     elif rd.is_complete(save):
         problems.append(f"save={save} already holds a finished run (summary.json); choose a new directory")
     per_step = cfg.micro_batch_size * ctx.dp_size
-    for name in ("steps", "micro_batch_size", "eval_interval", "save_interval", "log_interval"):
+    for name in ("steps", "micro_batch_size", "eval_interval", "save_interval", "log_interval", "keep_last"):
         if getattr(cfg, name) < 1:
             problems.append(f"{setting}.{name}={getattr(cfg, name)} must be >= 1")
     if per_step > 0 and cfg.global_batch_size % per_step:
@@ -184,4 +184,4 @@ def _save(job: TrainingJob, state: LoopState, ctx: ParallelContext) -> None:
     extra = {f"{job.name}_state": {"step": state.step, "consumed_samples": state.consumed_samples}}
     args = job.checkpoint_args(state) if job.checkpoint_args else None
     ckpt.save_checkpoint(rd.checkpoint_root(job.save), state.step, job.model, ctx, job.optimizer,
-                         job.scheduler, extra, args=args)
+                         job.scheduler, extra, keep_last=job.cfg.keep_last, args=args)

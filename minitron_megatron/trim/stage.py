@@ -181,8 +181,10 @@ def trim_stage(cfg: CommonConfig, prune: PruneConfig, ctx: ParallelContext, *,
 
 def trim_model(model, run, cfg: CommonConfig, prune: PruneConfig, ctx: ParallelContext, new_cfg: ModelConfig, *,
                scores: Optional[Dict[str, torch.Tensor]], pp_layout: Optional[List[int]], eval_samples: int,
-               eval_micro_batch_size: int, extra_summary: Optional[dict] = None) -> dict:
-    """Plan -> apply -> count -> zero-shot eval -> save, on the loaded source `model` (consumed).
+               eval_micro_batch_size: int, extra_summary: Optional[dict] = None,
+               release_source: bool = True) -> dict:
+    """Plan -> apply -> count -> zero-shot eval -> save, on the loaded source `model` (consumed,
+    unless `release_source=False`: a borrowed model, left as it was, checkpoint/resident.py).
 
     `new_cfg` is `check_trim_settings`' result (validated once, before any heavy work).
     """
@@ -190,7 +192,8 @@ def trim_model(model, run, cfg: CommonConfig, prune: PruneConfig, ctx: ParallelC
     params_before = count_model_parameters(model, ctx)
     plan = make_plan(prune, run.model_cfg, new_cfg, scores=scores, model=model, ctx=ctx, seed=cfg.seed)
     trim_start = time.time()
-    result = apply_plan(model, plan, run.model_cfg, ctx, source_parallel(cfg), run.padded_vocab, pp_layout)
+    result = apply_plan(model, plan, run.model_cfg, ctx, source_parallel(cfg), run.padded_vocab, pp_layout,
+                        release_source=release_source)
     trim_seconds = time.time() - trim_start
     del model
     params_after = count_model_parameters(result.model, ctx)

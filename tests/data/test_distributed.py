@@ -50,3 +50,39 @@ def test_two_processes_build_one_corpus_and_the_same_datasets(tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
+
+
+def _build_without_shared_home(rank: int, world_size: int, data: dict, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from minitron_megatron.config.data import DataConfig
+    from minitron_megatron.data import build_gpt_datasets, index_cache_dir, load_tokenizer, prepare_data
+
+    # Each rank on its own "node": its own home, no $MINITRON_CACHE, the first rank of its node.
+    home = Path(out) / f"home{rank}"
+    os.environ.update(HOME=str(home), LOCAL_RANK="0")
+    os.environ.pop("MINITRON_CACHE", None)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    sources = prepare_data(DataConfig(name="custom", **data))  # the data: on a shared file system
+    train, valid = build_gpt_datasets(sources, load_tokenizer(sources.tokenizer_model), SEQ, 100, 10, seed=5)
+    chosen = index_cache_dir(sources)
+    assert train.config.path_to_cache == str(chosen) and chosen.is_relative_to(home.resolve()), chosen
+    assert list(chosen.glob("*GPTDataset-train-shuffle_index.npy")), "this node's caches are in its own home"
+    torch.save(torch.stack([ds[i]["tokens"] for ds in (train, valid) for i in range(10)]), f"{out}/nodes{rank}.pt")
+
+
+def test_nodes_without_a_shared_home_each_build_their_index_caches(tmp_path, stdlib_sources):
+    """Two ranks as two nodes with distinct homes and no shared cache (data.cache_dir and
+    $MINITRON_CACHE unset): Megatron's GPTDatasetConfig points at each node's ~/.cache, and
+    both get the same samples.
+
+    Would catch: Megatron's protocol left as it was (global rank 0 builds into its own home, the
+    other node's ranks then find no caches and fail), and a cache path that is not the one the
+    plugin chose (data.cache_dir / $MINITRON_CACHE / ~/.cache)."""
+    data = dict(tokenizer_model=stdlib_sources.tokenizer_model, train_prefixes=stdlib_sources.train_blend[0],
+                valid_prefixes=stdlib_sources.valid_blend[0])
+    run_distributed(_build_without_shared_home, 2, data, str(tmp_path))
+    rank0, rank1 = (torch.load(tmp_path / f"nodes{r}.pt") for r in range(2))
+    assert torch.equal(rank0, rank1)
