@@ -78,7 +78,7 @@ def test_trim_tiny_moe_at_ep2_equals_ep1(trained, scored, tmp_path):
     assert two["params_after"] == one["params_after"] < one["params_before"]
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     plan = json.loads((tmp_path / "ep2" / "trim_plan.json").read_text())
-    assert [len(kept) for kept in plan["experts"]] == [4, 4] and plan["notes"]["expert_metric"] == "output_norm"
+    assert [len(kept) for kept in plan["experts"]] == [4, 4] and plan["notes"]["expert_metric"] == "contribution"
     back = summary(run_command("evaluate", f"load={tmp_path / 'ep2'}", "device=cpu", "data=stdlib",
                                "evaluate.samples=16", "evaluate.micro_batch_size=4"))
     assert back["params"] == one["params_after"]

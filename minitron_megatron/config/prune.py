@@ -106,11 +106,13 @@ class PruneConfig:
     docs/hidden_importance.md) calibrates when the scores carry the norm moments and keeps the
     plain slice otherwise (random/magnitude baselines, older score files); calibrated requires
     the moments."""
-    expert_metric: str = "output_norm"
-    """How routed experts are ranked when prune.target.num_moe_experts cuts them: output_norm
-    (moe.expert, the mean norm of the expert's output over its routed tokens), frequency
-    (moe.expert_frequency, how often the router picks it) or contribution (their product: its
-    output norm summed over every token, divided by the token count)."""
+    expert_metric: str = "contribution"
+    """How routed experts are ranked when prune.target.num_moe_experts cuts them: contribution
+    (moe.expert x moe.expert_frequency: the expert's output norm summed over every token, divided
+    by the token count), output_norm (moe.expert, the mean over its routed tokens only) or
+    frequency (moe.expert_frequency, how often the router picks it). The default was chosen by
+    benchmarks/moe_expert_pruning.py (docs/moe.md): 8 -> 4 experts of a trained tiny-moe,
+    contribution beat output_norm, frequency and random, zero-shot and after the same short KD."""
     residual_heads: bool = False
     """Fold pruned query heads into kept ones (the paper's head_i + (head_i - head_2K-i+1))."""
     scores: Optional[str] = None

@@ -129,7 +129,7 @@ def _rank(scores: torch.Tensor) -> List[int]:
 def plan_from_scores(model_cfg: ModelConfig, new_cfg: ModelConfig, scores: Dict[str, torch.Tensor], *,
                      drop_layers: Optional[List[int]] = None, depth_metric: str = "block_importance",
                      residual_heads: bool = False, method: str = "importance",
-                     expert_metric: str = "output_norm") -> TrimPlan:
+                     expert_metric: str = "contribution") -> TrimPlan:
     """The plan that turns `model_cfg` into `new_cfg` keeping the highest-scoring units.
 
     `scores` follows the contract of config/prune.py (global order, larger = more important);
@@ -245,7 +245,7 @@ def expert_ranking(scores: Dict[str, torch.Tensor], metric: str) -> torch.Tensor
     return ranking
 
 
-def _needed_keys(old, new, scores, drop_layers, metric, expert_metric="output_norm") -> List[str]:
+def _needed_keys(old, new, scores, drop_layers, metric, expert_metric="contribution") -> List[str]:
     keys = []
     if old.is_moe:
         if new.num_moe_experts < old.num_moe_experts:

@@ -85,7 +85,8 @@ def _trim(ctx, ckpt_root) -> dict:
     load_checkpoint(ckpt_root, model, ctx)
     out = {"original": _gathered(model, cfg, ctx), "magnitude": magnitude_scores(model, cfg, ctx)}
     new_cfg = validate_target(cfg, TARGET, ctx.tp_size, ctx.pp_size, None, padded, ep=ctx.ep_size)
-    plan = plan_from_scores(cfg, new_cfg, _scores(cfg), drop_layers=TARGET.drop_layers)
+    plan = plan_from_scores(cfg, new_cfg, _scores(cfg), drop_layers=TARGET.drop_layers,
+                            expert_metric="output_norm")
     result = apply_plan(model, plan, cfg, ctx, parallel, padded)
     out.update(plan=plan.to_json(), weights=_gathered(result.model, result.model_cfg, ctx),
                params=count_model_parameters(result.model, ctx), expected=parameter_count(result.model_cfg, padded))
@@ -232,7 +233,7 @@ def test_expert_metric_picks_the_score_that_ranks_experts():
     scores = _scores(cfg)
     scores["moe.expert_frequency"] = torch.arange(8.0).repeat(cfg.num_layers, 1)  # experts 4-7 most routed
     new = validate_target(cfg, TrimTarget(num_moe_experts=4))
-    by_norm = plan_from_scores(cfg, new, scores)
+    by_norm = plan_from_scores(cfg, new, scores, expert_metric="output_norm")
     by_frequency = plan_from_scores(cfg, new, scores, expert_metric="frequency")
     assert by_norm.experts[2] == KEEP_EXPERTS[2] and by_norm.notes["expert_metric"] == "output_norm"
     assert by_frequency.experts == [[4, 5, 6, 7]] * cfg.num_layers
