@@ -281,7 +281,7 @@ def _trim_experts(local: Dict[int, Dict[str, tuple]], plan: TrimPlan, j: int, ol
                 t = from_units(u.index_select(0, keep), layout.tp_dim)
             tensors.append(t)
         rows.append(tensors)
-    shapes = _expert_shapes(local, suffixes, plan, j, old_cfg, ctx)
+    shapes = _expert_shapes(local, suffixes, plan, j, old_cfg)
     per_rank = len(plan.experts[j]) // ctx.ep_size
     received = [dict() for _ in range(per_rank)]
     for dtype, idx in _dtype_groups([dtype for _, dtype in shapes]).items():
@@ -295,7 +295,7 @@ def _trim_experts(local: Dict[int, Dict[str, tuple]], plan: TrimPlan, j: int, ol
     return {L.expert_param_name(q, suffix): t for q, by_suffix in enumerate(received) for suffix, t in by_suffix.items()}
 
 
-def _expert_shapes(local, suffixes: List[str], plan: TrimPlan, j: int, old_cfg: ModelConfig, ctx):
+def _expert_shapes(local, suffixes: List[str], plan: TrimPlan, j: int, old_cfg: ModelConfig):
     """(shape, dtype) of each trimmed expert parameter, known on every rank (one whose experts
     are all dropped still receives)."""
     width = len(plan.expert_ffn[j][0])
