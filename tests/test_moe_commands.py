@@ -62,19 +62,30 @@ def test_train_tiny_moe_then_evaluate_and_score_its_run_dir_at_ep2(trained, scor
     assert (scored / "importance_width.png").is_file()
 
 
-def test_trim_tiny_moe_at_ep2_equals_ep1(trained, scored, tmp_path):
+TRIM = ["prune.stage=trim", "prune.target.num_moe_experts=4", "prune.target.moe_ffn_hidden_size=64",
+        "prune.target.hidden_size=96", "evaluate.samples=16", "evaluate.micro_batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def pruned(trained, scored, tmp_path_factory):
+    """The trained tiny-moe trimmed at EP=1: 8 -> 4 experts, expert width 128 -> 64, hidden 128 -> 96."""
+    run_dir, _ = trained
+    save = tmp_path_factory.mktemp("moe_pruned") / "ep1"
+    out = summary(run_command("prune", f"load={run_dir}", "device=cpu", "data=stdlib", f"prune.scores={scored}",
+                              *TRIM, f"save={save}"))
+    return save, out
+
+
+def test_trim_tiny_moe_at_ep2_equals_ep1(trained, scored, pruned, tmp_path):
     """Catches a trim whose result depends on the EP layout (experts exchanged between EP ranks,
-    router rows, per-expert neurons): 8 -> 4 experts, expert width 128 -> 64 and hidden 128 -> 96
-    from the same scores at EP=1 and EP=2 give the same zero-shot validation loss, and the EP=2
-    run dir loads back at EP=1 with that loss."""
+    router rows, per-expert neurons): the same target from the same scores at EP=1 and EP=2 gives
+    the same zero-shot validation loss, and the EP=2 run dir loads back at EP=1 with that loss."""
     import json
 
     run_dir, _ = trained
-    trim = [f"load={run_dir}", "device=cpu", "data=stdlib", "prune.stage=trim", f"prune.scores={scored}",
-            "prune.target.num_moe_experts=4", "prune.target.moe_ffn_hidden_size=64", "prune.target.hidden_size=96",
-            "evaluate.samples=16", "evaluate.micro_batch_size=4"]
-    one = summary(run_command("prune", *trim, f"save={tmp_path / 'ep1'}"))
-    two = summary(run_command("prune", *trim, "parallel.ep=2", f"save={tmp_path / 'ep2'}", nproc=2))
+    _, one = pruned
+    two = summary(run_command("prune", f"load={run_dir}", "device=cpu", "data=stdlib", f"prune.scores={scored}",
+                              *TRIM, "parallel.ep=2", f"save={tmp_path / 'ep2'}", nproc=2))
     assert two["params_after"] == one["params_after"] < one["params_before"]
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     plan = json.loads((tmp_path / "ep2" / "trim_plan.json").read_text())
@@ -83,6 +94,45 @@ def test_trim_tiny_moe_at_ep2_equals_ep1(trained, scored, tmp_path):
                                "evaluate.samples=16", "evaluate.micro_batch_size=4"))
     assert back["params"] == one["params_after"]
     assert back["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+
+
+def test_distill_pruned_moe_at_ep2_follows_ep1_and_logs_its_aux_and_router_losses(trained, pruned, tmp_path):
+    """Catches a MoE distillation that depends on the EP layout (teacher and student experts
+    split over EP, the student's expert gradients reduced over the wrong replicas), or one whose
+    load-balancing loss is dropped from the objective or not logged, or a router-logit loss that
+    depends on the EP layout or is left out of the optimised total: 3 KD steps of the pruned
+    student from the 8-expert teacher at EP=1 and EP=2 give the same KD, aux and router losses
+    every step (rel 1e-4) and the same final val loss; the total is kd + weight * router; the
+    aux-loss weight is the run's (model.moe_aux_loss_coeff with student.load), and with weight 0
+    there is none to log."""
+    import json
+
+    def steps(run_dir):
+        lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["kind"] == "step"]
+
+    teacher, _ = trained
+    student, _ = pruned
+    common = [f"teacher.load={teacher}", f"student.load={student}", "device=cpu", "data=stdlib", "seq_length=64",
+              "distill.steps=3", "distill.micro_batch_size=2", "distill.global_batch_size=4", "distill.eval_interval=3",
+              "distill.eval_samples=8", "distill.log_interval=1", "distill.optim.warmup_steps=0",
+              "model.moe_aux_loss_coeff=0.05", "distill.router_loss_weight=0.5", "evaluate.samples=8",
+              "evaluate.micro_batch_size=2"]
+    one = summary(run_command("distill", *common, f"save={tmp_path / 'ep1'}"))
+    two = summary(run_command("distill", *common, "parallel.ep=2", f"save={tmp_path / 'ep2'}", nproc=2))
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
+    logs = [steps(tmp_path / run) for run in ("ep1", "ep2")]
+    for name in ("kd_loss", "moe_load_balancing_loss", "router_loss"):
+        ours, theirs = ([step[name] for step in log] for log in logs)
+        assert len(ours) == 3 and all(v > 0 for v in ours), (name, ours)
+        assert theirs == pytest.approx(ours, rel=1e-4), name
+    for step in logs[0]:  # the router loss is in what the student optimises
+        assert step["loss"] == pytest.approx(step["kd_loss"] + 0.5 * step["router_loss"], rel=1e-5)
+    assert one["router_loss"] > 0
+    off = [key for key in common if not key.startswith("model.moe_aux_loss_coeff")]
+    summary(run_command("distill", *off, "model.moe_aux_loss_coeff=0", "distill.steps=1",
+                        f"save={tmp_path / 'off'}"))
+    assert all("moe_load_balancing_loss" not in step for step in steps(tmp_path / "off"))
 
 
 def test_expert_parallel_size_that_does_not_divide_the_experts(tmp_path):

@@ -43,6 +43,10 @@ class DistillConfig(TrainConfig):
     """[[student_layer, teacher_layer], ...] (0-based); None maps the student's layers
     evenly onto the teacher's last layers, as the paper does after depth pruning."""
     embedding_loss: bool = False
+    router_loss_weight: float = 0.0
+    """MoE student and teacher: weight of the router-logit loss (KL between the teachers' and the
+    students' routing distributions over the student's experts, summed over paired MoE layers;
+    distill/router_kd.py), logged as router_loss; 0 turns it off. PP=1, no sequence parallelism."""
     """Also match the embedding outputs (with a projection when hidden sizes differ)."""
     memory_check: bool = True
     """On CUDA, refuse (before loading the teacher) a run whose memory plan (plan/guard.py, as

@@ -10,10 +10,13 @@ so a loaded model takes this run's values (the defaults unless given). Every imp
 computes the same function from the same checkpoint keys, and recomputation only trades
 memory for compute."""
 
-LOAD_SETTINGS = ("hidden_dropout", "attention_dropout", "init_method_std", "params_dtype") + RUN_SETTINGS
+LOAD_SETTINGS = ("hidden_dropout", "attention_dropout", "init_method_std", "params_dtype", "moe_aux_loss_coeff",
+                 "moe_z_loss_coeff") + RUN_SETTINGS
 """The `model.*` keys a command applies to a model it loads (`load=`, distill's `student.load`):
 they change neither the weights' shapes nor what the weights compute. Dropout is a training
-setting; init_method_std only initialises weights the checkpoint then overwrites; params_dtype
+setting, and so are the MoE router's auxiliary-loss weights (a distilled MoE student keeps its
+load-balancing loss in its objective with the weight given here); init_method_std only
+initialises weights the checkpoint then overwrites; params_dtype
 casts the loaded weights (as Megatron-LM's --bf16 on a float32 checkpoint); RUN_SETTINGS above.
 Every other key (shapes, norms, activations, RoPE, vocab, the position limit, the name) is the
 run dir's: a different value given with `load=` is refused, never silently ignored."""

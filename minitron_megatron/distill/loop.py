@@ -25,7 +25,7 @@ from minitron_megatron.train.setup import check_same_model, megatron_lm_args, tr
 
 __all__ = ["TrainingDiverged", "build_distillation_model", "distill"]
 
-GUARDED = ("kd_loss", "lm_loss", "is_loss", "loss", "grad_norm")
+GUARDED = ("kd_loss", "lm_loss", "is_loss", "router_loss", "loss", "grad_norm")
 """Checked for NaN/Inf after every step, most specific first (the first bad one is named)."""
 
 
@@ -55,7 +55,7 @@ def build_distillation_model(inputs: DistillInputs, cfg: DistillCommand, ctx: Pa
                                       cfg.parallel.sequence_parallel)
     return DistillationModel(student, teacher, cfg.distill, true_vocab_size=run.model_cfg.vocab_size,
                              tp_group=ctx.tp_group, pp_size=ctx.pp_size, layer_pairs=inputs.layer_pairs,
-                             projection=projection)
+                             projection=projection, router_pairs=inputs.router_pairs)
 
 
 def _load_teacher(inputs: DistillInputs, cfg: DistillCommand, ctx: ParallelContext, init: str):
@@ -113,6 +113,7 @@ def distill(cfg: DistillCommand, ctx: ParallelContext, resident: Optional[Reside
 def _summary(final: dict, metrics: dict, params: int) -> dict:
     summary = {"val_loss": final["val_loss"], "kd_loss": final["val_kd_loss"], "ppl": final["ppl"],
                "train_loss": metrics.get("loss"), "train_kd_loss": metrics.get("kd_loss"), "params": params}
-    if "val_is_loss" in final:
-        summary["is_loss"] = final["val_is_loss"]
+    for name in ("is_loss", "router_loss"):
+        if f"val_{name}" in final:
+            summary[name] = final[f"val_{name}"]
     return summary

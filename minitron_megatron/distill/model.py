@@ -6,7 +6,7 @@ stage, then the student's stage, on the same microbatch:
 
     first/middle stage:  send cat([student_out, teacher_out], -1)      # [s, b, h_s + h_t]
     later stage:         set_input_tensor splits the received tensor again
-    last stage:          return per-token (kd, lm, is) losses [b, s, 3]
+    last stage:          return per-token (kd, lm, is, router) losses [b, s, 4]
 
 Last stage, `kd_impl="fused_linear"` (the default): both models stop at their final
 hidden states (after the final norm) and the loss takes those and the output-layer
@@ -49,6 +49,7 @@ import torch
 
 from minitron_megatron.config.distill import DistillConfig
 from minitron_megatron.distill.intermediate import capture_hidden_states, intermediate_loss
+from minitron_megatron.distill.router_kd import RouterPair, capture_router_logits, router_kd_loss
 from minitron_megatron.distill.objective import fused_per_token_components, per_token_components
 
 PROJECTION = "kd_projection."
@@ -128,15 +129,16 @@ class DistillationModel(torch.nn.Module):
 
     def __init__(self, student, teacher, settings: DistillConfig, *, true_vocab_size: int, tp_group=None,
                  pp_size: Optional[int] = None, layer_pairs: Sequence[Tuple[int, int]] = (),
-                 projection: Optional[torch.nn.Module] = None):
-        """tp_group / pp_size default to the student GPTModel's own groups."""
+                 projection: Optional[torch.nn.Module] = None, router_pairs: Sequence[RouterPair] = ()):
+        """tp_group / pp_size default to the student GPTModel's own groups; router_pairs: the
+        paired MoE layers of a router-logit loss (router_kd.py), PP=1 only."""
         super().__init__()
         tp_group = tp_group if tp_group is not None else getattr(student, "tp_group", None)
         if pp_size is None:
             pp_group = getattr(student, "pp_group", None)
             pp_size = pp_group.size() if pp_group is not None else 1
-        if layer_pairs and pp_size > 1:
-            raise ValueError("intermediate-state losses need pipeline parallel size 1")
+        if (layer_pairs or router_pairs) and pp_size > 1:
+            raise ValueError("intermediate-state and router-logit losses need pipeline parallel size 1")
         self.module = student
         self.kd_projection = projection
         self.__dict__["teacher"] = freeze(teacher)  # not a submodule: see the module docstring
@@ -145,6 +147,7 @@ class DistillationModel(torch.nn.Module):
         self.tp_group = tp_group
         self.layer_pairs = [tuple(p) for p in layer_pairs]
         self.embedding_loss = bool(layer_pairs) and settings.embedding_loss
+        self.router_pairs = [(s, t, list(e)) for s, t, e in router_pairs]
         # The teacher's actual dtype (teacher.precision casts it after its build; fp8: bf16 activations).
         teacher_dtype = next(teacher.parameters()).dtype
         self.config = pipeline_config(student.config, teacher.config.hidden_size, pp_size, teacher_dtype)
@@ -187,7 +190,7 @@ class DistillationModel(torch.nn.Module):
         self.teacher.set_input_tensor(input_tensor[..., h_s:].detach().to(teacher_dtype).contiguous())
 
     def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None, **kwargs):
-        """Non-last stage: [s, b, h_s + h_t]. Last stage: per-token (kd, lm, is) [b, s, 3]
+        """Non-last stage: [s, b, h_s + h_t]. Last stage: per-token (kd, lm, is, router) [b, s, 4]
         with `labels`, else the student's vocab-parallel logits [b, s, v_s/tp].
 
         loss_mask [b, s], optional: the mask the loss function will apply. With
@@ -198,7 +201,9 @@ class DistillationModel(torch.nn.Module):
         fused = self.kd_impl == "fused_linear" and labels is not None and self.module.post_process
         hidden_only = final_hidden_states if fused else lambda _: contextlib.nullcontext()
         with capture_hidden_states(self.module, s_layers, self.embedding_loss) as s_states, \
-                capture_hidden_states(self.teacher, t_layers, self.embedding_loss) as t_states:
+                capture_hidden_states(self.teacher, t_layers, self.embedding_loss) as t_states, \
+                capture_router_logits(self.module, [s for s, _, _ in self.router_pairs]) as s_routes, \
+                capture_router_logits(self.teacher, [t for _, t, _ in self.router_pairs]) as t_routes:
             with torch.no_grad(), hidden_only(self.teacher):
                 teacher_out = self.teacher(input_ids, position_ids, attention_mask, **kwargs)
             with hidden_only(self.module):
@@ -209,16 +214,19 @@ class DistillationModel(torch.nn.Module):
         if labels is None:
             return student_out
         state_loss = self._state_loss(s_states, t_states) if self.layer_pairs else None
+        router_loss = None
+        if self.router_pairs:
+            router_loss = router_kd_loss(s_routes, t_routes, self.router_pairs, batch=input_ids.shape[0])  # [b, s]
         tp_group = self.tp_group if torch.distributed.is_initialized() and self._tp_size() > 1 else None
         if fused:  # student_out, teacher_out: [s, b, h] final hidden states
             return fused_per_token_components(
                 student_out, output_weight(self.module), teacher_out, output_weight(self.teacher), labels,
                 self.settings, tp_group=tp_group, true_vocab_size=self.true_vocab_size, state_loss=state_loss,
-                teacher_weight_cache=self._teacher_rows_cache, loss_mask=loss_mask,
+                teacher_weight_cache=self._teacher_rows_cache, loss_mask=loss_mask, router_loss=router_loss,
             )
         return per_token_components(student_out, teacher_out, labels, self.settings, tp_group=tp_group,
                                     true_vocab_size=self.true_vocab_size, state_loss=state_loss,
-                                    impl=self.kd_impl)
+                                    impl=self.kd_impl, router_loss=router_loss)
 
     def _tp_size(self) -> int:
         return torch.distributed.get_world_size(self.tp_group) if self.tp_group is not None else 1

@@ -15,6 +15,7 @@ from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.distill.intermediate import IS_KINDS, layer_map_problems, resolve_layer_map
 from minitron_megatron.distill.losses import IMPLS, KINDS
+from minitron_megatron.distill.router_kd import RouterPair, router_pairs
 from minitron_megatron.distill.teacher import PRECISIONS
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model import validate_model
@@ -44,6 +45,7 @@ class DistillInputs:
     teacher: RunModel
     teacher_parallel: ParallelConfig
     layer_pairs: List[Tuple[int, int]]  # [(student, teacher)]; empty without an intermediate loss
+    router_pairs: List[RouterPair]  # [(student, teacher, teacher experts)]; empty without a router loss
     use_projection: bool
     num_microbatches: int
 
@@ -165,6 +167,29 @@ def _intermediate_problems(cfg: DistillCommand, ctx: ParallelContext, teacher: R
     return problems
 
 
+def _student_plan(student: RunModel):
+    """The student run dir's TrimPlan (which teacher layers and experts it kept), or None."""
+    from minitron_megatron.trim import PLAN_JSON, read_plan
+
+    return read_plan(student.path) if (Path(student.path) / PLAN_JSON).is_file() else None
+
+
+def _router_problems(cfg: DistillCommand, ctx: ParallelContext, teacher: RunModel, student: RunModel) -> List[str]:
+    d = cfg.distill
+    if d.router_loss_weight == 0:
+        return []
+    if d.router_loss_weight < 0:
+        return [f"distill.router_loss_weight={d.router_loss_weight} must be >= 0 (0 turns the router-logit loss off)"]
+    problems = router_pairs(student.cfg, teacher.cfg, _student_plan(student))[1]
+    if ctx.pp_size > 1:
+        problems.append(f"distill.router_loss_weight > 0 needs parallel.pp=1 (got {ctx.pp_size}): paired MoE "
+                        "layers may sit on different pipeline stages")
+    if cfg.parallel.sequence_parallel:
+        problems.append("distill.router_loss_weight > 0 does not run with parallel.sequence_parallel=true "
+                        "(each rank's router sees its own part of the sequence)")
+    return problems
+
+
 def _teacher_precision_problems(cfg: DistillCommand, ctx: ParallelContext, teacher: RunModel) -> List[str]:
     """teacher.precision=fp8's needs (local spec, an FP8-capable GPU, every local GEMM dimension
     a multiple of 16 at this TP size) from the teacher's model.yaml: checked here, before the
@@ -202,6 +227,7 @@ def check_distill(cfg: DistillCommand, ctx: ParallelContext, data_tokenizer: str
     problems += _model_problems(student, parallel, ctx.tp_size)
     problems += _model_problems(teacher, teacher_parallel(parallel, student.cfg, teacher.cfg), ctx.tp_size)
     problems += _intermediate_problems(cfg, ctx, teacher, student)
+    problems += _router_problems(cfg, ctx, teacher, student)
     problems += _teacher_precision_problems(cfg, ctx, teacher)
     if problems:
         raise ConfigError(problems)
@@ -233,7 +259,8 @@ def prepare_distill(cfg: DistillCommand, ctx: ParallelContext) -> DistillInputs:
     if d.intermediate_loss is not None:
         pairs = resolve_layer_map(d.layer_map, student.cfg.num_layers, teacher.cfg.num_layers)
     use_projection = bool(pairs) and teacher.cfg.hidden_size != student.cfg.hidden_size
+    routers = router_pairs(student.cfg, teacher.cfg, _student_plan(student))[0] if d.router_loss_weight > 0 else []
     return DistillInputs(run=run, teacher=teacher,
                          teacher_parallel=teacher_parallel(cfg.parallel, student.cfg, teacher.cfg),
-                         layer_pairs=pairs, use_projection=use_projection,
+                         layer_pairs=pairs, router_pairs=routers, use_projection=use_projection,
                          num_microbatches=t.global_batch_size // (t.micro_batch_size * ctx.dp_size))

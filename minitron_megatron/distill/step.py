@@ -14,7 +14,8 @@ from minitron_megatron.distill.objective import DistillLoss
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.train.step import reported_means, run_schedule, tracked_batches, train_step
 
-METRIC_NAMES = {"loss": "loss", "kd loss": "kd_loss", "lm loss": "lm_loss", "is loss": "is_loss", "alpha": "alpha"}
+METRIC_NAMES = {"loss": "loss", "kd loss": "kd_loss", "lm loss": "lm_loss", "is loss": "is_loss", "alpha": "alpha",
+                "router loss": "router_loss"}
 
 
 def distill_forward_step(device: torch.device, loss: DistillLoss) -> Callable:
@@ -62,6 +63,7 @@ def evaluate_distill(model_chunks, batches, ctx: ParallelContext, num_microbatch
     result = {"val_loss": val_loss, "ppl": math.exp(min(val_loss, 50.0)), **means}
     result["val_kd_loss"] = result.pop("kd_loss")
     result["val_total_loss"] = result.pop("loss")
-    if "is_loss" in result:
-        result["val_is_loss"] = result.pop("is_loss")
+    for name in ("is_loss", "router_loss"):
+        if name in result:
+            result[f"val_{name}"] = result.pop(name)
     return result

@@ -26,6 +26,7 @@ from minitron_megatron.config.train import TrainConfig
 from minitron_megatron.runtime import clock
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.runtime.preemption import Preempted, PreemptionWatch
+from minitron_megatron.train import moe_metrics
 from minitron_megatron.train.logger import TrainLogger
 
 
@@ -115,10 +116,12 @@ def run_training(job: TrainingJob, ctx: ParallelContext) -> dict:
         job.write_metadata()
     batches = job.batches(state.consumed_samples)
     start, metrics, last_eval = time.time(), {}, None
+    moe_metrics.clear()
+    microbatches = t.global_batch_size // (t.micro_batch_size * ctx.dp_size)
     with TrainLogger(job.save, ctx, t, start_step=state.step, prefix=job.name) as logger, \
             PreemptionWatch(ctx) as watch:
         while state.step < t.steps:
-            metrics = job.step(batches)
+            metrics = {**job.step(batches), **moe_metrics.step_metrics(microbatches)}
             state.step += 1
             state.consumed_samples += t.global_batch_size
             _guard(job, metrics, state.step)

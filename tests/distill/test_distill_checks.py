@@ -127,6 +127,17 @@ def test_intermediate_loss_needs_pp1_and_all_problems_are_listed(dirs):
     assert "distill.logit_loss='kl'" in msg and "distill.temperature=0.0 must be > 0" in msg
 
 
+def test_router_loss_needs_moe_models_and_pp1(dirs):
+    """Catches a router-logit loss accepted for dense models (it would find no router) or at PP>1:
+    both problems named in one message before any load; a negative weight refused."""
+    tmp_path, teacher, student, tok = dirs
+    msg = _problems(_cfg(tmp_path, teacher, student, router_loss_weight=0.5), tok, pp=2)
+    assert "needs a MoE student and teacher (the student has no num_moe_experts)" in msg
+    assert "distill.router_loss_weight > 0 needs parallel.pp=1 (got 2)" in msg
+    msg = _problems(_cfg(tmp_path, teacher, student, router_loss_weight=-1.0), tok)
+    assert "distill.router_loss_weight=-1.0 must be >= 0" in msg
+
+
 def test_default_layer_map_ends_on_the_teachers_last_layer():
     assert default_layer_map(4, 4) == [(0, 0), (1, 1), (2, 2), (3, 3)]
     assert default_layer_map(2, 4) == [(0, 1), (1, 3)]
@@ -134,19 +145,24 @@ def test_default_layer_map_ends_on_the_teachers_last_layer():
 
 
 def test_loss_func_dynamic_alpha_and_masking():
-    """L = kd + alpha * is with alpha = kd / is detached, over unmasked tokens only."""
-    out = torch.tensor([[[1.0, 5.0, 4.0], [3.0, 7.0, 2.0], [100.0, 100.0, 100.0]]], requires_grad=True)
+    """L = kd + ce_weight * lm + alpha * is + router_weight * router with alpha = kd / is
+    detached, over unmasked tokens only."""
+    out = torch.tensor([[[1.0, 5.0, 4.0, 0.5], [3.0, 7.0, 2.0, 1.5], [100.0, 100.0, 100.0, 100.0]]],
+                       requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    total, tokens, report = DistillLoss(replace(DistillCommand().distill, ce_weight=0.5), True)(mask, out)
-    kd, lm, state = 4.0, 12.0, 6.0
+    settings = replace(DistillCommand().distill, ce_weight=0.5, router_loss_weight=0.25)
+    total, tokens, report = DistillLoss(settings, True)(mask, out)
+    kd, lm, state, router = 4.0, 12.0, 6.0, 2.0
     alpha = kd / state
     assert int(tokens) == 2
-    assert torch.isclose(total, torch.tensor(kd + 0.5 * lm + alpha * state))
+    assert torch.isclose(total, torch.tensor(kd + 0.5 * lm + alpha * state + 0.25 * router))
     assert torch.allclose(report["alpha"], torch.tensor([alpha, 1.0]))
     assert torch.allclose(report["kd loss"], torch.tensor([kd, 2.0]))
+    assert torch.allclose(report["router loss"], torch.tensor([router, 2.0]))
     total.backward()
     # alpha is a constant: d total / d is = alpha on unmasked tokens; masked tokens get nothing.
     assert torch.allclose(out.grad[0, :, 2], torch.tensor([alpha, alpha, 0.0]))
+    assert torch.allclose(out.grad[0, :, 3], torch.tensor([0.25, 0.25, 0.0]))
 
 
 def test_state_losses_are_zero_for_equal_states():

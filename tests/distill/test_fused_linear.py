@@ -19,7 +19,7 @@ from minitron_megatron.config.distill import DistillConfig
 from minitron_megatron.distill import fused_linear
 from minitron_megatron.distill.fused_linear import fused_linear_kd_loss
 from minitron_megatron.distill.model import fused_linear_unsupported
-from minitron_megatron.distill.objective import DistillLoss
+from minitron_megatron.distill.objective import COMPONENTS, DistillLoss
 from tests.dist_utils import run_distributed
 
 # The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
@@ -360,7 +360,7 @@ def test_loss_is_not_a_view(ce_weight, has_state_loss):
     deallocate_pipeline_outputs=True asserts on it at PP > 1)."""
     from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
 
-    output = torch.rand(2, 5, 3, requires_grad=True)
+    output = torch.rand(2, 5, len(COMPONENTS), requires_grad=True)
     total, num_tokens, _ = DistillLoss(DistillConfig(ce_weight=ce_weight), has_state_loss)(torch.ones(2, 5), output)
     total /= num_tokens  # as forward_step_calc_loss does, in place
     deallocate_output_tensor(total, deallocate_pipeline_outputs=True)
