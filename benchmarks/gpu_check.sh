@@ -2,7 +2,7 @@
 # The GPU check, as one command on a machine with one CUDA GPU and no network.
 #
 #   benchmarks/gpu_check.sh [--wheels DIR] [--status FILE] [--budget SECONDS] [--dry-run]
-#                           [--python EXE] [--plan FILE]
+#                           [--python EXE] [--plan FILE] [--rehearse]
 #
 # Run from the repository root. DIR (default .whl) holds the wheels of benchmarks/gpu_wheels.txt
 # (what the machine lacks: megatron-core, Hydra, ...): make it on a machine with network with
@@ -21,6 +21,16 @@
 # from outside leaves what it had measured.
 # Exit status: 0 every step ok; 1 a step failed or was skipped; 2 bad inputs (nothing ran).
 #
+# --rehearse runs the check on CPU as the GPU machine would run it, before any GPU time is spent
+# (CI does: .ci/run): --python names a Python 3.12 holding at least the GPU machine's packages
+# (.venv-py3.12/bin/python); benchmarks/rehearsal_env.py makes from it a fresh venv that sees only
+# the machine's package set (benchmarks/gpu_machine.txt), and every step runs in it with the same
+# wheels, installed the same way, at device=cpu, every collective checked for a tensor a GPU run
+# would hold on the host (MINITRON_CHECK_COLLECTIVES=1, runtime/device_guard.py). Steps a plan
+# marks CUDA_ONLY are skipped with their reason and do not fail it; exit 0 when every other
+# step passed. A missing wheel, an import of a package the machine lacks or a collective on a
+# host tensor fails here, not on the GPU (tests/test_gpu_check.py shows each).
+#
 # --dry-run checks the inputs (python, the wheels against gpu_wheels.txt: names and versions,
 # one each; the plan's scripts), runs each benchmark's own argument check (--check) and prints
 # every step's commands without running them. The CPU test suite runs it.
@@ -31,16 +41,18 @@ PLAN=benchmarks/gpu_check_plan.sh
 PYTHON=python3
 BUDGET=540
 DRY_RUN=0
+REHEARSE=0
 STATUS_FILE=${OUT:+$OUT/gpu_check.json}
 STATUS_FILE=${STATUS_FILE:-/tmp/minitron_gpu_check/status.json}
 
 usage_error() {
-    echo "error: $1 (use --wheels DIR, --status FILE, --budget SECONDS, --dry-run, --python EXE, --plan FILE)" >&2
+    echo "error: $1 (use --wheels DIR, --status FILE, --budget SECONDS, --dry-run, --python EXE, --plan FILE, --rehearse)" >&2
     exit 2
 }
 while [[ $# -gt 0 ]]; do
     case $1 in
         --dry-run) DRY_RUN=1; shift; continue ;;
+        --rehearse) REHEARSE=1; shift; continue ;;
         --wheels | --status | --budget | --python | --plan)
             [[ $# -ge 2 && -n $2 ]] || usage_error "$1 needs a value" ;;
         *) usage_error "unknown argument $1" ;;
@@ -56,6 +68,24 @@ while [[ $# -gt 0 ]]; do
 done
 [[ $BUDGET =~ ^[0-9]+$ ]] || usage_error "--budget $BUDGET: give whole seconds"
 LOG_DIR=$(dirname "$STATUS_FILE")/gpu_check_logs
+mkdir -p "$LOG_DIR" || exit 2
+
+# ---------------------------------------------------------------- the rehearsal's machine
+
+export REHEARSE
+if [[ $REHEARSE == 1 ]]; then
+    if ! "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+        usage_error "--rehearse needs --python to be a Python 3.12 holding the GPU machine's packages (e.g. .venv-py3.12/bin/python), not $PYTHON"
+    fi
+    echo "=== the GPU machine's Python, from $PYTHON"
+    if ! rehearsal=$("$PYTHON" benchmarks/rehearsal_env.py "$(dirname "$STATUS_FILE")/rehearsal_env"); then
+        echo "error: benchmarks/rehearsal_env.py could not build the rehearsal's environment" >&2
+        exit 2
+    fi
+    printf '%s\n' "$rehearsal"
+    PYTHON=$(tail -n 1 <<<"$rehearsal")
+    export MINITRON_CHECK_COLLECTIVES=1
+fi
 
 # ---------------------------------------------------------------- what a plan's steps call
 
@@ -97,7 +127,7 @@ else
 fi
 
 STEPS=()
-declare -A NEEDS=() LIMIT=()
+declare -A NEEDS=() LIMIT=() CUDA_ONLY=()
 if [[ ! -f $PLAN ]]; then
     problems+=("--plan $PLAN: no such file")
 else
@@ -144,18 +174,18 @@ write_status() {  # the JSON status file, replaced whole (plain bash: no interpr
     {
         printf '{"steps": ['
         for name in "${STEPS[@]}"; do
-            [[ ${STATUS[$name]:-} == ok ]] || ok=false
+            [[ ${STATUS[$name]:-} == ok || ${STATUS[$name]:-} == "skipped: CUDA only"* ]] || ok=false
             printf '%s\n  {"step": %s, "status": %s, "seconds": %s, "log": %s}' "$sep" "$(json_string "$name")" \
                 "$(json_string "${STATUS[$name]:-not run}")" "${SECONDS_TAKEN[$name]:-0}" \
                 "$(json_string "${LOG[$name]:-}")"
             sep=,
         done
-        printf '],\n "ok": %s, "dry_run": %s, "budget_s": %s, "plan": %s}\n' "$ok" \
-            "$([[ $DRY_RUN == 1 ]] && echo true || echo false)" "$BUDGET" "$(json_string "$PLAN")"
+        printf '],\n "ok": %s, "dry_run": %s, "rehearsal": %s, "budget_s": %s, "plan": %s}\n' "$ok" \
+            "$([[ $DRY_RUN == 1 ]] && echo true || echo false)" "$([[ $REHEARSE == 1 ]] && echo true || echo false)" \
+            "$BUDGET" "$(json_string "$PLAN")"
     } >"$STATUS_FILE.tmp" && mv -f "$STATUS_FILE.tmp" "$STATUS_FILE"
 }
 
-mkdir -p "$LOG_DIR" || exit 2
 rm -f "$LOG_DIR"/[0-9][0-9]-*.log
 export PYTHONUNBUFFERED=1  # step output reaches the console and the log as it happens
 started=$(now_us)
@@ -167,7 +197,9 @@ for name in "${STEPS[@]}"; do
         [[ ${STATUS[$need]} == ok ]] || reason="needs $need (${STATUS[$need]})"
     done
     left=$((BUDGET - ($(now_us) - started) / 1000000))
-    if [[ -z $reason && $DRY_RUN == 0 && $left -lt 10 ]]; then
+    if [[ $REHEARSE == 1 && -n ${CUDA_ONLY[$name]:-} ]]; then
+        reason="CUDA only: ${CUDA_ONLY[$name]}"
+    elif [[ -z $reason && $DRY_RUN == 0 && $left -lt 10 ]]; then
         reason="the --budget of $BUDGET s is spent"
     fi
     if [[ -n $reason ]]; then
@@ -211,7 +243,7 @@ printf '%-*s  %-52s %8s\n' "$width" step status seconds
 failed=0
 for name in "${STEPS[@]}"; do
     printf '%-*s  %-52s %8s\n' "$width" "$name" "${STATUS[$name]}" "${SECONDS_TAKEN[$name]:--}"
-    [[ ${STATUS[$name]} == ok ]] || failed=1
+    [[ ${STATUS[$name]} == ok || ${STATUS[$name]} == "skipped: CUDA only"* ]] || failed=1
 done
 echo "status: $STATUS_FILE, logs: $LOG_DIR/"
 if [[ $DRY_RUN == 1 && $failed == 0 ]]; then

@@ -7,12 +7,22 @@
 
 RUN_DIR=/tmp/minitron_gpu_check/runs
 SITE=/tmp/site  # the wheels install here; the machine's own packages stay as they are
+DEVICE=cuda
+TEACHER_PRECISION=fp8
 KD_STEP_ARGS=(--configs 1x1 --hidden 4096 --heads 32 --groups 8 --layers 4 --vocab 128256 --seq 4096
               --micro-batch 1 --microbatches 4 --dtype bfloat16 --device cuda)
+if [[ ${REHEARSE:-0} == 1 ]]; then  # gpu_check.sh --rehearse: the same steps on CPU, at tiny sizes
+    RUN_DIR=/tmp/minitron_gpu_check/rehearsal_runs
+    SITE=/tmp/minitron_gpu_check/rehearsal_site
+    DEVICE=cpu
+    TEACHER_PRECISION=bf16  # FP8 GEMMs need compute capability 8.9 (distill refuses them on CPU)
+    KD_STEP_ARGS=(--configs 1x1 --hidden 256 --heads 4 --groups 2 --layers 2 --vocab 4096 --seq 128
+                  --micro-batch 1 --microbatches 2 --repeats 1 --dtype bfloat16 --device cpu)
+fi
 # The teacher's architecture is for train only: prune and distill load run dirs, whose model.yaml
 # is the architecture (a different model.* key given with them is refused).
 MODEL=(model=tiny model.num_layers=2)
-SMALL=(seq_length=128 device=cuda data=stdlib evaluate.samples=16 evaluate.micro_batch_size=4)
+SMALL=(seq_length=128 "device=$DEVICE" data=stdlib evaluate.samples=16 evaluate.micro_batch_size=4)
 # The test files with GPU tests (Triton KD kernels at speed, Transformer Engine builds where
 # TE is installed): collecting only these keeps the other files' imports out of the way.
 mapfile -t GPU_TESTS < <(grep -rlE --include='*.py' '^[[:space:]]*@pytest\.mark\.gpu' tests | sort)
@@ -30,8 +40,11 @@ NEEDS[prune]=train
 NEEDS[distill]="train prune"
 # Caps against a hang, not estimates; the runner also stops each at what --budget has left.
 LIMIT=([install]=120 [gpu_tests]=180 [gpu_bench]=180 [kd_step]=240 [train]=120 [prune]=120 [distill]=150)
+# Skipped by a rehearsal (with this reason): what only a GPU can measure.
+CUDA_ONLY=([gpu_bench]="copy bandwidth, Triton KD kernel timings and FP8 GEMMs are GPU measurements")
 
 step_install() {
+    run rm -rf "$SITE"
     run "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "${WHEEL_FILES[@]}"
 }
@@ -64,6 +77,6 @@ step_prune() {
 
 step_distill() {
     run "$PYTHON" -m minitron_megatron.distill "${SMALL[@]}" "teacher.load=$RUN_DIR/teacher" \
-        "student.load=$RUN_DIR/pruned" teacher.precision=fp8 distill.steps=10 distill.eval_interval=10 \
+        "student.load=$RUN_DIR/pruned" "teacher.precision=$TEACHER_PRECISION" distill.steps=10 distill.eval_interval=10 \
         "save=$RUN_DIR/student"
 }

@@ -169,3 +169,52 @@ def test_kd_step_reduces_its_peaks_on_the_runs_device():
         destroy_runtime()
     assert result["kd"] == {"seconds": 2.0, "all_seconds": [3.0, 1.0, 2.0], "peak_bytes": 3000}
     assert dist.all_reduce is original  # the guard is gone with its block
+
+
+# ---------------------------------------------------------------- the rehearsal (gpu_check.sh --rehearse)
+
+
+def test_rehearsal_environment_imports_only_what_the_gpu_machine_has(tmp_path):
+    """Catches the first class of fault a rehearsal must find before GPU time is spent: code the
+    check runs that imports a package the GPU machine lacks (megatron-core and Hydra come only as
+    wheels; gguf not at all). The rehearsal's venv, built from this interpreter, imports the
+    machine's packages and fails on the others as the machine would."""
+    rehearsal_env = _bench("rehearsal_env")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rehearsal_env.py"), str(tmp_path / "env"),
+                           "--without-pip"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    python = proc.stdout.strip().splitlines()[-1]
+    assert set(rehearsal_env.wanted()) >= {"torch", "transformers", "pyyaml", "numpy"}
+
+    def imports(module: str) -> subprocess.CompletedProcess:
+        return subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)
+
+    assert imports("torch, transformers, yaml, numpy, safetensors").returncode == 0
+    for module in ("megatron.core", "hydra", "gguf"):
+        proc = imports(module)
+        assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr, (module, proc.stderr[-500:])
+
+
+def test_a_rehearsed_run_refuses_collectives_on_tensors_a_gpu_run_holds_on_the_host(monkeypatch):
+    """Catches the kd_step.py:208 kind of fault in any command a rehearsal runs: with
+    MINITRON_CHECK_COLLECTIVES=1 (gpu_check.sh --rehearse sets it) the runtime checks every
+    collective for the rest of its life: a tensor built without device= (and what is computed
+    from it alone) is refused on CPU as NCCL refuses it on CUDA; one built with device=ctx.device,
+    moved there, or mixed with a device tensor passes; destroy_runtime lifts the check."""
+    monkeypatch.setenv("MINITRON_CHECK_COLLECTIVES", "1")
+    original = dist.all_reduce
+    ctx = init_runtime(tp=1, pp=1, device="cpu", seed=1)
+    try:
+        host = torch.tensor([3.0, 1.0], dtype=torch.float64)  # the old kd_step.py:208 peaks
+        for bad in (host, host * 2, host.max().reshape(1), torch.zeros(2), torch.as_tensor(host.numpy()),
+                    torch.ones(2, device=ctx.device).cpu()):
+            with pytest.raises(CollectiveDeviceError, match="built without device="):
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        on_device = torch.tensor([3.0, 1.0], device=ctx.device)
+        for good in (on_device, on_device * torch.tensor(2.0), host.to(ctx.device), host.to(device=ctx.device),
+                     torch.zeros(2, device=ctx.device).add_(host)):
+            dist.all_reduce(good)
+    finally:
+        destroy_runtime()
+    assert dist.all_reduce is original

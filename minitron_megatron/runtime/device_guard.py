@@ -69,3 +69,98 @@ def collectives_on(device):
     finally:
         for name, collective in originals.items():
             setattr(dist, name, collective)
+
+
+# ---------------------------------------------------------------- a whole run, rehearsed on CPU
+
+CHECK_ENV = "MINITRON_CHECK_COLLECTIVES"
+"""Set to 1 (benchmarks/gpu_check.sh --rehearse does) to run a command under `host_tensors_guard`."""
+
+# Factories that place their result on torch's default device unless given `device=`: the host
+# on a GPU machine (Megatron-LM never moves the default device), whatever the run's device.
+_FACTORIES = frozenset({"tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "linspace", "rand",
+                        "randn", "randint", "randperm", "eye", "scalar_tensor"})
+
+
+class HostTensors(torch.overrides.TorchFunctionMode):
+    """Tracks which tensors a GPU run of the same code would hold on the host.
+
+    On CPU every tensor is on the run's device, so `collectives_on` cannot tell a tensor built
+    with `device=ctx.device` from one built without. This mode can: a factory call without
+    `device=` (or `.cpu()`) makes a host tensor (`torch.from_numpy` is not seen: torch does not
+    route it through function modes); `.to(device)` / `.cuda()`
+    makes a device tensor; any other op's results are host tensors when every tensor it was
+    given is one (a CPU scalar mixed with a device tensor gives a device tensor, as on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self._host = {}  # id -> weakref: tensors are compared by identity, never by value
+
+    def is_host(self, tensor: torch.Tensor) -> bool:
+        ref = self._host.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+    def _mark(self, value, host: bool) -> None:
+        import weakref
+
+        for tensor in _tensors([value]):
+            key = id(tensor)
+            if host:
+                self._host[key] = weakref.ref(tensor, lambda _, key=key: self._host.pop(key, None))
+            else:
+                self._host.pop(key, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        inputs = list(_tensors([*args, *kwargs.values()]))
+        if name in ("to", "cuda"):
+            moved = name == "cuda" or "device" in kwargs or any(
+                isinstance(a, (str, torch.device)) or (isinstance(a, torch.Tensor) and a is not args[0])
+                for a in args[1:])
+            if moved:
+                target = next((a for a in args[1:] if isinstance(a, torch.Tensor)), None)
+                self._mark(out, self.is_host(target) if target is not None else False)
+            elif inputs and self.is_host(args[0]):
+                self._mark(out, True)  # a dtype cast stays where it was
+        elif name == "cpu":
+            self._mark(out, True)
+        elif name in _FACTORIES and not inputs:
+            self._mark(out, "device" not in kwargs)
+        elif name.endswith("_") and inputs:
+            pass  # in place: the tensor stays where it is
+        elif inputs and all(self.is_host(t) for t in inputs):
+            self._mark(out, True)
+        return out
+
+
+@contextlib.contextmanager
+def host_tensors_guard(device):
+    """Within the block, a collective given a tensor that a GPU run would hold on the host (see
+    HostTensors), or one off `device`, raises CollectiveDeviceError: the fault NCCL raises on the
+    first GPU run, found by a CPU run (benchmarks/gpu_check.sh --rehearse)."""
+    mode = HostTensors()
+    device = torch.device(device)
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def guarded(name, collective):
+        @functools.wraps(collective)
+        def check_then_call(*args, **kwargs):
+            for tensor in _tensors([*args, *kwargs.values()]):
+                if mode.is_host(tensor) or not _on(tensor.device, device):
+                    raise CollectiveDeviceError(
+                        f"torch.distributed.{name} was given a tensor built without device= (on a GPU run it "
+                        f"is on the host: NCCL refuses it); build it with device=ctx.device")
+            return collective(*args, **kwargs)
+
+        return check_then_call
+
+    for name, collective in originals.items():
+        setattr(dist, name, guarded(name, collective))
+    try:
+        with mode:
+            yield mode
+    finally:
+        for name, collective in originals.items():
+            setattr(dist, name, collective)

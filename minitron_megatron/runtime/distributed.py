@@ -4,6 +4,7 @@ This module and `cpu_support` are the only places that touch
 `megatron.core.parallel_state` and process-global state.
 """
 
+import contextlib
 import datetime
 import os
 import random
@@ -159,11 +160,28 @@ def init_runtime(tp: int = 1, pp: int = 1, device: str = "auto", seed: int = 123
         expert_dp_group=mps.get_expert_data_parallel_group(),
     )
     set_seed(seed, ctx)
+    _check_collectives(ctx.device)
     return ctx
+
+
+_guard = contextlib.ExitStack()
+"""The collective check of a rehearsal (MINITRON_CHECK_COLLECTIVES=1), for the runtime's life."""
+
+
+def _check_collectives(device: torch.device) -> None:
+    """Under benchmarks/gpu_check.sh --rehearse, every collective of the run refuses a tensor a
+    GPU run would hold on the host (runtime/device_guard.py): the fault that ends a first GPU run."""
+    from minitron_megatron.runtime import device_guard
+
+    _guard.close()
+    if os.environ.get(device_guard.CHECK_ENV) == "1":
+        _guard.enter_context(device_guard.host_tensors_guard(device))
 
 
 def destroy_runtime() -> None:
     from megatron.core import parallel_state as mps
+
+    _guard.close()
 
     if mps.model_parallel_is_initialized():
         mps.destroy_model_parallel()
