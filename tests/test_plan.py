@@ -191,3 +191,31 @@ def test_distill_refuses_a_plan_over_the_device_before_loading():
             refuse_if_over(inputs, distill_cfg, ctx, limit_bytes=planned - 1)
     finally:
         destroy_runtime()
+
+
+def test_prune_refuses_weights_over_the_device_before_loading():
+    """Catches the prune guard counting other weights than the rank holds (the source and the
+    pruned copy trim builds beside it, each in its dtype, counted as model/params.py counts them)
+    or letting a prune that cannot fit go on to read its checkpoint."""
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.plan.guard import prune_bytes, refuse_prune_if_over
+    from minitron_megatron.runtime import destroy_runtime, init_runtime
+
+    inp = plan_inputs(_cfg("prune.target.ffn_hidden_size=192"))
+    source, new, vocab, seq = inp.teacher, inp.student, inp.padded_vocab, inp.seq_length
+    parallel = ParallelConfig()
+    ctx = init_runtime(tp=1, pp=1, device="cpu", seed=1)
+    try:
+        args = (source, new, ctx, parallel, parallel, vocab, seq, 4)
+        kinds = prune_bytes(*args)
+        assert kinds == {"source_weights": 2 * parameter_count(source, vocab),  # bf16
+                         "pruned_weights": 2 * parameter_count(new, vocab),
+                         "logits": 2 * 4 * seq * vocab * 4}
+        assert prune_bytes(source, None, *args[2:])["pruned_weights"] == 0  # stage=importance
+        total = sum(kinds.values())
+        assert refuse_prune_if_over(*args) is None  # CPU: no device limit, nothing checked
+        assert refuse_prune_if_over(*args, limit_bytes=total) == total
+        with pytest.raises(ConfigError, match="this prune needs at least .* GiB on its largest rank"):
+            refuse_prune_if_over(*args, limit_bytes=total - 1)
+    finally:
+        destroy_runtime()

@@ -113,6 +113,10 @@ class PruneConfig:
     frequency (moe.expert_frequency, how often the router picks it). The default was chosen by
     benchmarks/moe_expert_pruning.py (docs/moe.md): 8 -> 4 experts of a trained tiny-moe,
     contribution beat output_norm, frequency and random, zero-shot and after the same short KD."""
+    memory_check: bool = True
+    """On CUDA, refuse (before loading the model) a prune whose weights cannot fit the device: this
+    rank's share of the source model, the pruned copy trim builds beside it, and one calibration
+    micro batch's float32 logits (plan/guard.py refuse_prune_if_over)."""
     residual_heads: bool = False
     """Fold pruned query heads into kept ones (the paper's head_i + (head_i - head_2K-i+1))."""
     scores: Optional[str] = None

@@ -24,6 +24,7 @@ from minitron_megatron.errors import ConfigError
 from minitron_megatron.importance.estimate import validate_importance
 from minitron_megatron.importance.io import load_importance
 from minitron_megatron.importance.stage import importance_batches, score_model
+from minitron_megatron.plan.guard import refuse_prune_if_over
 from minitron_megatron.runtime import clock
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.train import setup
@@ -107,6 +108,9 @@ def prune(cfg: PruneCommand, ctx: ParallelContext, resident: Optional[ResidentMo
     scores = load_importance(p.scores)[0] if p.stage == "trim" and p.method == "importance" else None
     if scores is not None:
         check_scores(run.model_cfg, scores, sorted(scores))  # wrong shapes fail before loading
+    refuse_prune_if_over(run.model_cfg, new_cfg, ctx, parallel, cfg.parallel, run.padded_vocab, run.seq_length,
+                         icfg.micro_batch_size if scoring else cfg.evaluate.micro_batch_size,
+                         memory_check=p.memory_check)  # on CUDA: before the checkpoint is read
     if resident is None:
         model = load_source(run, cfg, ctx, parallel)
     else:
