@@ -116,8 +116,8 @@ def position_limit_note(hf: dict, family: Family) -> str:
 
 def _bias_problems(hf: dict, family: Family) -> List[str]:
     flags = {k: hf.get(k) for k in ("attention_bias", "mlp_bias") if hf.get(k)}
-    if family is QWEN2:
-        flags.pop("attention_bias", None)  # Qwen2 always has exactly Q/K/V biases
+    if family in (QWEN2, QWEN2_MOE):
+        flags.pop("attention_bias", None)  # Qwen2 always has exactly Q/K/V biases (Qwen2-MoE: qkv_bias)
     problems = [f"config.json {k}=true is not supported for {family.architecture} (only Qwen2's Q/K/V bias is)"
                 for k in flags]
     if family is QWEN2_MOE and not hf.get("qkv_bias", True):
