@@ -6,6 +6,7 @@ One spawn of 2 gloo processes does every import, logits pass, trim and export
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,25 @@ def test_moe_configs_we_cannot_compute_are_refused():
         family_for_model(cfg, "LlamaForCausalLM")
     with pytest.raises(ConfigError, match="moe_router_pre_softmax=True cannot be written as MixtralForCausalLM"):
         family_for_model(cfg, "MixtralForCausalLM")
+
+
+def test_our_moe_run_dir_writes_a_config_transformers_builds(tmp_path):
+    """Catches a config.json written without a key transformers needs, or with expert sizes that
+    disagree with the tensors the export writes: tiny-moe (no HF original to start from) is
+    written as Mixtral, and what transformers saves for that config.json has exactly the tensor
+    names and shapes the export writes."""
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minitron_megatron.config.files import conf_dir
+    from minitron_megatron.config.model import ModelConfig
+    from minitron_megatron.convert.hf_io import HFReader
+    from minitron_megatron.convert.tensor_map import expected_hf_shapes
+
+    body = yaml.safe_load((Path(conf_dir()) / "model" / "tiny-moe.yaml").read_text())
+    cfg = ModelConfig(**{**body, "vocab_size": 320, "num_layers": 1})
+    family = family_for_model(cfg)
+    assert family.architecture == "MixtralForCausalLM"
+    config = hf_config_from_model(cfg, family, bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).save_pretrained(str(tmp_path))
+    assert HFReader(tmp_path).shapes() == expected_hf_shapes(cfg, family)
