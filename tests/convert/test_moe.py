@@ -170,3 +170,28 @@ def test_our_moe_run_dir_writes_a_config_transformers_builds(tmp_path):
     config = hf_config_from_model(cfg, family, bos_token_id=1, eos_token_id=2)
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).save_pretrained(str(tmp_path))
     assert HFReader(tmp_path).shapes() == expected_hf_shapes(cfg, family)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_routing_normalisation_is_visible_in_the_reference(hf_moe_models, family):
+    """The logits tests can fail: flipping the top-k renormalisation (Mixtral's always on,
+    Qwen2-MoE's norm_topk_prob=false) moves transformers' own logits far beyond the tolerance, so
+    a converter that mapped Megatron's moe_router_pre_softmax the wrong way would be caught."""
+    from transformers import AutoModelForCausalLM
+
+    ref = torch.load(hf_moe_models[family] / "reference_logits.pt")
+    tokens = torch.load(hf_moe_models[family].parent / "tokens.pt")
+    model = AutoModelForCausalLM.from_pretrained(str(hf_moe_models[family]), attn_implementation="eager").eval()
+    for block in (layer.mlp for layer in model.model.layers):
+        router = block.gate
+        if family == "mixtral":  # top-k of the softmax without renormalising
+            router.forward = lambda x, r=router: _top_k_unnormalised(x, r)
+        else:
+            router.norm_topk_prob = True
+    assert (reference_logits(model, tokens) - ref).abs().max().item() > 100 * ATOL
+
+
+def _top_k_unnormalised(hidden_states, router):
+    logits = torch.nn.functional.linear(hidden_states.reshape(-1, router.hidden_dim), router.weight)
+    values, indices = torch.topk(torch.softmax(logits.float(), dim=-1), router.top_k, dim=-1)
+    return logits, values, indices
