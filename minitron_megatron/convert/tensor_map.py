@@ -155,6 +155,9 @@ def source_for(name: str, cfg: ModelConfig, family: Family, layer_offset: int = 
         "self_attention.linear_qkv.weight": lambda: _qkv(attn, "weight", cfg),
         "self_attention.linear_qkv.bias": lambda: _qkv(attn, "bias", cfg),
         "self_attention.linear_proj.weight": lambda: Plain(attn + "o_proj.weight"),
+        # Qwen3's per-head norms `# [d]`: one weight for every head, replicated over TP.
+        "self_attention.q_layernorm.weight": lambda: Plain(attn + "q_norm.weight"),
+        "self_attention.k_layernorm.weight": lambda: Plain(attn + "k_norm.weight"),
     }
     if family.moe is None:
         table.update({
@@ -239,6 +242,8 @@ def expected_hf_shapes(cfg: ModelConfig, family: Family) -> Dict[str, Tuple[int,
         if cfg.add_qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
+        if cfg.qk_layernorm:
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
         if family.moe is not None:
             shapes.update(_moe_shapes(p + family.moe + ".", cfg, family))
         else:

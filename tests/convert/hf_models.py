@@ -55,7 +55,7 @@ def family_configs():
 def moe_configs():
     """(name -> transformers config) of the mixture-of-experts families: 4 experts of width 32,
     top-2, so a pruned export can keep 2 experts of width 16."""
-    from transformers import MixtralConfig, Qwen2MoeConfig
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     moe = dict(num_experts_per_tok=2, max_position_embeddings=4096, rope_theta=1000000.0)
     return {
@@ -66,6 +66,10 @@ def moe_configs():
         "qwen2_moe": Qwen2MoeConfig(**_base(intermediate_size=80, moe_intermediate_size=32, num_experts=4,
                                             shared_expert_intermediate_size=48, norm_topk_prob=False,
                                             rms_norm_eps=1e-6, **moe)),
+        # Qwen3-MoE: RMSNorm on each query and key head (Megatron's qk_layernorm), head_dim 24 !=
+        # 64 / 4, no shared expert, norm_topk_prob=true.
+        "qwen3_moe": Qwen3MoeConfig(**_base(head_dim=24, intermediate_size=80, moe_intermediate_size=32,
+                                            num_experts=4, norm_topk_prob=True, rms_norm_eps=1e-6, **moe)),
     }
 
 

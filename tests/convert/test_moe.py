@@ -1,5 +1,5 @@
-"""Mixtral and Qwen2-MoE: HF -> run dir -> HF at TP=1, EP=2 and TP=2 against transformers itself,
-and a pruned MoE (fewer, narrower experts) exported back to transformers.
+"""Mixtral, Qwen2-MoE and Qwen3-MoE: HF -> run dir -> HF at TP=1, EP=2 and TP=2 against transformers
+itself, and a pruned MoE (fewer, narrower experts) exported back to transformers.
 
 One spawn of 2 gloo processes does every import, logits pass, trim and export
 (moe_workers.convert_moe); this process compares with transformers' own results.
@@ -46,7 +46,8 @@ def _load(hf_dir):
 def test_imported_moe_logits_match_transformers(converted, hf_moe_models, family):
     """Catches a router row order, a swapped gate/up (w1/w3) in an expert's fc1, a local expert
     read as another global one at EP=2 (rank 1 loading experts 0-1 again), an expert split over TP
-    like a dense MLP at TP=2, a missing shared expert or shared-expert gate, and the wrong routing
+    like a dense MLP at TP=2, a missing shared expert or shared-expert gate, Qwen3's Q/K head norms
+    missing or swapped, and the wrong routing
     normalisation (Mixtral renormalises the top-k; Qwen2-MoE with norm_topk_prob=false does not):
     the saved run dir's logits must equal transformers' within 1e-4 in float32."""
     ref = torch.load(hf_moe_models[family] / "reference_logits.pt")
@@ -87,6 +88,8 @@ def test_pruned_moe_export_loads_in_transformers(converted, family):
     config = json.loads((out / "config.json").read_text())
     if family == "mixtral":
         assert (config["num_local_experts"], config["intermediate_size"]) == tuple(PRUNE.values())
+    elif family == "qwen3_moe":
+        assert (config["num_experts"], config["moe_intermediate_size"]) == tuple(PRUNE.values())
     else:
         assert (config["num_experts"], config["moe_intermediate_size"], config["shared_expert_intermediate_size"]) \
             == (*PRUNE.values(), SHARED_PRUNED)
@@ -112,6 +115,14 @@ PUBLISHED_MOE = {
         router_aux_loss_coef=0.001, shared_expert_intermediate_size=5632, sliding_window=32768,
         tie_word_embeddings=False, torch_dtype="bfloat16", use_sliding_window=False, vocab_size=151936,
         decoder_sparse_step=1),
+    "qwen3-30b-a3b": dict(
+        architectures=["Qwen3MoeForCausalLM"], attention_bias=False, decoder_sparse_step=1, head_dim=128,
+        hidden_act="silu", hidden_size=2048, initializer_range=0.02, intermediate_size=6144,
+        max_position_embeddings=40960, mlp_only_layers=[], moe_intermediate_size=768, norm_topk_prob=True,
+        num_attention_heads=32, num_experts=128, num_experts_per_tok=8, num_hidden_layers=48,
+        num_key_value_heads=4, output_router_logits=False, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        router_aux_loss_coef=0.001, sliding_window=None, tie_word_embeddings=False, torch_dtype="bfloat16",
+        use_sliding_window=False, vocab_size=151936),
 }
 
 
@@ -123,7 +134,8 @@ def test_moe_config_round_trips(name):
     hf = PUBLISHED_MOE[name]
     cfg = model_config_from_hf(hf, name=name)
     assert cfg.num_moe_experts == hf.get("num_local_experts", hf.get("num_experts"))
-    assert cfg.moe_router_pre_softmax == (name != "mixtral-8x7b")  # Qwen1.5-MoE: norm_topk_prob=false
+    assert cfg.moe_router_pre_softmax == (not hf.get("norm_topk_prob", True))  # Mixtral: renormalised
+    assert cfg.qk_layernorm == (name == "qwen3-30b-a3b")
     family = family_for_model(cfg)
     assert family.architecture == hf["architectures"][0]
     out = hf_config_from_model(cfg, family, base=hf)
@@ -175,8 +187,9 @@ def test_our_moe_run_dir_writes_a_config_transformers_builds(tmp_path):
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_routing_normalisation_is_visible_in_the_reference(hf_moe_models, family):
     """The logits tests can fail: flipping the top-k renormalisation (Mixtral's always on,
-    Qwen2-MoE's norm_topk_prob=false) moves transformers' own logits far beyond the tolerance, so
-    a converter that mapped Megatron's moe_router_pre_softmax the wrong way would be caught."""
+    Qwen2-MoE's norm_topk_prob=false, Qwen3-MoE's true) moves transformers' own logits far beyond
+    the tolerance, so a converter that mapped Megatron's moe_router_pre_softmax the wrong way
+    would be caught."""
     from transformers import AutoModelForCausalLM
 
     ref = torch.load(hf_moe_models[family] / "reference_logits.pt")
@@ -187,7 +200,7 @@ def test_routing_normalisation_is_visible_in_the_reference(hf_moe_models, family
         if family == "mixtral":  # top-k of the softmax without renormalising
             router.forward = lambda x, r=router: _top_k_unnormalised(x, r)
         else:
-            router.norm_topk_prob = True
+            router.norm_topk_prob = not router.norm_topk_prob
     assert (reference_logits(model, tokens) - ref).abs().max().item() > 100 * ATOL
 
 
