@@ -208,3 +208,20 @@ def _top_k_unnormalised(hidden_states, router):
     logits = torch.nn.functional.linear(hidden_states.reshape(-1, router.hidden_dim), router.weight)
     values, indices = torch.topk(torch.softmax(logits.float(), dim=-1), router.top_k, dim=-1)
     return logits, values, indices
+
+
+def test_imported_parameter_counts_are_exact(converted):
+    """Catches a parameter count (model/params.py: plans, search budgets, summaries) that misses a
+    MoE part the converter fills: the router, every expert, the shared expert and its gate,
+    Qwen3's Q/K norms. Each import's counted parameters equal the formula's at every layout, and
+    so do the pruned run dirs'."""
+    from minitron_megatron.checkpoint import run_dir as rd
+    from minitron_megatron.model import parameter_count
+
+    summaries = json.loads((converted / "summaries.json").read_text())
+    for family in MOE_FAMILIES:
+        for layout in MOE_LAYOUTS:
+            cfg, padded, _ = rd.read_model_yaml(converted / f"{family}-{layout}")
+            assert summaries[f"import {family} {layout}"]["params"] == parameter_count(cfg, padded), (family, layout)
+        cfg, padded, _ = rd.read_model_yaml(converted / f"pruned-{family}")
+        assert summaries[f"export pruned {family}"]["params"] == parameter_count(cfg, padded), family
