@@ -61,6 +61,7 @@ def checkpoint_args(cfg: ModelConfig, padded_vocab: int, tp: int, pp: int, *, se
         squared_relu=not cfg.gated_linear_unit and cfg.activation == "squared_relu",
         untie_embeddings_and_output_weights=not cfg.share_embeddings_and_output_weights,
         add_bias_linear=cfg.add_bias_linear, add_qkv_bias=cfg.add_qkv_bias or cfg.add_bias_linear,
+        qk_layernorm=cfg.qk_layernorm,
         tokenizer_type=tokenizer_type(tokenizer_path), vocab_size=cfg.vocab_size, padded_vocab_size=padded_vocab,
         make_vocab_size_divisible_by=padded_vocab // tp,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -153,6 +154,8 @@ def pretrain_gpt_args(cfg: ModelConfig, padded_vocab: int, run_dir, tp: int = 1,
         args.append("--disable-bias-linear")
     if cfg.add_qkv_bias and not cfg.add_bias_linear:
         args.append("--add-qkv-bias")
+    if cfg.qk_layernorm:
+        args.append("--qk-layernorm")
     if cfg.params_dtype in ("bfloat16", "float16"):
         args.append("--bf16" if cfg.params_dtype == "bfloat16" else "--fp16")
     return [str(a) for a in args]

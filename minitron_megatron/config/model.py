@@ -70,6 +70,9 @@ class ModelConfig:
     share_embeddings_and_output_weights: bool = False
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    """A norm (model.normalization, over head_dim, one weight shared by the heads) on every query and
+    key head before RoPE: Megatron's `qk_layernorm`, Qwen3's q_norm / k_norm."""
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_method_std: float = 0.02

@@ -1,4 +1,5 @@
-"""Hugging Face <-> run directory conversion (Llama incl. 3.1, Mistral, Qwen2, Nemotron), and GGUF in.
+"""Hugging Face <-> run directory conversion (Llama incl. 3.1, Mistral, Qwen2, Nemotron; Mixtral,
+Qwen2-MoE and Qwen3-MoE at any TP/EP), and GGUF in.
 
 `convert(cfg, ctx)` is the command's stage; `import_hf` / `export_hf` are the two
 directions; `import_gguf` reads a GGUF file through transformers. Weights stream: every rank reads only the slices of the HF tensors

@@ -1,11 +1,13 @@
-"""Run directory -> HF directory (any run dir, pruned ones included), at any TP/PP.
+"""Run directory -> HF directory (any run dir, pruned ones included), at any TP/PP/EP.
 
 The model is built on the meta device at the context's TP/PP: it only names the
 parameters and their shards. Parameters are then streamed: each rank reads its shards
 from the checkpoint a few at a time (`checkpoint.dist.stream_parameters`), TP rank 0
 of each stage gathers each parameter into the full tensor, splits it into HF tensors
 and writes them straight into safetensors files of bounded size (nothing buffered),
-which every stage writes in parallel, and drops it. Rank 0 then names the files,
+which every stage writes in parallel, and drops it. A MoE layer's routed experts are whole
+on their EP rank: each EP rank writes its own experts (under their global numbers), so the
+experts are gathered over EP in the directory, never in one process. Rank 0 then names the files,
 writes the index, config.json, generation_config.json and the tokenizer files, and
 renames the temporary directory into place: a crash never leaves a directory that
 looks complete."""
@@ -33,6 +35,7 @@ from minitron_megatron.convert.importer import HF_CONFIG, check_target
 from minitron_megatron.data.tokenizer import HFTokenizer, load_tokenizer, write_hf_tokenizer
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.model import validate_model
+from minitron_megatron.model.modules import is_routed_expert_param
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.runtime.progress import Progress
 
@@ -81,10 +84,10 @@ def export_hf(load: str, to_hf: str, options: ConvertConfig, parallel: ParallelC
         tmp.mkdir(parents=True)
     ctx.barrier()
     files = _stream_tensors(model, plan, ctx, tmp, options.max_shard_size_mb * 2**20)
-    everyone = [(ctx.pp_rank, files)]
+    everyone = [(ctx.rank, files)]
     if dist.is_initialized():
         everyone = [None] * ctx.world_size
-        dist.all_gather_object(everyone, (ctx.pp_rank, files))
+        dist.all_gather_object(everyone, (ctx.rank, files))
     summary = {"direction": "to_hf", "architecture": plan.family.architecture, "params": params,
                "to_hf": str(plan.out_dir)}
     if ctx.is_main:
@@ -103,26 +106,37 @@ def export_hf(load: str, to_hf: str, options: ConvertConfig, parallel: ParallelC
 def _stream_tensors(model, plan: ExportPlan, ctx: ParallelContext, tmp: Path, max_bytes: int):
     """Load each parameter's shard, gather it on TP rank 0 of this stage, write its HF tensors
     and drop it before taking the next: what is resident is at most one load's group (no more
-    bytes than the largest parameter) and one full tensor. The file list."""
+    bytes than the largest parameter) and one full tensor. The file list.
+
+    Two passes, each a collective stream that every rank runs to its end: the parameters every
+    replica holds (written by data-parallel rank 0, gathered over TP), then the routed experts,
+    which only their EP rank holds whole (written by each EP rank's first replica, no gather).
+    Separate passes keep each TP group's sends and receives in step: the ranks of one TP group
+    may write different experts, or none."""
     # Megatron's torch norms stay float32 in a bf16/fp16 model; HF files hold one dtype
     # (config.json's torch_dtype), and casting the imported values back is exact.
     dtype = getattr(torch, plan.model_cfg.params_dtype)
-    params = _exported_params(model, plan) if ctx.dp_rank == 0 else {}  # other replicas: same weights
+    params = _exported_params(model, plan, ctx)
+    shared = {n: v for n, v in params.items() if not is_routed_expert_param(n)} if ctx.dp_rank == 0 else {}
+    experts = {n: v for n, v in params.items() if is_routed_expert_param(n)} if ctx.expert_dp_rank == 0 else {}
+    writes = {n: v for n, v in shared.items() if ctx.tp_rank == 0}
+    writes.update(experts)
     writer = None
-    if ctx.tp_rank == 0 and params:
-        layout = [(hf_name, tuple(t.shape), dtype) for param, source in params.values()
-                  for hf_name, t in source.split(_meta_full(param, ctx.tp_size)).items()]
-        writer = StreamingShardWriter(tmp, f"stage{ctx.pp_rank:03d}", max_bytes, layout)
+    if writes:
+        layout = [(hf_name, tuple(t.shape), dtype) for name, (param, source) in writes.items()
+                  for hf_name, t in source.split(_meta_full(name, param, ctx.tp_size)).items()]
+        writer = StreamingShardWriter(tmp, f"rank{ctx.rank:05d}", max_bytes, layout)
     root = rd.checkpoint_root(plan.run_dir)
-    with Progress("export", len(params), unit="tensor", enabled=ctx.is_main) as progress:  # rank 0's stage
-        for name, shard in ckpt.stream_parameters(root, model, list(params), ctx.device):  # collective
-            param, source = params[name]
-            full = _gather_full(shard, param, ctx)  # None off TP rank 0
-            del shard  # before the next load: the loop variable would keep it alive through it
-            if writer is not None:
-                _write_hf_tensors(writer, source.split(full), dtype)
-            del full
-            progress.update()
+    with Progress("export", len(shared) + len(experts), unit="tensor", enabled=ctx.is_main) as progress:
+        for group in (shared, experts):
+            for name, shard in ckpt.stream_parameters(root, model, list(group), ctx.device):  # collective
+                param, source = group[name]
+                full = _gather_full(shard, param, ctx) if group is shared else shard  # None off TP rank 0
+                del shard  # before the next load: the loop variable would keep it alive through it
+                if full is not None and writer is not None:
+                    _write_hf_tensors(writer, source.split(full), dtype)
+                del full
+                progress.update()
     if writer is None:
         return []
     writer.close()
@@ -136,17 +150,18 @@ def _write_hf_tensors(writer: StreamingShardWriter, tensors: Dict[str, torch.Ten
         writer.add(hf_name, tensor.to(dtype))
 
 
-def _exported_params(model, plan: ExportPlan) -> Dict[str, tuple]:
-    """name -> (meta parameter, Source) of every parameter this stage writes, in model order
+def _exported_params(model, plan: ExportPlan, ctx: ParallelContext) -> Dict[str, tuple]:
+    """name -> (meta parameter, Source) of every parameter this rank holds, in model order
     (the last stage's tied copy of the embedding is the first stage's to write)."""
     offset = tm.layer_offset_of(model)
+    experts = tm.expert_offset_of(plan.model_cfg, ctx.ep_rank, ctx.ep_size)
     tied = plan.model_cfg.share_embeddings_and_output_weights
-    return {name: (param, tm.source_for(name, plan.model_cfg, plan.family, offset))
+    return {name: (param, tm.source_for(name, plan.model_cfg, plan.family, offset, experts))
             for name, param in model.named_parameters() if not (tied and name == "output_layer.weight")}
 
 
-def _meta_full(param, tp_size: int) -> torch.Tensor:
-    return torch.empty(tm.full_shape(param, tp_size), dtype=param.dtype, device="meta")
+def _meta_full(name: str, param, tp_size: int) -> torch.Tensor:
+    return torch.empty(tm.full_shape(param, tm.tp_of(name, 0, tp_size)[1]), dtype=param.dtype, device="meta")
 
 
 def _gather_full(shard: torch.Tensor, param, ctx: ParallelContext) -> Optional[torch.Tensor]:

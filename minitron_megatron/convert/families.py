@@ -26,13 +26,29 @@ class Family:
     hidden_act: str
     eps_key: str
     qkv_bias: bool = False
+    moe: Optional[str] = None
+    """None (a dense MLP), or the HF module prefix of a layer's mixture of experts:
+    "block_sparse_moe" (Mixtral: experts.{e}.w1/w3/w2, gate) or "mlp" (Qwen2-MoE:
+    experts.{e}.gate_proj/up_proj/down_proj, gate, shared_expert, shared_expert_gate)."""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head (self_attn.q_norm / k_norm): Megatron's qk_layernorm."""
 
 
 LLAMA = Family("LlamaForCausalLM", "llama", "rmsnorm", True, "silu", "rms_norm_eps")
 MISTRAL = Family("MistralForCausalLM", "mistral", "rmsnorm", True, "silu", "rms_norm_eps")
 QWEN2 = Family("Qwen2ForCausalLM", "qwen2", "rmsnorm", True, "silu", "rms_norm_eps", qkv_bias=True)
 NEMOTRON = Family("NemotronForCausalLM", "nemotron", "layernorm1p", False, "relu2", "norm_eps")
-FAMILIES: Dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, NEMOTRON)}
+MIXTRAL = Family("MixtralForCausalLM", "mixtral", "rmsnorm", True, "silu", "rms_norm_eps", moe="block_sparse_moe")
+QWEN2_MOE = Family("Qwen2MoeForCausalLM", "qwen2_moe", "rmsnorm", True, "silu", "rms_norm_eps", qkv_bias=True,
+                   moe="mlp")
+QWEN3_MOE = Family("Qwen3MoeForCausalLM", "qwen3_moe", "rmsnorm", True, "silu", "rms_norm_eps", moe="mlp",
+                   qk_norm=True)
+MOE_FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE)
+FAMILIES: Dict[str, Family] = {f.architecture: f for f in (LLAMA, MISTRAL, QWEN2, NEMOTRON) + MOE_FAMILIES}
+_QWEN = (QWEN2, QWEN2_MOE, QWEN3_MOE)
+"""Families whose sliding window applies only with use_sliding_window."""
+_WINDOWED = (MISTRAL, MIXTRAL) + _QWEN
+"""Families whose config.json may name a sliding window (Qwen's only bites with use_sliding_window)."""
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 # Megatron-core 0.16.1 RotaryEmbedding._apply_scaling: only `factor` is a parameter.
@@ -81,9 +97,9 @@ def _rope_fields(hf: dict, problems: List[str]) -> dict:
 
 def _window(hf: dict, family: Family) -> Optional[int]:
     """The attention window config.json asks for, or None (full causal attention)."""
-    if family is QWEN2 and not hf.get("use_sliding_window", False):
+    if family in _QWEN and not hf.get("use_sliding_window", False):
         return None
-    return hf.get("sliding_window") if family in (MISTRAL, QWEN2) else None
+    return hf.get("sliding_window") if family in _WINDOWED else None
 
 
 def position_limit(hf: dict, family: Family) -> int:
@@ -107,10 +123,51 @@ def position_limit_note(hf: dict, family: Family) -> str:
 
 def _bias_problems(hf: dict, family: Family) -> List[str]:
     flags = {k: hf.get(k) for k in ("attention_bias", "mlp_bias") if hf.get(k)}
-    if family is QWEN2:
-        flags.pop("attention_bias", None)  # Qwen2 always has exactly Q/K/V biases
-    return [f"config.json {k}=true is not supported for {family.architecture} (only Qwen2's Q/K/V bias is)"
-            for k in flags]
+    if family in (QWEN2, QWEN2_MOE):
+        flags.pop("attention_bias", None)  # Qwen2 always has exactly Q/K/V biases (Qwen2-MoE: qkv_bias)
+    problems = [f"config.json {k}=true is not supported for {family.architecture} (only Qwen2's Q/K/V bias is)"
+                for k in flags]
+    if family is QWEN2_MOE and not hf.get("qkv_bias", True):
+        problems.append("config.json qkv_bias=false is not supported for Qwen2MoeForCausalLM (its Q/K/V bias is "
+                        "mapped, never dropped)")
+    return problems
+
+
+def _moe_fields(hf: dict, family: Family, problems: List[str]) -> dict:
+    """ModelConfig's mixture-of-experts fields for a MoE family ({} for a dense one).
+
+    Routing: Mixtral takes the softmax over the top-k logits (softmax, top-k, renormalise: the
+    same numbers), Megatron's `moe_router_pre_softmax=false`; Qwen2-MoE with norm_topk_prob=false
+    keeps the top-k of the softmax over every expert, `moe_router_pre_softmax=true`.
+    """
+    if family.moe is None:
+        return {}
+    if float(hf.get("router_jitter_noise", 0.0) or 0.0):
+        problems.append(f"config.json router_jitter_noise={hf['router_jitter_noise']} is not supported "
+                        "(Megatron's router has no multiplicative jitter); set it to 0")
+    coeff = float(hf.get("router_aux_loss_coef", 0.0) or 0.0)
+    common = dict(moe_router_topk=hf["num_experts_per_tok"], moe_router_load_balancing_type="aux_loss",
+                  moe_aux_loss_coeff=coeff, moe_router_score_function="softmax")
+    if family is MIXTRAL:
+        return dict(common, num_moe_experts=hf["num_local_experts"], moe_ffn_hidden_size=hf["intermediate_size"],
+                    moe_router_pre_softmax=False)
+    # Qwen's `num_experts`; transformers 5 saves Qwen3-MoE's as `num_local_experts` (an attribute_map alias).
+    count = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
+    experts = dict(common, num_moe_experts=count, moe_ffn_hidden_size=hf["moe_intermediate_size"],
+                   moe_router_pre_softmax=not hf.get("norm_topk_prob", False))
+    dense = [f"mlp_only_layers={hf['mlp_only_layers']}"] if hf.get("mlp_only_layers") else []
+    if int(hf.get("decoder_sparse_step", 1)) != 1:
+        dense.append(f"decoder_sparse_step={hf['decoder_sparse_step']}")
+    if dense:
+        problems.append(f"config.json {' and '.join(dense)}: dense MLP layers between MoE layers are not "
+                        "supported (every layer must be a MoE layer: mlp_only_layers=[], decoder_sparse_step=1)")
+    if family is QWEN3_MOE:  # no shared expert
+        return experts
+    shared = int(hf.get("shared_expert_intermediate_size") or 0)
+    if shared < 1:
+        problems.append(f"config.json shared_expert_intermediate_size={shared}: Qwen2MoeForCausalLM always has a "
+                        "shared expert, so it must be >= 1")
+    return dict(experts, moe_shared_expert_intermediate_size=shared or None, moe_shared_expert_gate=True)
 
 
 def model_config_from_hf(hf: dict, name: str, params_dtype: Optional[str] = None) -> ModelConfig:
@@ -126,6 +183,7 @@ def model_config_from_hf(hf: dict, name: str, params_dtype: Optional[str] = None
         problems.append(f"convert.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
     rope = _rope_fields(hf, problems)
     problems += _bias_problems(hf, family)
+    moe = _moe_fields(hf, family, problems)
     if problems:
         raise ConfigError(problems)
     return ModelConfig(
@@ -147,9 +205,11 @@ def model_config_from_hf(hf: dict, name: str, params_dtype: Optional[str] = None
         share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings", False)),
         add_bias_linear=False,
         add_qkv_bias=family.qkv_bias,
+        qk_layernorm=family.qk_norm,
         init_method_std=float(hf.get("initializer_range", 0.02)),
         params_dtype=_DTYPES.get(dtype, "float32"),
         **rope,
+        **moe,
     )
 
 
@@ -162,6 +222,9 @@ def family_for_model(cfg: ModelConfig, architecture: Optional[str] = None) -> Fa
         family = FAMILIES[architecture]
     elif cfg.layernorm_zero_centered_gamma:
         family = NEMOTRON
+    elif cfg.is_moe:  # a shared expert (with its gate) is Qwen2-MoE's; Q/K norms, Qwen3-MoE's; else Mixtral's
+        family = (QWEN2_MOE if cfg.add_qkv_bias or cfg.moe_shared_expert_intermediate_size
+                  else QWEN3_MOE if cfg.qk_layernorm else MIXTRAL)
     else:
         family = QWEN2 if cfg.add_qkv_bias else LLAMA
     problems = _export_problems(cfg, family)
@@ -174,11 +237,35 @@ def _export_problems(cfg: ModelConfig, family: Family) -> List[str]:
     want = dict(normalization="RMSNorm" if family.norm == "rmsnorm" else "LayerNorm",
                 layernorm_zero_centered_gamma=family.norm == "layernorm1p", gated_linear_unit=family.gated,
                 activation="silu" if family.gated else "squared_relu", position_embedding_type="rope",
-                add_bias_linear=False, add_qkv_bias=family.qkv_bias)
+                add_bias_linear=False, add_qkv_bias=family.qkv_bias, qk_layernorm=family.qk_norm)
     problems = [f"model.{k}={getattr(cfg, k)!r} cannot be written as {family.architecture} (needs {v!r})"
                 for k, v in want.items() if getattr(cfg, k) != v]
     if cfg.rope_scaling and family is NEMOTRON:
         problems.append(f"model.rope_scaling=true cannot be written as {family.architecture}")
+    return problems + _moe_export_problems(cfg, family)
+
+
+def _moe_export_problems(cfg: ModelConfig, family: Family) -> List[str]:
+    """What a MoE run dir must compute to be written as `family` (and a dense one, as a dense family)."""
+    name = family.architecture
+    if family.moe is None:
+        return [f"model.num_moe_experts={cfg.num_moe_experts} cannot be written as {name} (a dense model); "
+                f"supported for mixtures of experts: {[f.architecture for f in MOE_FAMILIES]}"] \
+            if cfg.is_moe else []
+    if not cfg.is_moe:
+        return [f"model.num_moe_experts=None (a dense model) cannot be written as {name}"]
+    want = dict(moe_router_score_function="softmax", moe_router_topk_scaling_factor=None)
+    if family is MIXTRAL:
+        want.update(moe_router_pre_softmax=False, moe_shared_expert_intermediate_size=None)
+    elif family is QWEN3_MOE:  # no shared expert; either routing normalisation
+        want.update(moe_shared_expert_intermediate_size=None)
+    else:  # Qwen2-MoE: always a shared expert with a sigmoid gate; either routing normalisation
+        want.update(moe_shared_expert_gate=True)
+    problems = [f"model.{k}={getattr(cfg, k)!r} cannot be written as {name} (needs {v!r})"
+                for k, v in want.items() if getattr(cfg, k) != v]
+    if family is QWEN2_MOE and not cfg.moe_shared_expert_intermediate_size:
+        problems.append(f"model.moe_shared_expert_intermediate_size=None cannot be written as {name} (it always "
+                        "has a shared expert)")
     return problems
 
 
@@ -192,7 +279,7 @@ def hf_config_from_model(cfg: ModelConfig, family: Family, base: Optional[dict] 
     cfg = cfg.resolved()
     out = {k: v for k, v in (base or {}).items()
            if k not in ("rope_parameters", "rope_scaling", "partial_rotary_factor", "transformers_version",
-                        "torch_dtype", "dtype", "_name_or_path")}
+                        "torch_dtype", "dtype", "_name_or_path", "layer_types")}  # layer_types: derived, per layer
     keep_max_pos = base is not None and base.get("max_position_embeddings", 0) >= cfg.max_position_embeddings
     out.update(
         architectures=[family.architecture], model_type=family.model_type, vocab_size=cfg.vocab_size,
@@ -211,13 +298,35 @@ def hf_config_from_model(cfg: ModelConfig, family: Family, base: Optional[dict] 
         out["partial_rotary_factor"] = cfg.rotary_percent
     if family is not QWEN2:
         out["mlp_bias"] = False
-    if family in (MISTRAL, QWEN2):
+    if family in _WINDOWED:
         # The original's window is kept: import accepted it only where it never bites.
         out.setdefault("sliding_window", None)
-    if family is QWEN2:
+    if family in _QWEN:
         out.setdefault("use_sliding_window", False)
+    for key in ("num_experts", "num_local_experts"):  # either spelling of the original's: ours replaces it
+        out.pop(key, None)
+    out.update(_moe_config(cfg, family, base))
     if bos_token_id is not None:
         out["bos_token_id"] = bos_token_id
     if eos_token_id is not None:
         out["eos_token_id"] = eos_token_id
     return out
+
+
+def _moe_config(cfg: ModelConfig, family: Family, base: Optional[dict]) -> dict:
+    """config.json's mixture-of-experts keys: expert count and width as the run dir has them (a
+    pruned model's fewer, narrower experts), routing as Megatron computes it."""
+    if family.moe is None:
+        return {}
+    common = dict(num_experts_per_tok=cfg.moe_router_topk, router_aux_loss_coef=cfg.moe_aux_loss_coeff,
+                  output_router_logits=bool((base or {}).get("output_router_logits", False)))
+    if family is MIXTRAL:
+        # One width for every MLP: Mixtral's intermediate_size is its experts'.
+        return dict(common, num_local_experts=cfg.num_moe_experts, intermediate_size=cfg.moe_ffn_hidden_size,
+                    router_jitter_noise=0.0)
+    # intermediate_size is the width of Qwen's dense layers (mlp_only_layers), of which there are none.
+    qwen = dict(common, num_experts=cfg.num_moe_experts, moe_intermediate_size=cfg.moe_ffn_hidden_size,
+                norm_topk_prob=not cfg.moe_router_pre_softmax, decoder_sparse_step=1, mlp_only_layers=[])
+    if family is QWEN3_MOE:
+        return qwen
+    return dict(qwen, shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size, qkv_bias=True)

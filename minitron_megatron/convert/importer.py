@@ -182,13 +182,14 @@ def load_hf_weights(model, plan: ImportPlan, ctx: ParallelContext) -> int:
 
     reader = plan.source.reader
     offset = tm.layer_offset_of(model)
+    experts = tm.expert_offset_of(plan.model_cfg, ctx.ep_rank, ctx.ep_size)  # this EP rank's first expert
     read = 0
     named = list(model.named_parameters())
     with Progress("import", len(named), unit="tensor", enabled=ctx.is_main) as progress:  # rank 0's share
         for name, param in named:
-            source = tm.source_for(name, plan.model_cfg, plan.family, offset)
+            source = tm.source_for(name, plan.model_cfg, plan.family, offset, experts)
             target = torch.empty(param.shape, dtype=param.dtype) if param.is_meta else param.data
-            tm.fill_shard(source, reader.read, target, param, ctx.tp_rank, ctx.tp_size)
+            tm.fill_shard(source, reader.read, target, param, *tm.tp_of(name, ctx.tp_rank, ctx.tp_size))
             if param.is_meta:
                 assign_parameter(model, name, target)
             read += target.numel()

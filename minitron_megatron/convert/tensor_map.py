@@ -14,6 +14,11 @@ Layouts (megatron/core/transformer/attention.py, mlp.py, tensor_parallel/layers.
 - embedding / output layer are vocab-parallel over the *padded* vocab
   `# [V_pad/tp, h]`; rows past the HF vocab are zero padding.
 - `linear_proj` / `linear_fc2` are row-parallel: TP splits their columns (dim 1).
+- A MoE layer (Megatron's MoELayer over SequentialMLP): `mlp.router.weight` `# [E, h]`, replicated;
+  routed experts `mlp.experts.local_experts.{i}.linear_fc1/2` are whole on their EP rank (expert
+  TP is 1, though Megatron marks them tensor-parallel), local expert i of EP rank r being global
+  expert r * E/ep + i, fc1 `[gate; up]` `# [2*F, h]`; the shared expert `mlp.shared_experts.*` is
+  split over TP like a dense MLP, its sigmoid gate `gate_weight` `# [1, h]` replicated.
 """
 
 import re
@@ -23,7 +28,9 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from minitron_megatron.config.model import ModelConfig
-from minitron_megatron.convert.families import NEMOTRON, Family
+from minitron_megatron.convert.families import MIXTRAL, NEMOTRON, Family
+from minitron_megatron.model.layout import expert_of
+from minitron_megatron.model.modules import is_routed_expert_param
 
 Reader = Callable[[str, int, int, int], torch.Tensor]
 """read(hf_name, dim, start, stop) -> that slice of the HF tensor (a view of the mapped file:
@@ -126,8 +133,9 @@ class GLU:
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def source_for(name: str, cfg: ModelConfig, family: Family, layer_offset: int = 0):
-    """The Source of Megatron parameter `name` (local layer numbers + this stage's `layer_offset`)."""
+def source_for(name: str, cfg: ModelConfig, family: Family, layer_offset: int = 0, expert_offset: int = 0):
+    """The Source of Megatron parameter `name` (local layer numbers + this stage's `layer_offset`;
+    local expert numbers + this EP rank's `expert_offset`)."""
     cfg = cfg.resolved()
     norm = ["weight", "bias"] if family is NEMOTRON else ["weight"]
     if name == "embedding.word_embeddings.weight":
@@ -147,12 +155,24 @@ def source_for(name: str, cfg: ModelConfig, family: Family, layer_offset: int = 
         "self_attention.linear_qkv.weight": lambda: _qkv(attn, "weight", cfg),
         "self_attention.linear_qkv.bias": lambda: _qkv(attn, "bias", cfg),
         "self_attention.linear_proj.weight": lambda: Plain(attn + "o_proj.weight"),
-        "mlp.linear_fc1.weight": lambda: (GLU(mlp + "gate_proj.weight", mlp + "up_proj.weight", cfg.ffn_hidden_size)
-                                          if cfg.gated_linear_unit else Plain(mlp + "up_proj.weight")),
-        "mlp.linear_fc2.weight": lambda: Plain(mlp + "down_proj.weight"),
+        # Qwen3's per-head norms `# [d]`: one weight for every head, replicated over TP.
+        "self_attention.q_layernorm.weight": lambda: Plain(attn + "q_norm.weight"),
+        "self_attention.k_layernorm.weight": lambda: Plain(attn + "k_norm.weight"),
     }
+    if family.moe is None:
+        table.update({
+            "mlp.linear_fc1.weight": lambda: (GLU(mlp + "gate_proj.weight", mlp + "up_proj.weight",
+                                                  cfg.ffn_hidden_size)
+                                              if cfg.gated_linear_unit else Plain(mlp + "up_proj.weight")),
+            "mlp.linear_fc2.weight": lambda: Plain(mlp + "down_proj.weight"),
+        })
     if suffix in table:
         return table[suffix]()
+    moe = _moe_source(suffix, hf, cfg, family, expert_offset) if family.moe is not None else None
+    return moe if moe is not None else _norm_source(name, suffix, hf, norm)
+
+
+def _norm_source(name: str, suffix: str, hf: str, norm: List[str]) -> Plain:
     # Local spec: separate norm modules; Transformer Engine spec: fused into the linears.
     for prefix, hf_norm in (("input_layernorm.", "input_layernorm."),
                             ("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
@@ -161,6 +181,38 @@ def source_for(name: str, cfg: ModelConfig, family: Family, layer_offset: int = 
         if suffix.startswith(prefix):
             return _norm(hf + hf_norm, suffix[len(prefix):], norm)
     raise KeyError(name)
+
+
+def _moe_source(suffix: str, hf: str, cfg: ModelConfig, family: Family, expert_offset: int):
+    """The Source of a MoE layer's MLP parameter (`suffix` after `decoder.layers.<i>.`), else None."""
+    moe = f"{hf}{family.moe}."
+    expert = expert_of(suffix)
+    if expert is not None:
+        e = f"{moe}experts.{expert[0] + expert_offset}."
+        gate, up, down = ("w1", "w3", "w2") if family is MIXTRAL else ("gate_proj", "up_proj", "down_proj")
+        if expert[1] == "linear_fc1.weight":
+            return GLU(f"{e}{gate}.weight", f"{e}{up}.weight", cfg.moe_ffn_hidden_size)
+        return Plain(f"{e}{down}.weight") if expert[1] == "linear_fc2.weight" else None
+    shared = f"{moe}shared_expert."
+    table = {
+        "mlp.router.weight": lambda: Plain(f"{moe}gate.weight"),
+        "mlp.shared_experts.linear_fc1.weight": lambda: GLU(f"{shared}gate_proj.weight", f"{shared}up_proj.weight",
+                                                            cfg.moe_shared_expert_intermediate_size),
+        "mlp.shared_experts.linear_fc2.weight": lambda: Plain(f"{shared}down_proj.weight"),
+        "mlp.shared_experts.gate_weight": lambda: Plain(f"{moe}shared_expert_gate.weight"),
+    }
+    return table[suffix]() if suffix in table else None
+
+
+def expert_offset_of(cfg: ModelConfig, ep_rank: int, ep_size: int) -> int:
+    """Global index of this EP rank's first routed expert (0 for a dense model)."""
+    return ep_rank * (cfg.num_moe_experts // ep_size) if cfg.is_moe else 0
+
+
+def tp_of(name: str, tp_rank: int, tp_size: int) -> Tuple[int, int]:
+    """(rank, size) of the TP split that parameter `name` has: a routed expert is whole on its
+    EP rank (expert TP 1), whatever its tensor-parallel attributes say."""
+    return (0, 1) if is_routed_expert_param(name) else (tp_rank, tp_size)
 
 
 def _norm(prefix: str, kind: str, allowed: List[str]) -> Plain:
@@ -190,11 +242,33 @@ def expected_hf_shapes(cfg: ModelConfig, family: Family) -> Dict[str, Tuple[int,
         if cfg.add_qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
-        mlp = ("gate", "up") if cfg.gated_linear_unit else ("up",)
-        shapes.update({p + f"mlp.{x}_proj.weight": (ffn, h) for x in mlp})
-        shapes[p + "mlp.down_proj.weight"] = (h, ffn)
+        if cfg.qk_layernorm:
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+        if family.moe is not None:
+            shapes.update(_moe_shapes(p + family.moe + ".", cfg, family))
+        else:
+            mlp = ("gate", "up") if cfg.gated_linear_unit else ("up",)
+            shapes.update({p + f"mlp.{x}_proj.weight": (ffn, h) for x in mlp})
+            shapes[p + "mlp.down_proj.weight"] = (h, ffn)
         shapes.update({p + f"{n}.{k}": (h,) for n in ("input_layernorm", "post_attention_layernorm")
                        for k in _norm_kinds(family)})
+    return shapes
+
+
+def _moe_shapes(moe: str, cfg: ModelConfig, family: Family) -> Dict[str, Tuple[int, ...]]:
+    """One layer's MoE tensors (`moe`: its module prefix) with their shapes."""
+    h, f = cfg.hidden_size, cfg.moe_ffn_hidden_size
+    names = ("w1", "w3", "w2") if family is MIXTRAL else ("gate_proj", "up_proj", "down_proj")
+    shapes = {moe + "gate.weight": (cfg.num_moe_experts, h)}
+    for e in range(cfg.num_moe_experts):
+        shapes.update({f"{moe}experts.{e}.{names[0]}.weight": (f, h), f"{moe}experts.{e}.{names[1]}.weight": (f, h),
+                       f"{moe}experts.{e}.{names[2]}.weight": (h, f)})
+    shared = cfg.moe_shared_expert_intermediate_size
+    if shared:
+        shapes.update({moe + "shared_expert.gate_proj.weight": (shared, h), moe + "shared_expert.up_proj.weight":
+                       (shared, h), moe + "shared_expert.down_proj.weight": (h, shared)})
+    if cfg.moe_shared_expert_gate:
+        shapes[moe + "shared_expert_gate.weight"] = (1, h)
     return shapes
 
 

@@ -192,6 +192,7 @@ def transformer_config(cfg: ModelConfig, ctx: ParallelContext, parallel: Paralle
         activation_func=activation,
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
@@ -268,9 +269,9 @@ def layer_spec(cfg: ModelConfig, device: torch.device):
             raise ConfigError("model.transformer_impl=transformer_engine but Transformer Engine does not import "
                               "here; use model.transformer_impl=auto, sdpa or local")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=cfg.num_moe_experts, moe_grouped_gemm=cfg.moe_grouped_gemm)
+            num_experts=cfg.num_moe_experts, moe_grouped_gemm=cfg.moe_grouped_gemm, qk_layernorm=cfg.qk_layernorm)
     local = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
-                                                     normalization=cfg.normalization)
+                                                     qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization)
     return with_sdpa_core_attention(local) if impl == "sdpa" else local
 
 

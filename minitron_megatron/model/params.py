@@ -42,7 +42,7 @@ def layer_parameter_count(cfg: ModelConfig) -> Dict[str, int]:
     bias = cfg.add_bias_linear
     return {
         "input_norm": _norm_params(cfg),
-        "qkv": h * qkv_out + qkv_bias,
+        "qkv": h * qkv_out + qkv_bias + (2 * d * _norm_params(cfg) // h if cfg.qk_layernorm else 0),  # + q/k norms
         "proj": q_width * h + (h if bias else 0),
         "pre_mlp_norm": _norm_params(cfg),
         **(_moe_params(cfg) if cfg.is_moe else _mlp_params(cfg, cfg.ffn_hidden_size)),

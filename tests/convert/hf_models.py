@@ -52,6 +52,27 @@ def family_configs():
     }
 
 
+def moe_configs():
+    """(name -> transformers config) of the mixture-of-experts families: 4 experts of width 32,
+    top-2, so a pruned export can keep 2 experts of width 16."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    moe = dict(num_experts_per_tok=2, max_position_embeddings=4096, rope_theta=1000000.0)
+    return {
+        # Mixtral: softmax, top-k, renormalised (Megatron: softmax over the top-k logits).
+        "mixtral": MixtralConfig(**_base(intermediate_size=32, num_local_experts=4, rms_norm_eps=1e-5, **moe)),
+        # Qwen2-MoE: Q/K/V bias, a shared expert with its sigmoid gate, and norm_topk_prob=false
+        # (top-k of the softmax over every expert, not renormalised: Megatron's pre-softmax).
+        "qwen2_moe": Qwen2MoeConfig(**_base(intermediate_size=80, moe_intermediate_size=32, num_experts=4,
+                                            shared_expert_intermediate_size=48, norm_topk_prob=False,
+                                            rms_norm_eps=1e-6, **moe)),
+        # Qwen3-MoE: RMSNorm on each query and key head (Megatron's qk_layernorm), head_dim 24 !=
+        # 64 / 4, no shared expert, norm_topk_prob=true.
+        "qwen3_moe": Qwen3MoeConfig(**_base(head_dim=24, intermediate_size=80, moe_intermediate_size=32,
+                                            num_experts=4, norm_topk_prob=True, rms_norm_eps=1e-6, **moe)),
+    }
+
+
 def build_tokenizer(out_dir: Path):
     """A small BPE tokenizer that adds BOS like Llama 3's; saved with transformers."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
@@ -82,6 +103,29 @@ def reference_logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens).logits.float()
 
 
+def _save(config, root: Path, name: str, seed: int, tokenizer, tokens: torch.Tensor) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    randomize(model, seed=seed)
+    out = root / name
+    model.save_pretrained(str(out), max_shard_size="100KB")
+    tokenizer.save_pretrained(str(out))
+    torch.save(reference_logits(model, tokens), out / "reference_logits.pt")
+    return out
+
+
+def build_moe(root: Path) -> dict:
+    """The MoE families next to build_all's models (its tokenizer and token batch); {name: dir}."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    tokens = torch.load(root / "tokens.pt")
+    return {name: _save(config, root, name, 200 + i, tokenizer, tokens)
+            for i, (name, config) in enumerate(moe_configs().items())}
+
+
 def build_all(root: Path) -> dict:
     """Save every family under root/<name> (sharded safetensors + index + tokenizer) with its
     reference logits; returns {name: dir} plus the token batch in root/tokens.pt."""
@@ -93,14 +137,7 @@ def build_all(root: Path) -> dict:
     torch.save(tokens, root / "tokens.pt")
     dirs = {}
     for i, (name, config) in enumerate(family_configs().items()):
-        config.dtype = torch.float32
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-        randomize(model, seed=100 + i)
-        out = root / name
-        model.save_pretrained(str(out), max_shard_size="100KB")
-        tokenizer.save_pretrained(str(out))
-        torch.save(reference_logits(model, tokens), out / "reference_logits.pt")
-        dirs[name] = out
+        dirs[name] = _save(config, root, name, 100 + i, tokenizer, tokens)
     # bf16 as released checkpoints are: Megatron keeps torch norms in float32 inside a bf16
     # model, so the export must cast back to the file dtype (exactly).
     bf16 = AutoModelForCausalLM.from_pretrained(str(dirs["nemotron"]), dtype=torch.bfloat16)

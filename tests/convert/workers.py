@@ -23,7 +23,8 @@ def run_dir_logits(run_dir, ctx, tokens: torch.Tensor):
     from minitron_megatron.model import build_gpt_model
 
     cfg, padded, _ = rd.read_model_yaml(run_dir)
-    model = build_gpt_model(cfg, ctx, ParallelConfig(tp=ctx.tp_size, pp=ctx.pp_size), padded, init="none")
+    model = build_gpt_model(cfg, ctx, ParallelConfig(tp=ctx.tp_size, pp=ctx.pp_size, ep=ctx.ep_size), padded,
+                            init="none")
     load_checkpoint(rd.checkpoint_root(run_dir), model, None)
     model.eval()
     logits = _forward(model, ctx, tokens, cfg.hidden_size)
