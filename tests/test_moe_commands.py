@@ -135,6 +135,27 @@ def test_distill_pruned_moe_at_ep2_follows_ep1_and_logs_its_aux_and_router_losse
     assert all("moe_load_balancing_loss" not in step for step in steps(tmp_path / "off"))
 
 
+def test_a_dense_student_distils_from_a_moe_teacher(trained, small_teacher, tmp_path):
+    """Catches a MoE teacher that only works with a MoE student: the session's dense tiny run
+    dir (same stdlib tokenizer) distils from the trained tiny-moe: the KD loss is logged and
+    finite, and the frozen teacher's router losses, which train nothing, are not in the
+    student's log. (parallel.ep > 1 with a dense student is refused: EP needs a MoE student.)"""
+    import json
+    import math
+
+    teacher, _ = trained
+    out = summary(run_command("distill", f"teacher.load={teacher}", f"student.load={small_teacher}", "device=cpu",
+                              "data=stdlib", "seq_length=64", "distill.steps=2",
+                              "distill.micro_batch_size=2", "distill.global_batch_size=4", "distill.eval_interval=2",
+                              "distill.eval_samples=4", "distill.log_interval=1", "evaluate.samples=4",
+                              "evaluate.micro_batch_size=2", f"save={tmp_path / 'dense'}"))
+    assert math.isfinite(out["val_loss"]) and out["kd_loss"] > 0
+    steps = [json.loads(line) for line in (tmp_path / "dense" / "train_log.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s["kind"] == "step"]
+    assert len(steps) == 2 and all(math.isfinite(s["kd_loss"]) for s in steps)
+    assert all("moe_load_balancing_loss" not in s for s in steps)
+
+
 def test_expert_parallel_size_that_does_not_divide_the_experts(tmp_path):
     """Catches an EP size that reaches Megatron's build-time assert (or a hang in its groups):
     exit 2, one error naming parallel.ep and the sizes that work, nothing written."""
