@@ -9,6 +9,8 @@ RUN_DIR=/tmp/minitron_gpu_check/runs
 SITE=/tmp/site  # the wheels install here; the machine's own packages stay as they are
 DEVICE=cuda
 TEACHER_PRECISION=fp8
+TRAIN_STEPS=20
+DISTILL_STEPS=10
 KD_STEP_ARGS=(--configs 1x1 --hidden 4096 --heads 32 --groups 8 --layers 4 --vocab 128256 --seq 4096
               --micro-batch 1 --microbatches 4 --dtype bfloat16 --device cuda)
 if [[ ${REHEARSE:-0} == 1 ]]; then  # gpu_check.sh --rehearse: the same steps on CPU, at tiny sizes
@@ -16,6 +18,8 @@ if [[ ${REHEARSE:-0} == 1 ]]; then  # gpu_check.sh --rehearse: the same steps on
     SITE=/tmp/minitron_gpu_check/rehearsal_site
     DEVICE=cpu
     TEACHER_PRECISION=bf16  # FP8 GEMMs need compute capability 8.9 (distill refuses them on CPU)
+    TRAIN_STEPS=4  # the same code paths (save, eval, resume bookkeeping) in fewer steps
+    DISTILL_STEPS=2
     KD_STEP_ARGS=(--configs 1x1 --hidden 256 --heads 4 --groups 2 --layers 2 --vocab 4096 --seq 128
                   --micro-batch 1 --microbatches 2 --repeats 1 --dtype bfloat16 --device cpu)
 fi
@@ -66,7 +70,7 @@ step_kd_step() {
 
 step_train() {
     run rm -rf "$RUN_DIR"
-    run "$PYTHON" -m minitron_megatron.train "${MODEL[@]}" "${SMALL[@]}" train.steps=20 train.eval_interval=20 \
+    run "$PYTHON" -m minitron_megatron.train "${MODEL[@]}" "${SMALL[@]}" "train.steps=$TRAIN_STEPS" "train.eval_interval=$TRAIN_STEPS" \
         "save=$RUN_DIR/teacher"
 }
 
@@ -77,6 +81,6 @@ step_prune() {
 
 step_distill() {
     run "$PYTHON" -m minitron_megatron.distill "${SMALL[@]}" "teacher.load=$RUN_DIR/teacher" \
-        "student.load=$RUN_DIR/pruned" "teacher.precision=$TEACHER_PRECISION" distill.steps=10 distill.eval_interval=10 \
+        "student.load=$RUN_DIR/pruned" "teacher.precision=$TEACHER_PRECISION" "distill.steps=$DISTILL_STEPS" "distill.eval_interval=$DISTILL_STEPS" \
         "save=$RUN_DIR/student"
 }
