@@ -78,9 +78,10 @@ def distill(cfg: DistillCommand, ctx: ParallelContext, resident: Optional[Reside
     from minitron_megatron.plan.guard import refuse_if_over
 
     inputs = prepare_distill(cfg, ctx)
-    refuse_if_over(inputs, cfg, ctx)  # on CUDA: a plan larger than the device fails here, not after the load
     t, save, run = cfg.distill, Path(cfg.save), inputs.run
     settings = data_parallel_settings(t.optim, "distill", ctx.dp_size, cfg.save)  # before the teacher loads
+    # on CUDA: a plan larger than the device fails here, not after the load
+    refuse_if_over(inputs, cfg, ctx, distributed_optimizer=settings.use_distributed_optimizer)
     model = build_distillation_model(inputs, cfg, ctx, resident)
     ddp = wrap_ddp(model, model.config, settings)
     optimizer, scheduler = build_optimizer([ddp], t.optim, model.config, t.steps, global_batch_size=t.global_batch_size)

@@ -40,7 +40,7 @@ def optimizer_problems(optim: OptimConfig, setting: str, dp_size: int, save: Opt
         return [f"{setting}.optim.use_distributed_optimizer={choice}: save={save} holds an unfinished run whose "
                 f"optimizer state was written by {written}, which the other optimizer cannot read; resume it "
                 f"with {setting}.optim.use_distributed_optimizer=auto (or {str(saved).lower()})"]
-    if optim.overlap_param_gather and not _resolve(choice, dp_size, saved):
+    if optim.overlap_param_gather and not resolve_distributed_optimizer(choice, dp_size, saved):
         return [f"{setting}.optim.overlap_param_gather=true needs the distributed optimizer (it overlaps the "
                 f"all-gather of its updated weights): set {setting}.optim.use_distributed_optimizer=true"]
     return []
@@ -53,13 +53,16 @@ def data_parallel_settings(optim: OptimConfig, setting: str, dp_size: int,
     problems = optimizer_problems(optim, setting, dp_size, save)
     if problems:
         raise ConfigError(problems)
-    choice = str(optim.use_distributed_optimizer).lower()
     return DataParallelSettings(
-        use_distributed_optimizer=_resolve(choice, dp_size, _saved_with_distributed_optimizer(save)),
+        use_distributed_optimizer=resolve_distributed_optimizer(optim.use_distributed_optimizer, dp_size,
+                                                                _saved_with_distributed_optimizer(save)),
         overlap_grad_reduce=optim.overlap_grad_reduce, overlap_param_gather=optim.overlap_param_gather)
 
 
-def _resolve(choice: str, dp_size: int, saved: Optional[bool]) -> bool:
+def resolve_distributed_optimizer(choice, dp_size: int, saved: Optional[bool] = None) -> bool:
+    """`use_distributed_optimizer` (a valid choice) at this DP size; `saved`: what the checkpoint
+    being resumed holds (None: nothing to resume)."""
+    choice = str(choice).lower()
     if choice != "auto":
         return choice == "true"
     return saved if saved is not None else dp_size > 1
