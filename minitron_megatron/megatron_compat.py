@@ -20,9 +20,15 @@ What changed, and where it is handled:
   imports, and leaves the name undefined otherwise, so the MoE router's gating raises NameError
   without TE (CPU runs, GPU runs on the local spec); 0.19.2 binds it to None there.
   `define_router_gemm_fallback` binds it to None on 0.16, which selects the router's torch matmul.
+
+Not a difference but a defect of both (0.16.1 and 0.19.2), kept here because a later release may
+fix it: without Apex or Transformer Engine, the DistributedOptimizer runs torch's Adam, whose
+per-parameter state holds a "step" tensor that the checkpoint load paths do not expect.
+`distributed_optimizer_before_load` and `distributed_optimizer_loading` make a resume work there.
 """
 
 import io
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -92,6 +98,74 @@ def _common_state_reader_016():
             return _common_state_from_shards(checkpoint_dir)
 
     return CommonStateReader()
+
+
+def _torch_adam_distributed_optimizers(optimizer):
+    """The DistributedOptimizers in `optimizer` (chained or not) that run torch's Adam."""
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [inner for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(inner, DistributedOptimizer) and isinstance(getattr(inner, "optimizer", None),
+                                                                      torch.optim.Adam)]
+
+
+def distributed_optimizer_before_load(optimizer) -> None:
+    """Give a torch-Adam DistributedOptimizer that has not stepped yet the state a step makes.
+
+    Its `state_dict()` (called by `sharded_state_dict(is_loading=True)`, what a resume asks for
+    before any step) reads the step count from torch Adam's per-parameter state, which torch
+    creates only in the first step: `assert len(steps) == 1` fails. Zeros of the right shapes (as
+    Megatron's `init_state_fn` makes for the plain optimizer) and step 0, all overwritten by the load."""
+    import torch
+
+    for inner in _torch_adam_distributed_optimizers(optimizer):
+        if inner.optimizer.state:
+            continue
+        for group in inner.optimizer.param_groups:
+            for param in group["params"]:
+                inner.optimizer.state[param].update(exp_avg=torch.zeros_like(param),
+                                                    exp_avg_sq=torch.zeros_like(param), step=torch.tensor(0.0))
+
+
+@contextmanager
+def distributed_optimizer_loading(optimizer):
+    """Around `optimizer.load_state_dict` of a torch-Adam DistributedOptimizer, two repairs:
+
+    - its parameter-state load (`_set_main_param_and_optimizer_states`) copies into every tensor
+      of a parameter's state, "step" included, from the checkpoint's tensors, which never hold
+      "step" (it comes from the param groups): KeyError 'step'. Within, each parameter's step is
+      set aside while its other state is copied, then put back;
+    - it gives every parameter the SAME step tensor (`s["step"] = step` in a loop; torch's
+      `load_state_dict` keeps it), and torch's Adam increments each parameter's step in place, so
+      after one step the count is steps + number of parameters, and the bias correction is wrong
+      for the rest of the run. After the load, each parameter gets its own copy."""
+    patched = _torch_adam_distributed_optimizers(optimizer)
+    for inner in patched:
+        inner._set_main_param_and_optimizer_states = _step_kept(inner, inner._set_main_param_and_optimizer_states)
+    try:
+        yield
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states  # the class's method again
+    for inner in patched:
+        for state in inner.optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].clone()
+
+
+def _step_kept(inner, set_states):
+    def set_states_keeping_step(model_param, tensors):
+        group_index, group_order = inner.model_param_group_index_map[model_param]
+        state = inner.optimizer.state[inner.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None)
+        try:
+            set_states(model_param=model_param, tensors=tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    return set_states_keeping_step
 
 
 def define_router_gemm_fallback() -> None:

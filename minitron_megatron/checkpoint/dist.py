@@ -19,11 +19,23 @@ import torch
 
 from minitron_megatron.checkpoint.run_dir import atomic_write_text, fsync_dir
 from minitron_megatron.errors import ConfigError
-from minitron_megatron.megatron_compat import load_common_state_dict, load_dist_checkpoint
+from minitron_megatron.megatron_compat import (distributed_optimizer_before_load, distributed_optimizer_loading,
+                                               load_common_state_dict, load_dist_checkpoint)
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.runtime.faults import fault_point
 
 TRACKER = "latest_checkpointed_iteration.txt"
+
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+"""How Megatron's DistributedOptimizer lays out its state in a checkpoint (the plain optimizer
+ignores it): `fully_reshardable`, Megatron-LM's `--dist-ckpt-optim-fully-reshardable`. At save
+the DP ranks all-gather their shards (into host memory) and write each parameter's Adam state and
+float32 main weight as a tensor of the parameter's own shape and global offsets, keyed like the
+plain optimizer's (`optimizer.state.exp_avg.<param key>`), so a load reads it back at any DP, TP
+or PP size and slices its own shard. Why not the others megatron-core 0.16.1 and 0.19.2 offer:
+their default, `fully_sharded_model_space` (no communication), writes flattened slices, which
+both releases' ShardedTensor refuses ("flattened_range is not supported"); `dp_reshardable`
+(Megatron-LM's default) stores the internal buckets and reshards over DP only, not TP or PP."""
 
 
 def iteration_dir(root, iteration: int) -> Path:
@@ -107,7 +119,7 @@ def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer
     if release_model:
         _copy_views_releasing(state["model"], model)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIMIZER_METADATA)
         state["opt_param_scheduler"] = scheduler.state_dict()
         state["rng_state"] = _rng_state(ctx)
     if extra:
@@ -208,12 +220,14 @@ def load_checkpoint(root, model, ctx: Optional[ParallelContext], optimizer=None,
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd}
     if optimizer is not None:
-        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        distributed_optimizer_before_load(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
         request["rng_state"] = _rng_state(ctx)
     loaded = load_dist_checkpoint(sharded_state_dict=request, checkpoint_dir=path)
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with distributed_optimizer_loading(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
         _restore_rng(loaded["rng_state"])
     return {"iteration": loaded.get("iteration", iteration), "minitron": loaded.get("minitron", {})}
@@ -334,3 +348,21 @@ def load_common(root) -> dict:
     """The checkpoint's replicated (non-tensor) state, read without building a model."""
     iteration = latest_iteration(root)
     return load_common_state_dict(checkpoint_dir=str(_committed_dir(root, iteration)))
+
+
+def optimizer_format(root) -> Optional[bool]:
+    """Whether the committed checkpoint under `root` holds Megatron DistributedOptimizer state
+    (its `param_state_sharding_type` marker; False: a plain optimizer's, None: no optimizer)."""
+    common = load_common(root).get("optimizer")
+    if common is None:
+        return None
+    return _has_key(common, "param_state_sharding_type")
+
+
+def _has_key(tree, key: str) -> bool:
+    """`key` anywhere in nested dicts/lists (a ChainedOptimizer nests one state per optimizer)."""
+    if isinstance(tree, dict):
+        return key in tree or any(_has_key(v, key) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_has_key(v, key) for v in tree)
+    return False

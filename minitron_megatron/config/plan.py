@@ -18,7 +18,7 @@ class PlanConfig:
     """Data-parallel size when world_size is not given."""
     distributed_optimizer: Optional[bool] = None
     """Shard the Adam state (and fp32 main weights) over DP, as Megatron's DistributedOptimizer.
-    None: on when DP > 1 (issue 19's default)."""
+    None: as the distill run resolves distill.optim.use_distributed_optimizer (auto: on when DP > 1)."""
     attention: str = "sdpa"
     """Core attention whose activations are planned: local (Megatron's DotProductAttention: the
     [b, heads/tp, s, s] probabilities are saved, in float32 and, for bf16, again in bf16) or

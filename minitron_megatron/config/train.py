@@ -14,6 +14,19 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     clip_grad: float = 1.0
+    use_distributed_optimizer: str = "auto"
+    """Megatron's DistributedOptimizer (ZeRO-1): each data-parallel rank keeps and updates 1/DP
+    of the float32 main weights and Adam state; gradients are reduce-scattered, the updated
+    weights all-gathered. true, false or auto (on when the data-parallel size is above 1; on a
+    resume, whichever the run's checkpoint was written with, so a run resumes at any DP size).
+    A run setting: the model and its checkpoint keys are the same either way."""
+    overlap_grad_reduce: bool = False
+    """Megatron DDP's overlap of the data-parallel gradient reduction with the backward pass
+    (one bucket reduced as soon as its last gradient is ready). Every trainable parameter must
+    receive a gradient in every step (Megatron asserts it)."""
+    overlap_param_gather: bool = False
+    """With the distributed optimizer: all-gather each bucket's updated weights during the next
+    forward pass instead of right after the optimizer step."""
 
 
 @dataclass

@@ -73,15 +73,17 @@ def distill(cfg: DistillCommand, ctx: ParallelContext, resident: Optional[Reside
 
     `resident`: models kept loaded across in-process stages (the search's): the teacher is
     borrowed from it rather than read again."""
-    from minitron_megatron.train.optimizer import build_optimizer, wrap_ddp
+    from minitron_megatron.train.optimizer import build_optimizer, data_parallel_settings, wrap_ddp
 
     from minitron_megatron.plan.guard import refuse_if_over
 
     inputs = prepare_distill(cfg, ctx)
-    refuse_if_over(inputs, cfg, ctx)  # on CUDA: a plan larger than the device fails here, not after the load
     t, save, run = cfg.distill, Path(cfg.save), inputs.run
+    settings = data_parallel_settings(t.optim, "distill", ctx.dp_size, cfg.save)  # before the teacher loads
+    # on CUDA: a plan larger than the device fails here, not after the load
+    refuse_if_over(inputs, cfg, ctx, distributed_optimizer=settings.use_distributed_optimizer)
     model = build_distillation_model(inputs, cfg, ctx, resident)
-    ddp = wrap_ddp(model, model.config)
+    ddp = wrap_ddp(model, model.config, settings)
     optimizer, scheduler = build_optimizer([ddp], t.optim, model.config, t.steps, global_batch_size=t.global_batch_size)
     loss = DistillLoss(cfg.distill, has_state_loss=bool(inputs.layer_pairs))
     seq, mbs = run.seq_length, t.micro_batch_size
@@ -106,6 +108,7 @@ def distill(cfg: DistillCommand, ctx: ParallelContext, resident: Optional[Reside
         seq_length=seq,
         checkpoint_args=lambda state: megatron_lm_args(run, t, ctx, state.consumed_samples, state.step),
         guarded=GUARDED,
+        model_chunks=[ddp],
     )
     return run_training(job, ctx)
 

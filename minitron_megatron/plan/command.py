@@ -70,6 +70,7 @@ def plan_inputs(cfg) -> PlanInputs:
     """Every check of the plan's settings, in one ConfigError; then its resolved inputs."""
     from minitron_megatron.checkpoint.run_dir import run_seq_length
     from minitron_megatron.model.build import padded_vocab_size, validate_model
+    from minitron_megatron.train.optimizer import resolve_distributed_optimizer
     from minitron_megatron.trim.validate import validate_target
 
     problems = _choice_problems(cfg) + _world_problems(cfg)
@@ -88,7 +89,9 @@ def plan_inputs(cfg) -> PlanInputs:
         student = validate_target(teacher, cfg.prune.target, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
                                   pp_layout=cfg.parallel.pp_layout, padded_vocab=padded, ep=cfg.parallel.ep)
     dp = _data_parallel(cfg)
-    distributed = cfg.plan.distributed_optimizer if cfg.plan.distributed_optimizer is not None else dp > 1
+    distributed = cfg.plan.distributed_optimizer
+    if distributed is None:  # as the distill run would resolve it (a fresh run: no checkpoint to follow)
+        distributed = resolve_distributed_optimizer(cfg.distill.optim.use_distributed_optimizer, dp)
     return PlanInputs(
         teacher=teacher, student=student.resolved(), parallel=cfg.parallel, dp=dp, padded_vocab=padded,
         seq_length=seq, micro_batch_size=cfg.distill.micro_batch_size,

@@ -3,7 +3,8 @@ refuses, before it loads its model, one whose weights cannot (`refuse_prune_if_o
 
 Each rank plans its own stage from Megatron's GPTModel built on the meta device in the real
 runtime (this rank's exact shapes), with the run's attention implementation and recomputation
-(model.transformer_impl, model.recompute_granularity) and no distributed optimizer. The plan came within 3% below measured CPU peaks
+(model.transformer_impl, model.recompute_granularity) and optimizer (distill.optim.use_distributed_optimizer,
+as resolved for this run). The plan came within 3% below measured CPU peaks
 (benchmarks/plan_vs_measured.py), so a plan larger than the whole device will not fit; what it
 does not count (CUDA context, NCCL buffers, fragmentation) only makes it worse. Skipped on CPU
 (no device limit) and with `distill.memory_check=false`.
@@ -27,8 +28,9 @@ def _local_counts(cfg, ctx, parallel, padded_vocab):
     return count_local(build_gpt_model(cfg, ctx, parallel, padded_vocab, init="meta"))
 
 
-def distill_plan_inputs(inputs, cfg, ctx) -> PlanInputs:
-    """The plan of a prepared `distill` run (distill/setup.py DistillInputs) on this runtime."""
+def distill_plan_inputs(inputs, cfg, ctx, distributed_optimizer: bool = False) -> PlanInputs:
+    """The plan of a prepared `distill` run (distill/setup.py DistillInputs) on this runtime,
+    with the optimizer it resolved (train/optimizer.py `data_parallel_settings`)."""
     from minitron_megatron.model.build import transformer_impl
 
     run, teacher = inputs.run, inputs.teacher
@@ -41,10 +43,11 @@ def distill_plan_inputs(inputs, cfg, ctx) -> PlanInputs:
         padded_vocab=run.padded_vocab, seq_length=run.seq_length, micro_batch_size=cfg.distill.micro_batch_size,
         global_batch_size=cfg.distill.global_batch_size, teacher_dtype=teacher.cfg.params_dtype,
         teacher_precision=cfg.teacher.precision, student_dtype=run.model_cfg.params_dtype,
-        distributed_optimizer=False, kd_impl=cfg.distill.kd_impl, kd_chunk_tokens=cfg.distill.kd_chunk_tokens)
+        distributed_optimizer=distributed_optimizer, kd_impl=cfg.distill.kd_impl, kd_chunk_tokens=cfg.distill.kd_chunk_tokens)
 
 
-def refuse_if_over(inputs, cfg, ctx, limit_bytes: Optional[int] = None) -> Optional[int]:
+def refuse_if_over(inputs, cfg, ctx, limit_bytes: Optional[int] = None,
+                   distributed_optimizer: bool = False) -> Optional[int]:
     """Raise a ConfigError on every rank when some rank's planned bytes exceed `limit_bytes`
     (default: this CUDA device's total memory; on CPU nothing is checked). Returns the largest
     planned total over the ranks (None when skipped)."""
@@ -52,7 +55,7 @@ def refuse_if_over(inputs, cfg, ctx, limit_bytes: Optional[int] = None) -> Optio
         if ctx.device.type != "cuda" or not getattr(cfg.distill, "memory_check", True):
             return None
         limit_bytes = torch.cuda.get_device_properties(ctx.device).total_memory
-    inp = distill_plan_inputs(inputs, cfg, ctx)
+    inp = distill_plan_inputs(inputs, cfg, ctx, distributed_optimizer)
     mine = stage_bytes(inp, ctx.pp_rank, _local_counts(inp.teacher, ctx, inputs.teacher_parallel,
                                                        inputs.teacher.padded_vocab),
                        _local_counts(inp.student, ctx, cfg.parallel, inp.padded_vocab))

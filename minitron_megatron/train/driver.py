@@ -28,6 +28,7 @@ from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.runtime.preemption import Preempted, PreemptionWatch
 from minitron_megatron.train import moe_metrics
 from minitron_megatron.train.logger import TrainLogger
+from minitron_megatron.train.optimizer import optimizer_problems, params_in_sync
 
 
 class TrainingDiverged(RuntimeError):
@@ -85,6 +86,9 @@ class TrainingJob:
     """Metrics checked for NaN/Inf after every step, most specific first."""
     checkpoint_args: Optional[Callable[["LoopState"], Any]] = None
     """Megatron-LM's `args` namespace for a checkpoint at this state (checkpoint/megatron_lm.py)."""
+    model_chunks: Sequence[Any] = ()
+    """The DDP-wrapped chunks `step` trains: their parameters are brought up to date before each
+    evaluation and save (train/optimizer.py `params_in_sync`)."""
 
 
 def loop_problems(cfg: TrainConfig, setting: str, save: Optional[str], example: str,
@@ -105,7 +109,7 @@ def loop_problems(cfg: TrainConfig, setting: str, save: Optional[str], example: 
     if cfg.eval_samples < per_step:
         problems.append(f"{setting}.eval_samples={cfg.eval_samples} must be >= micro_batch_size x DP size "
                         f"({per_step})")
-    return problems
+    return problems + optimizer_problems(cfg.optim, setting, ctx.dp_size, save)
 
 
 def run_training(job: TrainingJob, ctx: ParallelContext) -> dict:
@@ -128,7 +132,8 @@ def run_training(job: TrainingJob, ctx: ParallelContext) -> dict:
             logger.log_step(state.step, metrics)
             finished = state.step == t.steps
             if state.step % t.eval_interval == 0 or finished:
-                last_eval = (state.step, job.evaluate(t.eval_samples, t.micro_batch_size))
+                with params_in_sync(job.model_chunks):
+                    last_eval = (state.step, job.evaluate(t.eval_samples, t.micro_batch_size))
                 logger.log_eval(state.step, last_eval[1])
             stop_early = t.exit_after_steps is not None and state.step >= t.exit_after_steps and not finished
             preempted = watch.should_stop() and not finished
@@ -141,7 +146,11 @@ def run_training(job: TrainingJob, ctx: ParallelContext) -> dict:
     loop_seconds = time.time() - start
     reuse = last_eval is not None and last_eval[0] == t.steps and job.final_eval == (t.eval_samples,
                                                                                       t.micro_batch_size)
-    final = last_eval[1] if reuse else job.evaluate(*job.final_eval)
+    if reuse:
+        final = last_eval[1]
+    else:
+        with params_in_sync(job.model_chunks):
+            final = job.evaluate(*job.final_eval)
     summary = {
         **job.summary(final, metrics),
         "steps": state.step,
@@ -186,5 +195,6 @@ def _guard(job: TrainingJob, metrics: Dict[str, float], step: int) -> None:
 def _save(job: TrainingJob, state: LoopState, ctx: ParallelContext) -> None:
     extra = {f"{job.name}_state": {"step": state.step, "consumed_samples": state.consumed_samples}}
     args = job.checkpoint_args(state) if job.checkpoint_args else None
-    ckpt.save_checkpoint(rd.checkpoint_root(job.save), state.step, job.model, ctx, job.optimizer,
-                         job.scheduler, extra, keep_last=job.cfg.keep_last, args=args)
+    with params_in_sync(job.model_chunks):
+        ckpt.save_checkpoint(rd.checkpoint_root(job.save), state.step, job.model, ctx, job.optimizer,
+                             job.scheduler, extra, keep_last=job.cfg.keep_last, args=args)

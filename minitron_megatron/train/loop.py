@@ -56,5 +56,6 @@ def pretrain(cfg: TrainCommand, ctx: ParallelContext) -> dict:
         final_eval=(cfg.evaluate.samples, cfg.evaluate.micro_batch_size),
         seq_length=seq,
         checkpoint_args=lambda state: setup.megatron_lm_args(run, t, ctx, state.consumed_samples, state.step),
+        model_chunks=[ddp],
     )
     return run_training(job, ctx)

@@ -136,13 +136,14 @@ def build_model(run: RunInputs, cfg: CommonConfig, ctx: ParallelContext, init: s
 def trainable_model(run: RunInputs, cfg: CommonConfig, ctx: ParallelContext, optim: OptimConfig, steps: int,
                     global_batch_size: int):
     """(model, DDP-wrapped model, optimizer, LR scheduler)."""
-    from minitron_megatron.train.optimizer import build_optimizer, wrap_ddp, wrap_float16
+    from minitron_megatron.train.optimizer import build_optimizer, data_parallel_settings, wrap_ddp, wrap_float16
 
     problems = moe_training_problems(run.model_cfg, cfg.parallel)
     if problems:
         raise ConfigError(problems)
+    settings = data_parallel_settings(optim, "train", ctx.dp_size, cfg.save)
     model = build_model(run, cfg, ctx)
-    ddp = wrap_ddp(wrap_float16(model), model.config)  # DDP(Float16Module(GPTModel)), as Megatron-LM's get_model
+    ddp = wrap_ddp(wrap_float16(model), model.config, settings)  # DDP(Float16Module(GPTModel)), as Megatron-LM's get_model
     optimizer, scheduler = build_optimizer([ddp], optim, model.config, steps, global_batch_size=global_batch_size)
     return model, ddp, optimizer, scheduler
 
