@@ -54,7 +54,8 @@ BUDGET_KINDS = ("total", "active")
 @dataclass
 class SearchConfig:
     param_budget: float = 0.5
-    """The target size: a fraction of the teacher's parameters (<= 1) or an absolute count (> 1)."""
+    """The target size: a fraction of the teacher's parameters (<= 1) or an absolute count (> 1), of
+    the kind `budget_kind` names."""
     budget_kind: str = "total"
     """What the budget counts: total (every parameter) or active (the parameters one token uses:
     embeddings, output layer, attention, norms, router, shared expert and `moe_router_topk` of the
