@@ -109,6 +109,19 @@ def test_moe_search_distils_and_ranks_both_candidates(moe_search):
     assert json.loads((save / "candidates.json").read_text()) == out["candidates"]
 
 
+def test_shared_expert_counts_whole_and_is_a_search_axis():
+    """Catches a shared expert (and its gate) left out of the active count, or counted as a routed
+    expert, and a space without the shared-expert width: the counts equal Megatron's model's."""
+    from minitron_megatron.search.space import architectures
+
+    cfg = small_model(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                      moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True).resolved()
+    assert built_counts(cfg, 256) == (parameter_count(cfg, 256), active_parameter_count(cfg, 256))
+    space = SearchSpace(num_layers=[1.0], num_attention_heads=[1.0], hidden_size=[1.0], num_moe_experts=[1.0],
+                        moe_ffn_hidden_size=[1.0], moe_shared_expert_intermediate_size=[1.0, 0.5])
+    assert [a["moe_shared_expert_intermediate_size"] for a in architectures(cfg, space, 8)] == [48, 24]
+
+
 def test_expert_counts_ep_cannot_split_are_left_out_and_dense_active_is_total(tiny_moe):
     """Catches expert counts EP cannot split (or below top-k) reaching a candidate's trim, and
     budget_kind=active meaning something else than the total on a dense model."""
