@@ -41,7 +41,7 @@ class Feasible:
     params: int
     split_problem: Optional[str]
     """None when the chosen TP/PP splits it."""
-    active: int = 0
+    active: int
     """Exact parameters used per token (== params for a dense model)."""
 
     def count(self, kind: str) -> int:
