@@ -30,6 +30,11 @@ def command_line(stage: str, *overrides: str, nproc: int = 1) -> list:
     return cmd
 
 
+# tiny-moe as it ships (8 experts, top-2), on 2 layers and shorter samples.
+SMALL_MOE = ["model=tiny-moe", "model.num_layers=2", "seq_length=64", "device=cpu", "data=stdlib",
+             "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_samples=8",
+             "train.optim.warmup_steps=1", "evaluate.samples=16", "evaluate.micro_batch_size=4"]
+
 LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 

@@ -1,6 +1,6 @@
 """Suite-wide set-up. Triton runs kernels in its interpreter on CPU-only machines:
 TRITON_INTERPRET must be set before triton is first imported (megatron.core imports it).
-Also the one small teacher run dir that tests in several folders read."""
+Also the small teacher run dirs that tests in several folders read (dense and mixture of experts)."""
 
 import os
 
@@ -20,3 +20,14 @@ def small_teacher(tmp_path_factory):
     save = tmp_path_factory.mktemp("small-teacher") / "teacher"
     run_command("train", *SMALL, "train.steps=3", "train.eval_interval=3", f"save={save}")
     return save
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory):
+    """(run dir, summary) of one `train` of tests.commands.SMALL_MOE (tiny-moe on 2 layers, 3 steps)
+    for the MoE command and search tests."""
+    from tests.commands import SMALL_MOE, run_command, summary
+
+    run_dir = tmp_path_factory.mktemp("moe") / "teacher"
+    out = summary(run_command("train", *SMALL_MOE, "train.steps=3", f"save={run_dir}"))
+    return run_dir, out

@@ -4,22 +4,16 @@ score it at EP=2 under torchrun; a bad EP size fails before any work."""
 import pytest
 import torch
 
-from tests.commands import run_command, summary
+from tests.commands import SMALL_MOE, run_command, summary
 
 # The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
 pytestmark = pytest.mark.compat
 
-# tiny-moe as it ships (8 experts, top-2), on shorter samples; scored with the alltoall dispatcher.
-SMALL_MOE = ["model=tiny-moe", "model.num_layers=2", "seq_length=64", "device=cpu", "data=stdlib",
-             "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_samples=8",
-             "train.optim.warmup_steps=1", "evaluate.samples=16", "evaluate.micro_batch_size=4"]
-
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("moe") / "teacher"
-    out = summary(run_command("train", *SMALL_MOE, "train.steps=3", f"save={run_dir}"))
-    return run_dir, out
+def trained(tiny_moe):
+    """The session's trained tiny-moe (tests/conftest.py; tests/search/test_search_moe.py reads it too)."""
+    return tiny_moe
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """`search` settings: the architecture search of the paper's section 4 (and iterative rounds).
 
 Every architecture of `search.space` (the product of its per-axis values) that the
-teacher can be pruned to and whose EXACT parameter count is within `search.tolerance`
-of the budget is a candidate. Each candidate is pruned (one importance run serves all
+teacher can be pruned to and whose EXACT parameter count (`search.budget_kind`: total, or
+active per token for a mixture of experts) is within `search.tolerance` of the budget is a
+candidate. Each candidate is pruned (one importance run serves all
 of them), scored zero-shot, distilled for `search.steps` steps and scored again; the
 candidates are ranked by that last validation loss.
 """
@@ -35,15 +36,31 @@ class SearchSpace:
     hidden_size: List[float] = field(default_factory=lambda: [1.0, 0.916667, 0.833333, 0.75, 0.666667,
                                                               0.583333, 0.5, 0.416667])
     """Paper: embedding 2560-6144 of 6144 (here in steps of 512 on that teacher)."""
+    num_moe_experts: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
+    """Mixture-of-experts teachers only (dense ones ignore the three moe axes): routed experts
+    per layer, rounded to an integer; counts below `moe_router_topk`, or that `parallel.ep` does
+    not divide, are left out of the space."""
+    moe_ffn_hidden_size: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
+    """Width of every routed expert's FFN, a fraction of the teacher's (rounded to
+    `search.width_multiple`). It replaces `ffn_ratio`, which a MoE model (no dense MLP) ignores."""
+    moe_shared_expert_intermediate_size: List[float] = field(default_factory=lambda: [1.0])
+    """Width of the shared expert (teachers that have one), a fraction of the teacher's."""
 
 
 ROUND_TEACHERS = ("original", "previous")
+BUDGET_KINDS = ("total", "active")
 
 
 @dataclass
 class SearchConfig:
     param_budget: float = 0.5
-    """The target size: a fraction of the teacher's parameters (<= 1) or an absolute count (> 1)."""
+    """The target size: a fraction of the teacher's parameters (<= 1) or an absolute count (> 1), of
+    the kind `budget_kind` names."""
+    budget_kind: str = "total"
+    """What the budget counts: total (every parameter) or active (the parameters one token uses:
+    embeddings, output layer, attention, norms, router, shared expert and `moe_router_topk` of the
+    routed experts, i.e. routed experts count topk / num_moe_experts of their weights). On a
+    dense model both are the same count. Fractions are of the teacher's count of that kind."""
     tolerance: float = 0.05
     """Candidates' exact parameter counts lie within budget x (1 +- tolerance) (paper: 5%)."""
     space: SearchSpace = field(default_factory=SearchSpace)

@@ -8,9 +8,11 @@ from minitron_megatron.model.build import (
     transformer_config,
     validate_model,
 )
-from minitron_megatron.model.params import count_model_parameters, layer_parameter_count, parameter_count
+from minitron_megatron.model.params import (active_parameter_count, count_model_parameters, layer_parameter_count,
+                                            parameter_count)
 
 __all__ = [
+    "active_parameter_count",
     "build_gpt_model",
     "count_model_parameters",
     "layer_parameter_count",

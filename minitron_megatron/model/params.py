@@ -21,19 +21,23 @@ def _mlp_params(cfg: ModelConfig, ffn: int) -> Dict[str, int]:
     return {"fc1": h * fc1_out + (fc1_out if bias else 0), "fc2": ffn * h + (h if bias else 0)}
 
 
-def _moe_params(cfg: ModelConfig) -> Dict[str, int]:
-    """Router, every routed expert, and the shared expert (with its gate) of one MoE layer."""
+def _moe_params(cfg: ModelConfig, active: bool = False) -> Dict[str, int]:
+    """Router, the routed experts (all of them, or the top-k one token uses when `active`), and
+    the shared expert (with its gate) of one MoE layer. The router scores every expert for every
+    token, so all its rows are active."""
     h, experts = cfg.hidden_size, cfg.num_moe_experts
+    used = cfg.moe_router_topk if active else experts
     parts = {"router": experts * h + (experts if cfg.add_bias_linear else 0),
-             "experts": experts * sum(_mlp_params(cfg, cfg.moe_ffn_hidden_size).values())}
+             "experts": used * sum(_mlp_params(cfg, cfg.moe_ffn_hidden_size).values())}
     if cfg.moe_shared_expert_intermediate_size is not None:
         parts["shared_expert"] = sum(_mlp_params(cfg, cfg.moe_shared_expert_intermediate_size).values()) \
             + (h if cfg.moe_shared_expert_gate else 0)
     return parts
 
 
-def layer_parameter_count(cfg: ModelConfig) -> Dict[str, int]:
-    """Parameters of one transformer layer, by part (an MoE layer: router, experts, shared_expert)."""
+def layer_parameter_count(cfg: ModelConfig, active: bool = False) -> Dict[str, int]:
+    """Parameters of one transformer layer, by part (an MoE layer: router, experts, shared_expert);
+    `active`: only those one token uses (top-k of the routed experts)."""
     cfg = cfg.resolved()
     h, d = cfg.hidden_size, cfg.kv_channels
     q_width = cfg.num_attention_heads * d
@@ -45,20 +49,28 @@ def layer_parameter_count(cfg: ModelConfig) -> Dict[str, int]:
         "qkv": h * qkv_out + qkv_bias + (2 * d * _norm_params(cfg) // h if cfg.qk_layernorm else 0),  # + q/k norms
         "proj": q_width * h + (h if bias else 0),
         "pre_mlp_norm": _norm_params(cfg),
-        **(_moe_params(cfg) if cfg.is_moe else _mlp_params(cfg, cfg.ffn_hidden_size)),
+        **(_moe_params(cfg, active) if cfg.is_moe else _mlp_params(cfg, cfg.ffn_hidden_size)),
     }
 
 
-def parameter_count(cfg: ModelConfig, padded_vocab: Optional[int] = None) -> int:
-    """Exact global parameter count; `padded_vocab` defaults to the true vocab size."""
+def parameter_count(cfg: ModelConfig, padded_vocab: Optional[int] = None, active: bool = False) -> int:
+    """Exact global parameter count; `padded_vocab` defaults to the true vocab size. `active`:
+    the parameters one token uses (see `active_parameter_count`)."""
     cfg = cfg.resolved()
     vocab = padded_vocab or cfg.vocab_size
     embedding = vocab * cfg.hidden_size
     if cfg.position_embedding_type == "learned_absolute":
         embedding += cfg.max_position_embeddings * cfg.hidden_size
     output = 0 if cfg.share_embeddings_and_output_weights else vocab * cfg.hidden_size
-    layers = cfg.num_layers * sum(layer_parameter_count(cfg).values())
+    layers = cfg.num_layers * sum(layer_parameter_count(cfg, active).values())
     return embedding + layers + _norm_params(cfg) + output
+
+
+def active_parameter_count(cfg: ModelConfig, padded_vocab: Optional[int] = None) -> int:
+    """Exact parameters used per token: every parameter except the routed experts a token is not
+    sent to (each MoE layer runs `moe_router_topk` of its `num_moe_experts`); the whole model for
+    a dense one. The embedding counts whole, as in the total (the usual convention)."""
+    return parameter_count(cfg, padded_vocab, active=True)
 
 
 def count_model_parameters(model: torch.nn.Module, ctx: ParallelContext) -> int:

@@ -55,10 +55,15 @@ def check_arch(round_dir: Path, cand: Candidate) -> None:
                           "or choose a new save directory")
 
 
-def entry(cand: Candidate, round_dir: Path, teacher_params: int) -> dict:
-    """The candidate's line in candidates.json, from its run dirs as they are now."""
+def entry(cand: Candidate, round_dir: Path, teacher_params: int, teacher_active: Optional[int] = None) -> dict:
+    """The candidate's line in candidates.json, from its run dirs as they are now. Both counts are
+    exact: total and active per token (the same for a dense model), each as a fraction of the
+    teacher's count of that kind."""
+    active = cand.params if cand.active_params is None else cand.active_params
     out = {"index": cand.index, "arch": dict(cand.arch), "params": cand.params,
-           "params_fraction": round(cand.params / teacher_params, 4), "zero_shot_loss": None, "val_loss": None,
+           "params_fraction": round(cand.params / teacher_params, 4), "active_params": active,
+           "active_fraction": round(active / (teacher_active or teacher_params), 4),
+           "zero_shot_loss": None, "val_loss": None,
            "kd_loss": None, "status": f"skipped: {cand.skipped}" if cand.skipped else "pending",
            "pruned": f"candidates/{cand.index}/pruned", "student": f"candidates/{cand.index}/student"}
     pruned = rd.read_summary(round_dir / out["pruned"])

@@ -17,14 +17,15 @@ from minitron_megatron.checkpoint.resident import ResidentModels
 from minitron_megatron.config.commands import DistillCommand, SearchCommand
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.prune import DEPTH_METRICS, TrimTarget
+from minitron_megatron.config.search import BUDGET_KINDS
 from minitron_megatron.errors import ConfigError
-from minitron_megatron.model.params import parameter_count
+from minitron_megatron.model.params import active_parameter_count, parameter_count
 from minitron_megatron.runtime import clock
 from minitron_megatron.runtime.context import ParallelContext
 from minitron_megatron.runtime.parallel_rules import model_parallel_problems
 from minitron_megatron.search import report
 from minitron_megatron.search.candidate import candidate_dir, check_arch, entry, run_candidate
-from minitron_megatron.search.plan import Candidate, feasible_architectures, nearest_lines, plan_candidates
+from minitron_megatron.search.plan import Candidate, feasible_architectures, nearest_lines, plan_candidates, units
 from minitron_megatron.search.rounds import Round, budget_problems, plan_rounds
 from minitron_megatron.search.scores import depth_metrics, ensure_importance
 from minitron_megatron.search.space import describe, space_problems
@@ -39,6 +40,12 @@ class Teacher:
     cfg: ModelConfig
     padded_vocab: int
     params: int
+    active: int
+    """Parameters used per token (== params for a dense model)."""
+
+    def count(self, kind: str) -> int:
+        """The teacher's count of `search.budget_kind`: what budgets are fractions of."""
+        return self.active if kind == "active" else self.params
 
 
 def setting_problems(cfg: SearchCommand, ctx: ParallelContext) -> List[str]:
@@ -70,6 +77,8 @@ def setting_problems(cfg: SearchCommand, ctx: ParallelContext) -> List[str]:
     if s.candidate is not None and (s.rounds > 1 or len(s.round_budgets or []) > 1):
         problems.append("search.candidate=i needs a single round: each round starts from the previous "
                         "round's winner")
+    if s.budget_kind not in BUDGET_KINDS:
+        problems.append(f"search.budget_kind={s.budget_kind!r} is not one of {list(BUDGET_KINDS)}")
     if s.nearest < 0:
         problems.append(f"search.nearest={s.nearest} must be >= 0")
     if s.steps < 1:
@@ -92,7 +101,8 @@ def _teacher(cfg: SearchCommand, ctx: ParallelContext) -> Teacher:
     problems = model_parallel_problems(model_cfg.resolved(), cfg.parallel, padded, subject=f"load={cfg.load}: model.")
     if problems:
         raise ConfigError(problems)
-    return Teacher(str(cfg.load), model_cfg.resolved(), padded, parameter_count(model_cfg, padded))
+    return Teacher(str(cfg.load), model_cfg.resolved(), padded, parameter_count(model_cfg, padded),
+                   active_parameter_count(model_cfg, padded))
 
 
 def check_search(cfg: SearchCommand, ctx: ParallelContext):
@@ -105,21 +115,24 @@ def check_search(cfg: SearchCommand, ctx: ParallelContext):
         teacher = _teacher(cfg, ctx)
     except ConfigError as err:
         raise ConfigError(problems + err.problems) from err
-    s, tp, pp = cfg.search, ctx.tp_size, ctx.pp_size
-    budget = budget_problems(s, teacher.params)
+    s, tp, pp, ep = cfg.search, ctx.tp_size, ctx.pp_size, ctx.ep_size
+    if s.budget_kind not in BUDGET_KINDS:
+        raise ConfigError(problems)  # every count below depends on it
+    base = teacher.count(s.budget_kind)
+    budget = budget_problems(s, base, units(s.budget_kind))
     if budget and not space_problems(s.space, s.width_multiple):  # show what would fit instead
-        feasible = feasible_architectures(teacher.cfg, teacher.cfg, s, teacher.padded_vocab, tp, pp)
-        budget += nearest_lines(feasible, teacher.params, teacher.params, s.nearest, tp, pp)
+        feasible = feasible_architectures(teacher.cfg, teacher.cfg, s, teacher.padded_vocab, tp, pp, ep)
+        budget += nearest_lines(feasible, base, base, s.nearest, tp, pp, s.budget_kind)
         raise ConfigError("\n".join(problems + budget))
     if problems:
         raise ConfigError(problems)
-    rounds = plan_rounds(s, teacher.params, Path(cfg.save))
+    rounds = plan_rounds(s, base, Path(cfg.save))
     # Later rounds start from a winner not known yet: their budgets are checked from the teacher.
     plans, errors = [], []
     for rnd in rounds:
         try:
-            plans.append(plan_candidates(teacher.cfg, teacher.cfg, teacher.params, rnd.budget, s,
-                                         teacher.padded_vocab, tp, pp))
+            plans.append(plan_candidates(teacher.cfg, teacher.cfg, base, rnd.budget, s,
+                                         teacher.padded_vocab, tp, pp, ep))
         except ConfigError as err:
             errors.append((f"round {rnd.number}: " if len(rounds) > 1 else "") + str(err))
     if errors:
@@ -149,11 +162,13 @@ def search(cfg: SearchCommand, ctx: ParallelContext) -> dict:
     origin = time.time() - clock.elapsed()  # stages restart the clock for their own run dirs
     teacher, rounds, first = check_search(cfg, ctx)
     if cfg.search.list_candidates:
-        entries = [entry(c, rounds[0].dir, teacher.params) for c in first]
+        entries = [entry(c, rounds[0].dir, teacher.params, teacher.active) for c in first]
         if ctx.is_main:
             print("\n".join(f"{e['index']}: {describe(e['arch'])}  {e['params']:,} parameters "
-                            f"({e['params_fraction']:.3f})  {e['status']}" for e in entries), flush=True)
-        return {"candidates": entries, "budget": rounds[0].budget, "teacher_params": teacher.params}
+                            f"({e['params_fraction']:.3f})" + _active_text(e, teacher) + f"  {e['status']}"
+                            for e in entries), flush=True)
+        return {"candidates": entries, "budget": rounds[0].budget, "budget_kind": cfg.search.budget_kind,
+                **_teacher_counts(teacher)}
     start, round_teacher, results = teacher.path, teacher.path, []
     resident = ResidentModels()  # the teacher (and each round's start), read once per search
     for rnd in rounds:
@@ -177,8 +192,8 @@ def search(cfg: SearchCommand, ctx: ParallelContext) -> dict:
 
 def _plan_later(cfg: SearchCommand, ctx: ParallelContext, teacher: Teacher, rnd: Round, start: str):
     start_cfg, _, _ = rd.read_model_yaml(start)
-    candidates = plan_candidates(start_cfg, teacher.cfg, teacher.params, rnd.budget, cfg.search,
-                                 teacher.padded_vocab, ctx.tp_size, ctx.pp_size)
+    candidates = plan_candidates(start_cfg, teacher.cfg, teacher.count(cfg.search.budget_kind), rnd.budget,
+                                 cfg.search, teacher.padded_vocab, ctx.tp_size, ctx.pp_size, ctx.ep_size)
     for cand in candidates:
         check_arch(rnd.dir, cand)
     return candidates
@@ -203,7 +218,7 @@ def run_round(cfg: SearchCommand, ctx: ParallelContext, teacher: Teacher, rnd: R
         release_stage()
     for cand in selected:
         run_candidate(cfg, ctx, cand, rnd.dir, start, round_teacher, resident)
-    entries = [entry(c, rnd.dir, teacher.params) for c in candidates]
+    entries = [entry(c, rnd.dir, teacher.params, teacher.active) for c in candidates]
     if s.candidate is not None:
         return {"candidate": entries[s.candidate], "candidates": len(entries)}
     report.rank(entries)
@@ -213,17 +228,30 @@ def run_round(cfg: SearchCommand, ctx: ParallelContext, teacher: Teacher, rnd: R
             rd.atomic_write_text(rnd.dir / report.CANDIDATES_JSON, json.dumps(entries, indent=2) + "\n")
         ctx.barrier()
         raise EveryCandidateFailed(rnd.number, failed)
-    meta = {"teacher": round_teacher, "teacher_params": teacher.params, "start": start, "budget": rnd.budget,
-            "tolerance": s.tolerance, "steps": s.steps, "eval_samples": cfg.evaluate.samples,
-            "title": f" - round {rnd.number}" if rnd.dir != Path(cfg.save) else ""}
+    meta = {"teacher": round_teacher, **_teacher_counts(teacher), "start": start, "budget": rnd.budget,
+            "budget_kind": s.budget_kind, "tolerance": s.tolerance, "steps": s.steps,
+            "eval_samples": cfg.evaluate.samples, "title": f" - round {rnd.number}" if rnd.dir != Path(cfg.save) else ""}
     summary = {"best": report.best(entries), "candidates": entries, "budget": rnd.budget,
-               "teacher_params": teacher.params, "steps": s.steps}
+               "budget_kind": s.budget_kind, **_teacher_counts(teacher), "steps": s.steps}
     if ctx.is_main:
         report.write_outputs(rnd.dir, entries, meta)
         if rnd.dir != Path(cfg.save):  # a round of several: the search's own summary comes last
             rd.write_summary(rnd.dir, summary)
     ctx.barrier()
     return summary
+
+
+def _teacher_counts(teacher: Teacher) -> dict:
+    """teacher_params, and teacher_active_params for a mixture of experts (a dense model's
+    summaries stay as they were: its active count is its total)."""
+    return {"teacher_params": teacher.params,
+            **({"teacher_active_params": teacher.active} if teacher.cfg.is_moe else {})}
+
+
+def _active_text(e: dict, teacher: Teacher) -> str:
+    if not teacher.cfg.is_moe:
+        return ""
+    return f", {e['active_params']:,} active ({e['active_params'] / teacher.active:.3f})"
 
 
 class EveryCandidateFailed(TrainingDiverged):
@@ -251,4 +279,5 @@ def _rounds_summary(cfg: SearchCommand, rounds: List[Round], results: List[dict]
             "candidates": [rebased(e, last) for e in results[-1]["candidates"]],
             "rounds": [{"round": r.number, "budget": r.budget, "best": rebased(res["best"], r)}
                        for r, res in zip(rounds, results)],
-            "budget": last.budget, "teacher_params": results[-1]["teacher_params"], "steps": cfg.search.steps}
+            "budget": last.budget, "budget_kind": cfg.search.budget_kind,
+            **{k: v for k, v in results[-1].items() if k.startswith("teacher_")}, "steps": cfg.search.steps}

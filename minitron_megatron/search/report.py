@@ -84,20 +84,30 @@ def _loss(value) -> str:
 
 
 def markdown(entries: List[dict], meta: dict) -> str:
-    """report.md: the search settings and one table row per candidate."""
+    """report.md: the search settings and one table row per candidate (a mixture-of-experts
+    teacher's also shows the active parameters per token, whichever count the budget used)."""
+    moe = "teacher_active_params" in meta
+    active = meta.get("budget_kind") == "active"
+    base = meta["teacher_active_params"] if active else meta["teacher_params"]
+    teacher = f"{meta['teacher_params']:,} parameters" + (
+        f", {meta['teacher_active_params']:,} active per token" if moe else "")
     lines = [f"# Architecture search{meta.get('title', '')}", "",
-             f"Teacher `{meta['teacher']}` ({meta['teacher_params']:,} parameters), pruned from "
-             f"`{meta['start']}`; budget {meta['budget']:,} parameters ({meta['budget'] / meta['teacher_params']:.3f} "
-             f"of the teacher) +- {meta['tolerance']:.0%}; {meta['steps']} distillation steps per candidate; "
+             f"Teacher `{meta['teacher']}` ({teacher}), pruned from `{meta['start']}`; budget {meta['budget']:,} "
+             f"{'active ' if active else ''}parameters ({meta['budget'] / base:.3f} of the teacher) +- "
+             f"{meta['tolerance']:.0%}; {meta['steps']} distillation steps per candidate; "
              f"losses on {meta['eval_samples']} validation samples.", "",
-             f"| # | architecture | parameters | fraction | zero-shot loss | rank (zero-shot) | loss after "
-             f"{meta['steps']} steps | rank | status |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| # | architecture | parameters | fraction |{' active | fraction |' if moe else ''} zero-shot loss | "
+             f"rank (zero-shot) | loss after {meta['steps']} steps | rank | status |",
+             "|---|---|---|---|" + ("---|---|" if moe else "") + "---|---|---|---|---|"]
     for e in entries:
-        lines.append(f"| {e['index']} | {describe(e['arch'])} | {e['params']:,} | {e['params_fraction']:.3f} | "
+        counts = f"{e['params']:,} | {e['params_fraction']:.3f} |" + (
+            f" {e['active_params']:,} | {e['active_fraction']:.3f} |" if moe else "")
+        lines.append(f"| {e['index']} | {describe(e['arch'])} | {counts} "
                      f"{_loss(e['zero_shot_loss'])} | {e['rank_zero_shot'] or '-'} | {_loss(e['val_loss'])} | "
                      f"{e['rank'] or '-'} | {e['status']} |")
     winner = best(entries)
-    lines += ["", f"**Best:** #{winner['index']} {describe(winner['arch'])}, {winner['params']:,} parameters, "
+    lines += ["", f"**Best:** #{winner['index']} {describe(winner['arch'])}, {winner['params']:,} parameters"
+                  + (f" ({winner['active_params']:,} active)" if moe else "") + ", "
                   f"val loss {winner['val_loss']:.4f} after {meta['steps']} steps "
                   f"(`{winner['student']}`).", "", f"![KD loss per step]({CURVES_PNG})", ""]
     return "\n".join(lines)

@@ -39,8 +39,9 @@ def round_budgets(search: SearchConfig, teacher_params: int) -> List[int]:
     return [int(round(teacher_params * fraction ** (r / k))) for r in range(1, k + 1)]
 
 
-def budget_problems(search: SearchConfig, teacher_params: int) -> List[str]:
-    """Every problem with the budget, rounds and tolerance settings."""
+def budget_problems(search: SearchConfig, teacher_params: int, unit: str = "parameters") -> List[str]:
+    """Every problem with the budget, rounds and tolerance settings (`teacher_params`: the
+    teacher's count of `search.budget_kind`, named `unit` in messages)."""
     problems = []
     if not 0 <= search.tolerance < 1:
         problems.append(f"search.tolerance={search.tolerance} must be in [0, 1)")
@@ -55,7 +56,9 @@ def budget_problems(search: SearchConfig, teacher_params: int) -> List[str]:
     budgets = round_budgets(search, teacher_params)
     above = [b for b in budgets if b > teacher_params]
     if above:
-        problems.append(f"{setting}={raw} asks for {above[0]:,} parameters, above the teacher's {teacher_params:,}")
+        problems.append(f"{setting}={raw} asks for {above[0]:,} {unit}, above the teacher's {teacher_params:,}"
+                        + (f" {unit} (search.budget_kind=active counts the parameters one token uses)"
+                           if search.budget_kind == "active" else ""))
     if any(later > earlier for earlier, later in zip(budgets, budgets[1:])):
         problems.append(f"search.round_budgets={raw} must not grow from one round to the next")
     return problems

@@ -1,9 +1,12 @@
 """`search.space` -> architectures: fractions scaled to the ORIGINAL teacher's sizes.
 
-An architecture is a dict of the five TrimTarget sizes (`AXES`), all explicit. Scaling
-from the original teacher (not from a round's starting model) keeps one family of
-architectures across iterative rounds. The MLP axis is an expansion ratio, as in the
-paper's Table 9: a candidate's ffn_hidden_size follows its own hidden size.
+An architecture is a dict of TrimTarget sizes, all explicit: the five of `AXES` for a dense
+teacher; for a mixture of experts (every layer MoE, no dense MLP) `MOE_AXES`, i.e. ffn_hidden_size
+replaced by the routed experts' count and width (and the shared expert's width when the teacher
+has one). Scaling from the original teacher (not from a round's starting model) keeps one family
+of architectures across iterative rounds. The dense MLP axis is an expansion ratio, as in the
+paper's Table 9: a candidate's ffn_hidden_size follows its own hidden size; the expert axes are
+plain fractions of the teacher's sizes.
 """
 
 import itertools
@@ -15,6 +18,11 @@ from minitron_megatron.config.prune import TrimTarget
 from minitron_megatron.config.search import SearchSpace
 
 AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+MOE_AXES = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "num_moe_experts",
+            "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+SHORT = {"num_layers": "layers", "hidden_size": "hidden", "ffn_hidden_size": "ffn", "num_attention_heads": "heads",
+         "num_query_groups": "groups", "num_moe_experts": "experts", "moe_ffn_hidden_size": "expert_ffn",
+         "moe_shared_expert_intermediate_size": "shared_ffn"}
 
 Arch = Dict[str, int]
 
@@ -48,6 +56,8 @@ def architectures(teacher: ModelConfig, space: SearchSpace, width_multiple: int)
     heads = _sizes(space.num_attention_heads, t.num_attention_heads, 1)
     groups = _sizes(space.num_query_groups, t.num_query_groups, 1)
     hidden = _sizes(space.hidden_size, t.hidden_size, width_multiple)
+    if t.is_moe:
+        return _moe_architectures(t, space, width_multiple, layers, hidden, heads, groups)
     ratio = t.ffn_hidden_size / t.hidden_size
     seen, archs = set(), []
     for n, h, f, a, g in itertools.product(layers, hidden, space.ffn_ratio, heads, groups):
@@ -61,13 +71,28 @@ def architectures(teacher: ModelConfig, space: SearchSpace, width_multiple: int)
     return archs
 
 
+def _moe_architectures(t: ModelConfig, space: SearchSpace, width_multiple: int, layers, hidden, heads,
+                       groups) -> List[Arch]:
+    """The MoE axes: expert count (integers), expert and shared-expert widths (width_multiple)."""
+    experts = _sizes(space.num_moe_experts, t.num_moe_experts, 1)
+    expert_ffn = _sizes(space.moe_ffn_hidden_size, t.moe_ffn_hidden_size, width_multiple)
+    shared = t.moe_shared_expert_intermediate_size
+    shared_ffn = _sizes(space.moe_shared_expert_intermediate_size, shared, width_multiple) if shared else [None]
+    archs = []
+    for values in itertools.product(layers, hidden, heads, groups, experts, expert_ffn, shared_ffn):
+        arch = dict(zip(MOE_AXES, values))
+        if shared is None:
+            del arch["moe_shared_expert_intermediate_size"]
+        archs.append(arch)
+    return archs
+
+
 def to_target(arch: Arch) -> TrimTarget:
     """The prune target of an architecture (every size explicit)."""
     return TrimTarget(**arch)
 
 
 def describe(arch: Arch) -> str:
-    """`layers=4 hidden=48 ffn=96 heads=4 groups=2`: one line in tables and messages."""
-    short = {"num_layers": "layers", "hidden_size": "hidden", "ffn_hidden_size": "ffn",
-             "num_attention_heads": "heads", "num_query_groups": "groups"}
-    return " ".join(f"{short[a]}={arch[a]}" for a in AXES)
+    """`layers=4 hidden=48 ffn=96 heads=4 groups=2` (a MoE one: `... experts=6 expert_ffn=96`):
+    one line in tables and messages."""
+    return " ".join(f"{SHORT[a]}={arch[a]}" for a in SHORT if a in arch)

@@ -108,8 +108,13 @@ def _moe_problems(old: ModelConfig, target: TrimTarget, tp: int, ep: int) -> Lis
                         "dense MLP); cut prune.target.moe_ffn_hidden_size (routed experts) or "
                         "moe_shared_expert_intermediate_size")
     if target.param_budget is not None:
-        problems.append("prune.target.param_budget does not handle mixture-of-experts models yet; give "
-                        "prune.target.num_moe_experts / moe_ffn_hidden_size / hidden_size explicitly")
+        # Refused rather than resolved: a MoE budget has two meanings (total or active per token)
+        # and four widths to trade, which the search (search.budget_kind) explores by measurement.
+        shared = "/ moe_shared_expert_intermediate_size " if old.moe_shared_expert_intermediate_size else ""
+        problems.append("prune.target.param_budget is for dense models; on a mixture-of-experts model give "
+                        f"prune.target.num_moe_experts / moe_ffn_hidden_size {shared}/ hidden_size (and heads, "
+                        "layers) explicitly, or let `search` pick them within a budget of total or active "
+                        "parameters (search.param_budget, search.budget_kind=total|active)")
     for name in given:
         value, limit = getattr(target, name), getattr(old, name)
         if limit is None:

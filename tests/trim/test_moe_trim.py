@@ -212,7 +212,8 @@ def test_moe_targets_that_cannot_work_are_refused_together():
     assert any("parallel.tp=2 does not divide prune.target.moe_shared_expert_intermediate_size=15" in p for p in problems)
     with pytest.raises(ConfigError, match=r"feasible counts: \[2, 3, 4, 5, 6, 7, 8\]"):
         validate_target(cfg, TrimTarget(num_moe_experts=1))  # top-2 routing needs 2 experts
-    with pytest.raises(ConfigError, match="param_budget does not handle mixture-of-experts"):
+    with pytest.raises(ConfigError, match=r"param_budget is for dense models; .* give prune.target.num_moe_experts / "
+                       r"moe_ffn_hidden_size / moe_shared_expert_intermediate_size / hidden_size .*search.budget_kind"):
         validate_target(cfg, TrimTarget(param_budget=0.5))
     with pytest.raises(ConfigError, match="the model has no shared expert"):
         validate_target(replace(cfg, moe_shared_expert_intermediate_size=None),
