@@ -16,6 +16,10 @@ writer has finished. Our commit (fsync, rename, tracker, pruning) is the last of
 dir never names a checkpoint whose shards are still being written.
 """
 
+import multiprocessing
+import signal
+from functools import partial
+from multiprocessing.managers import SyncManager
 from typing import Optional
 
 from minitron_megatron.megatron_compat import async_save_kwargs
@@ -54,9 +58,34 @@ def load_strategy(checkpoint_dir: str, ctx: ParallelContext, spread: bool):
     return FullyParallelLoadStrategyWrapper(strategy=strategy, parallelization_group=ctx.dp_group)
 
 
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def shield_writer_queue() -> None:
+    """Start the checkpoint writer's result queue in a process that survives a preemption signal.
+
+    Megatron's torch_dist writer reports each file's write results through one queue per process
+    (`filesystem_async._results_queue`), served by a multiprocessing Manager that the first save
+    spawns. SLURM's SIGTERM (and `scancel --signal`) reaches every process of the job step, that
+    server included, and it died of it: the preemption save then failed with a BrokenPipeError and
+    the run lost every step since its last periodic checkpoint. Here the same queue comes from a
+    Manager whose process blocks those signals (SIGKILL still ends it with the job), created
+    before Megatron would create its own. A module global of Megatron's, the same in 0.16 and 0.19.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # Megatron's own context
+    manager.start(initializer=partial(signal.pthread_sigmask, signal.SIG_BLOCK, PREEMPTION_SIGNALS))
+    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+
+
 def start_save(state: dict, checkpoint_dir: str, strategy, asynchronous: bool):
     """`dist_checkpointing.save`: the shards written now (None), or an `AsyncRequest` to schedule."""
     from megatron.core import dist_checkpointing
+
+    shield_writer_queue()
 
     extra = async_save_kwargs() if asynchronous else {}
     return dist_checkpointing.save(sharded_state_dict=state, checkpoint_dir=str(checkpoint_dir),
