@@ -14,7 +14,7 @@ line and of each tracker change is recorded by polling every 10 ms. Printed per 
 - `checkpoint_mb`: the committed iteration's size.
 
     python benchmarks/preemption_commit.py                     # ~11M params, ~130 MB per checkpoint
-    python benchmarks/preemption_commit.py --hidden-size 512 --num-layers 6
+    python benchmarks/preemption_commit.py --hidden-size 512 --num-layers 6 --repeats 3
 
 On one machine both ranks write to the same disk: fully-parallel save halves the bytes each rank
 writes and lets both write at once; across nodes (each with its own link to the file system)
@@ -109,6 +109,16 @@ def measure(name: str, overrides: list, args, workdir: Path) -> dict:
             "checkpoint_mb": round(size / 2**20, 1)}
 
 
+def _median(rounds: list) -> dict:
+    """Per-field medians of one variant's rounds (the variant's name and round count kept)."""
+    merged = {"variant": rounds[0]["variant"], "rounds": len(rounds)}
+    for key, value in rounds[0].items():
+        if key != "variant":
+            values = [r[key] for r in rounds if r[key] is not None]
+            merged[key] = round(statistics.median(values), 2) if values else None
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden-size", type=int, default=384)
@@ -116,13 +126,16 @@ def main() -> None:
     parser.add_argument("--save-interval", type=int, default=3)
     parser.add_argument("--signal-at", type=int, default=11, help="SIGTERM once this many steps are logged")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all variants, interleaved; medians")
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args()
-    results = []
+    runs = {name: [] for name in args.variants.split(",")}
     with tempfile.TemporaryDirectory(prefix="preemption_commit.") as tmp:
-        for name in args.variants.split(","):
-            results.append(measure(name, VARIANTS[name], args, Path(tmp)))
-            print(json.dumps(results[-1]), flush=True)
+        for round_ in range(args.repeats):
+            for name in runs:
+                runs[name].append(measure(name, VARIANTS[name], args, Path(tmp) / str(round_)))
+                print(json.dumps(runs[name][-1]), flush=True)
+    results = [_median(rounds) for rounds in runs.values()]
     print(f"\n{'variant':22} {'SIGTERM->commit s':>18} {'SIGTERM->exit s':>16} {'step s':>7} "
           f"{'save stall s':>13} {'ckpt MB':>8}")
     for r in results:

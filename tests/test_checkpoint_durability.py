@@ -146,6 +146,10 @@ def _parallel_io_worker(rank, world, out):
         saves.finish()
         results["async_committed"] = latest_iteration(out / "spread") == 2 and saves.pending == 0
     results["async-load"] = loads_equal(out / "spread", True)
+    saves = AsyncSaves()  # a failure path: the write in flight is abandoned, never committed
+    save_checkpoint(out / "spread", 3, model, ctx, async_saves=saves)
+    saves.abort()
+    results["async_abort"] = latest_iteration(out / "spread") == 2 and saves.pending == 0
     (out / f"results{rank}.json").write_text(json.dumps(results))
 
 
@@ -157,8 +161,9 @@ def _written_by(checkpoint: Path, rank: int) -> int:
 def test_fully_parallel_and_async_saves_round_trip_at_dp2(tmp_path):
     """Catches the fully-parallel wrapper not applied (DP rank 1 writes nothing, as with the plain
     strategy), a checkpoint one strategy writes that the other cannot read (or reads differently),
-    and an async save committed before its write finished (the tracker naming it while it is
-    pending) or never committed by `finish`."""
+    an async save committed before its write finished (the tracker naming it while it is
+    pending) or never committed by `finish`, and one committed after an abort (the driver's
+    exception path)."""
     run_distributed(_parallel_io_worker, 2, str(tmp_path))
     for rank in (0, 1):
         assert all(json.loads((tmp_path / f"results{rank}.json").read_text()).values()), rank
