@@ -28,10 +28,11 @@ from minitron_megatron.runtime.context import ParallelContext
 
 def fully_parallel(setting: Optional[bool], ctx: Optional[ParallelContext]) -> bool:
     """Whether to spread a save or load over the DP group: `setting`, or (None) when DP > 1.
-    Without a context (a model-only load outside a run) there is no group to spread over."""
-    if ctx is None or ctx.dp_group is None:
+    Never at DP=1 (nothing to spread over; Megatron's save wrapper expects a real group), nor
+    without a context (a model-only load outside a run)."""
+    if ctx is None or ctx.dp_group is None or ctx.dp_size < 2:
         return False
-    return ctx.dp_size > 1 if setting is None else bool(setting)
+    return True if setting is None else bool(setting)
 
 
 def save_strategy(ctx: ParallelContext, spread: bool):

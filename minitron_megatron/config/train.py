@@ -33,7 +33,7 @@ class TrainConfig:
     fully_parallel_save: Optional[bool] = None
     """Split each checkpoint's writes over the data-parallel ranks (Megatron-LM's
     --ckpt-fully-parallel-save) instead of DP rank 0 writing its TP/PP slice alone. None: on when
-    DP > 1. The files are the same format either way."""
+    DP > 1; no effect at DP=1. The files are the same format either way."""
     fully_parallel_load: Optional[bool] = None
     """Resume by reading 1/DP of the checkpoint per DP rank and exchanging the rest over the DP
     group (Megatron-LM's --ckpt-fully-parallel-load). None: on when DP > 1."""
