@@ -20,6 +20,12 @@ What changed, and where it is handled:
   imports, and leaves the name undefined otherwise, so the MoE router's gating raises NameError
   without TE (CPU runs, GPU runs on the local spec); 0.19.2 binds it to None there.
   `define_router_gemm_fallback` binds it to None on 0.16, which selects the router's torch matmul.
+- Asynchronous checkpoint saves: 0.16.1's `dist_checkpointing.save(async_sharded_save=True)` uses
+  Megatron's own writer (a forked process per save). 0.19.2 added `async_strategy`, defaulting to
+  "nvrx" (nvidia-resiliency-ext, which we neither require nor install); "mcore" is the 0.16 writer,
+  still there (logged as deprecated). `async_save_kwargs` asks for it where the parameter exists.
+  The fully-parallel strategy wrappers take the same keywords on both releases (0.19 no longer
+  derives them from a base class, and forwards `async_strategy` to its base strategy).
 
 Not a difference but a defect of both (0.16.1 and 0.19.2), kept here because a later release may
 fix it: without Apex or Transformer Engine, the DistributedOptimizer runs torch's Adam, whose
@@ -166,6 +172,19 @@ def _step_kept(inner, set_states):
                 state["step"] = step
 
     return set_states_keeping_step
+
+
+def async_save_kwargs() -> dict:
+    """Keywords for `dist_checkpointing.save(async_sharded_save=True)` that select Megatron's
+    built-in asynchronous writer (see the module docstring). Read from the signature: the
+    parameter is in 0.19.2, not in 0.16.1, and no release between is pinned here."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        return {"async_strategy": "mcore"}
+    return {}
 
 
 def define_router_gemm_fallback() -> None:

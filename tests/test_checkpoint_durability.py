@@ -109,3 +109,65 @@ def test_keep_last_below_one_is_refused():
 
     problems = loop_problems(TrainConfig(keep_last=0), "distill", "runs/x", "runs/x", SimpleNamespace(dp_size=1))
     assert problems == ["distill.keep_last=0 must be >= 1"]
+
+
+def _parallel_io_worker(rank, world, out):
+    import torch
+
+    from minitron_megatron.checkpoint.dist import latest_iteration, load_checkpoint, save_checkpoint
+    from minitron_megatron.checkpoint.parallel_io import AsyncSaves
+    from minitron_megatron.config.parallel import ParallelConfig
+    from minitron_megatron.model import build_gpt_model, padded_vocab_size
+    from minitron_megatron.runtime import init_runtime
+
+    out = Path(out)
+    ctx = init_runtime(device="cpu", seed=3)  # world 2, TP=PP=1: DP=2
+    cfg = small_model()
+    padded = padded_vocab_size(cfg.vocab_size, 64, 1)
+    model = build_gpt_model(cfg, ctx, ParallelConfig(), padded)
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    save_checkpoint(out / "plain", 1, model, ctx, fully_parallel=False)
+    save_checkpoint(out / "spread", 1, model, ctx)  # the default at DP=2
+
+    def loads_equal(root, spread):
+        fresh = build_gpt_model(cfg, ctx, ParallelConfig(), padded, init="none")
+        for p in fresh.parameters():
+            p.data.zero_()
+        load_checkpoint(root, fresh, ctx, fully_parallel=spread)
+        return all(torch.equal(p, saved[name]) for name, p in fresh.named_parameters())
+
+    results = {f"{root}-{spread}": loads_equal(out / root, spread)
+               for root in ("plain", "spread") for spread in (False, True)}
+
+    with AsyncSaves() as saves:
+        save_checkpoint(out / "spread", 2, model, ctx, async_saves=saves)
+        results["async_pending"] = (latest_iteration(out / "spread") == 1 and saves.pending == 1
+                                    and not iteration_dir(out / "spread", 2).exists())
+        saves.finish()
+        results["async_committed"] = latest_iteration(out / "spread") == 2 and saves.pending == 0
+    results["async-load"] = loads_equal(out / "spread", True)
+    saves = AsyncSaves()  # a failure path: the write in flight is abandoned, never committed
+    save_checkpoint(out / "spread", 3, model, ctx, async_saves=saves)
+    saves.abort()
+    results["async_abort"] = latest_iteration(out / "spread") == 2 and saves.pending == 0
+    (out / f"results{rank}.json").write_text(json.dumps(results))
+
+
+def _written_by(checkpoint: Path, rank: int) -> int:
+    """Bytes of the torch_dist files rank `rank` wrote (`__<rank>_<thread>.distcp`)."""
+    return sum(path.stat().st_size for path in checkpoint.glob(f"__{rank}_*.distcp"))
+
+
+def test_fully_parallel_and_async_saves_round_trip_at_dp2(tmp_path):
+    """Catches the fully-parallel wrapper not applied (DP rank 1 writes nothing, as with the plain
+    strategy), a checkpoint one strategy writes that the other cannot read (or reads differently),
+    an async save committed before its write finished (the tracker naming it while it is
+    pending) or never committed by `finish`, and one committed after an abort (the driver's
+    exception path)."""
+    run_distributed(_parallel_io_worker, 2, str(tmp_path))
+    for rank in (0, 1):
+        assert all(json.loads((tmp_path / f"results{rank}.json").read_text()).values()), rank
+    plain, spread = iteration_dir(tmp_path / "plain", 1), iteration_dir(tmp_path / "spread", 1)
+    assert _written_by(plain, 1) < 0.05 * _written_by(plain, 0)  # DP rank 0 wrote the replica alone
+    total = _written_by(spread, 0) + _written_by(spread, 1)
+    assert min(_written_by(spread, 0), _written_by(spread, 1)) > 0.3 * total  # split over both

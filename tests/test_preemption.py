@@ -23,8 +23,8 @@ from tests.commands import ROOT, SMALL, command_env, command_line, run_command, 
 pytestmark = pytest.mark.compat
 
 STEPS = 16
-RUN = [*SMALL, f"train.steps={STEPS}", "train.eval_interval=100", "train.save_interval=100"]
-"""No periodic checkpoint: the only one before the end is the preemption's."""
+RUN = [*SMALL, f"train.steps={STEPS}", "train.eval_interval=100", "train.save_interval=4"]
+"""A periodic checkpoint is committed before SIGTERM: its writer's helper processes exist then."""
 
 
 def _logged_steps(save) -> int:
@@ -37,14 +37,20 @@ def _logged_steps(save) -> int:
 def test_sigterm_under_torchrun_saves_and_the_rerun_resumes_exactly(tmp_path):
     """Catches a preemption that loses the steps since the last save (no checkpoint on
     SIGTERM), ranks that disagree on the step they stop at (a hang or mismatched
-    shards), a run dir that looks complete after it, and a resume that diverges."""
+    shards), a run dir that looks complete after it, and a resume that diverges. At DP=2 the
+    saves and the resume are fully parallel (the default), so it also catches a fully-parallel
+    round trip that differs from an uninterrupted run. The signal goes to the whole process
+    group after a periodic save, as SLURM signals every process of a job step: it catches the
+    checkpoint writer's result queue (a multiprocessing Manager, started by the first save)
+    dying of the SIGTERM, which failed the preemption save with a BrokenPipeError."""
     full, split = tmp_path / "full", tmp_path / "split"
     ref = summary(run_command("train", *RUN, f"save={full}", nproc=2))
 
     proc = subprocess.Popen(command_line("train", *RUN, f"save={split}", nproc=2), cwd=ROOT, env=command_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
-    while _logged_steps(split) < 2 and proc.poll() is None and time.time() < deadline:
+    while (_logged_steps(split) < 2 or latest_iteration(split / "checkpoint") is None) and proc.poll() is None \
+            and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGTERM)  # torchrun's process group, as a scheduler signals the job
     out, err = proc.communicate(timeout=120)

@@ -109,3 +109,21 @@ def test_a_tracker_naming_a_missing_iteration_is_an_error_not_a_restart(tmp_path
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert str(save / "checkpoint" / "iter_0000007") in proc.stderr
     assert sorted(step_losses(save)) == [1, 2]  # nothing was retrained
+
+
+def test_a_crash_between_an_async_write_and_its_commit_leaves_the_previous_checkpoint(tmp_path, uninterrupted):
+    """Catches an asynchronous save committed before its write finished, or whose commit a crash
+    can half-do: with train.async_save the step-6 checkpoint is written in the background while
+    training goes on, and a crash once its write is done but before its commit leaves step 4's
+    as the latest; the rerun resumes from it with an uninterrupted run's losses. Also catches
+    async checkpoints that are never committed (the tracker stuck at an earlier step)."""
+    save, run = tmp_path / "run", [*RUN, "train.async_save=true"]
+    # The third commit (steps 2, 4, 6): step 6's, whose write ran while steps 7 (and 8) trained.
+    crashed = run_command("train", *run, f"save={save}", check=False, env={FAULT_ENV: "checkpoint.write:3"})
+    assert crashed.returncode == FAULT_EXIT, crashed.stderr[-3000:]
+    assert latest_iteration(save / "checkpoint") == 4 and not rd.is_complete(save)
+    assert (save / "checkpoint" / ".iter_0000006.tmp").is_dir() and not (save / "checkpoint" / "iter_0000006").exists()
+    assert max(step_losses(save)) >= 7, "training went on while step 6's checkpoint was written"
+    final = run_command("train", *run, f"save={save}")
+    assert "resuming" in final.stdout and _iterations(save) == [6, 8]
+    _assert_same_run(save, uninterrupted, summary(final))

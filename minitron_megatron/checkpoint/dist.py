@@ -11,12 +11,15 @@ import os
 import random
 import shutil
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from minitron_megatron.checkpoint.parallel_io import AsyncSaves, load_strategy, save_strategy, start_save
+from minitron_megatron.checkpoint.parallel_io import fully_parallel as use_fully_parallel
 from minitron_megatron.checkpoint.run_dir import atomic_write_text, fsync_dir
 from minitron_megatron.errors import ConfigError
 from minitron_megatron.megatron_compat import (distributed_optimizer_before_load, distributed_optimizer_loading,
@@ -95,7 +98,8 @@ def _rng_state(ctx: ParallelContext):
 
 def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer=None, scheduler=None,
                     extra: Optional[dict] = None, keep_last: int = 2, args=None,
-                    release_model: bool = False) -> Path:
+                    release_model: bool = False, fully_parallel: Optional[bool] = None,
+                    async_saves: Optional[AsyncSaves] = None) -> Path:
     """Collectively save; the tracker file is the commit point, written after every rank is done.
 
     Durable before it counts: the new dir's files and entries are fsynced before its rename, the
@@ -106,10 +110,14 @@ def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer
     `args`: Megatron-LM's argument namespace (`checkpoint.megatron_lm.checkpoint_args`), saved
     under "args" so Megatron-LM's `load_checkpoint` checks and resumes from our checkpoints.
     `release_model`: the caller is done with `model` (an import): see `_copy_views_releasing`.
+    `fully_parallel`: split the writes over the DP group (None: when DP > 1; checkpoint/parallel_io.py).
+    `async_saves`: write in a background process and commit when every rank's writer is done, at a
+    later `async_saves.poll()` / `finish()`; the save before it is committed first. Returns the
+    directory the checkpoint is (or will be) committed to.
     """
-    from megatron.core import dist_checkpointing
-
     root = Path(root)
+    if async_saves is not None:
+        async_saves.finish()  # commits happen in step order, one at a time
     final, tmp = iteration_dir(root, iteration), root / f".iter_{iteration:07d}.tmp"
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,8 +134,20 @@ def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer
         state["minitron"] = extra
     if args is not None:
         state["args"] = args
-    dist_checkpointing.save(sharded_state_dict=state, checkpoint_dir=str(tmp))
-    fault_point("checkpoint.write")
+    strategy = save_strategy(ctx, spread=use_fully_parallel(fully_parallel, ctx))
+    request = start_save(state, tmp, strategy, asynchronous=async_saves is not None)
+    commit = partial(_commit, root, tmp, final, iteration, keep_last, ctx)
+    if request is None:
+        commit()
+    else:  # Megatron's queue runs it on every rank once every rank's writer has finished
+        request.finalize_fns.append(commit)
+        async_saves.schedule(request)
+    return final
+
+
+def _commit(root: Path, tmp: Path, final: Path, iteration: int, keep_last: int, ctx: ParallelContext) -> None:
+    """Make the written `tmp` the committed `final` (collective; see `save_checkpoint` for the order)."""
+    fault_point("checkpoint.write")  # every shard written, nothing renamed yet
     ctx.barrier()
     if ctx.is_main:
         _fsync_contents(tmp)  # Megatron's writers fsync their shards; common.pt is torch.save's
@@ -138,7 +158,6 @@ def save_checkpoint(root, iteration: int, model, ctx: ParallelContext, optimizer
         atomic_write_text(root / TRACKER, f"{iteration}\n")
         _prune_old(root, keep=keep_last)
     ctx.barrier()
-    return final
 
 
 def _copy_views_releasing(sharded: dict, model) -> None:
@@ -208,10 +227,12 @@ def _committed_path(root) -> str:
     return str(_committed_dir(root, iteration))
 
 
-def load_checkpoint(root, model, ctx: Optional[ParallelContext], optimizer=None, scheduler=None) -> dict:
+def load_checkpoint(root, model, ctx: Optional[ParallelContext], optimizer=None, scheduler=None,
+                    fully_parallel: Optional[bool] = None) -> dict:
     """Load model (and optimizer, scheduler, RNG when given) at this rank's TP/PP.
 
-    `ctx` is needed only with an optimizer (for the per-rank RNG state).
+    `ctx` is needed only with an optimizer (for the per-rank RNG state) and to split the reads
+    over the DP group (`fully_parallel`; None: when DP > 1; checkpoint/parallel_io.py).
 
     Returns the checkpoint's non-tensor state: `iteration` and our `minitron` extras.
     """
@@ -223,7 +244,9 @@ def load_checkpoint(root, model, ctx: Optional[ParallelContext], optimizer=None,
         distributed_optimizer_before_load(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
         request["rng_state"] = _rng_state(ctx)
-    loaded = load_dist_checkpoint(sharded_state_dict=request, checkpoint_dir=path)
+    strategy = load_strategy(path, ctx, spread=use_fully_parallel(fully_parallel, ctx))
+    loaded = load_dist_checkpoint(sharded_state_dict=request, checkpoint_dir=path,
+                                  **({"sharded_strategy": strategy} if strategy is not None else {}))
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         with distributed_optimizer_loading(optimizer):

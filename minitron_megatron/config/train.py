@@ -43,6 +43,17 @@ class TrainConfig:
     """Committed step checkpoints kept in the run dir (the newest included); an older one is
     deleted only after a newer one is committed. 2, not 1: the previous one survives a new one
     that turns out unreadable (a disk or filesystem fault after the commit)."""
+    fully_parallel_save: Optional[bool] = None
+    """Split each checkpoint's writes over the data-parallel ranks (Megatron-LM's
+    --ckpt-fully-parallel-save) instead of DP rank 0 writing its TP/PP slice alone. None: on when
+    DP > 1; no effect at DP=1. The files are the same format either way."""
+    fully_parallel_load: Optional[bool] = None
+    """Resume by reading 1/DP of the checkpoint per DP rank and exchanging the rest over the DP
+    group (Megatron-LM's --ckpt-fully-parallel-load). None: on when DP > 1."""
+    async_save: bool = False
+    """Write periodic checkpoints in a background process while training goes on (Megatron-LM's
+    --async-save); each is committed (tracker, pruning) only once every rank's write finished.
+    The last, exit_after_steps and preemption saves are written before the run exits."""
     log_interval: int = 10
     exit_after_steps: Optional[int] = None
     """Save and stop after this many steps (like Megatron-LM's --exit-interval); rerun to resume."""

@@ -7,6 +7,8 @@ child processes (the checkpoint writer's multiprocessing helpers) killed with it
 as a scheduler kills the whole job. The points:
 
 - `checkpoint.write`   inside a checkpoint save: shards written to the temporary dir, not renamed
+                       (with `async_save`: the background write done on every rank, training
+                       went on meanwhile, the commit about to start)
 - `checkpoint.commit`  the new `iter_` dir renamed into place, the tracker file not yet updated
 - `summary.write`      summary.json's temporary file written, not renamed (the run's last write)
 - `log.append`         half of a train_log.jsonl line written

@@ -11,17 +11,21 @@ fields. Everything else is here, once:
   same measurement `evaluate load=SAVE` makes (same samples, same micro-batches);
 - checkpoints every `save_interval` steps, at the last step, at `exit_after_steps`
   and on preemption (SIGTERM/SIGUSR1: runtime/preemption.py), the newest `keep_last` kept;
+  written over the DP ranks, and (`async_save`) the periodic ones in the background, each
+  committed at the first step after every rank's writer finished (checkpoint/parallel_io.py);
 - the logger's lifetime; summary.json written last, so a crash never looks complete.
 """
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from minitron_megatron.checkpoint import dist as ckpt
 from minitron_megatron.checkpoint import run_dir as rd
+from minitron_megatron.checkpoint.parallel_io import AsyncSaves
 from minitron_megatron.config.train import TrainConfig
 from minitron_megatron.runtime import clock
 from minitron_megatron.runtime.context import ParallelContext
@@ -123,13 +127,15 @@ def run_training(job: TrainingJob, ctx: ParallelContext) -> dict:
     moe_metrics.clear()
     microbatches = t.global_batch_size // (t.micro_batch_size * ctx.dp_size)
     with TrainLogger(job.save, ctx, t, start_step=state.step, prefix=job.name) as logger, \
-            PreemptionWatch(ctx) as watch:
+            PreemptionWatch(ctx) as watch, (AsyncSaves() if t.async_save else nullcontext()) as saves:
         while state.step < t.steps:
             metrics = {**job.step(batches), **moe_metrics.step_metrics(microbatches)}
             state.step += 1
             state.consumed_samples += t.global_batch_size
             _guard(job, metrics, state.step)
             logger.log_step(state.step, metrics)
+            if saves is not None:
+                saves.poll()  # commit a background save whose writes finished on every rank
             finished = state.step == t.steps
             if state.step % t.eval_interval == 0 or finished:
                 with params_in_sync(job.model_chunks):
@@ -138,7 +144,10 @@ def run_training(job: TrainingJob, ctx: ParallelContext) -> dict:
             stop_early = t.exit_after_steps is not None and state.step >= t.exit_after_steps and not finished
             preempted = watch.should_stop() and not finished
             if finished or stop_early or preempted or state.step % t.save_interval == 0:
-                _save(job, state, ctx)
+                last = finished or stop_early or preempted  # written and committed before the run ends
+                if last and saves is not None:
+                    saves.finish()
+                _save(job, state, ctx, None if last else saves)
             if preempted:
                 raise Preempted(state.step, watch.received, job.save)
             if stop_early:
@@ -175,7 +184,8 @@ def _resume_or_start(job: TrainingJob, ctx: ParallelContext) -> LoopState:
         job.optimizer.reload_model_params()
         return LoopState()
     job.check_resumable()
-    loaded = ckpt.load_checkpoint(root, job.model, ctx, job.optimizer, job.scheduler)
+    loaded = ckpt.load_checkpoint(root, job.model, ctx, job.optimizer, job.scheduler,
+                                  fully_parallel=job.cfg.fully_parallel_load)
     state = LoopState(**loaded["minitron"][f"{job.name}_state"])
     if ctx.is_main:
         print(f"resuming {job.save} from step {state.step}", flush=True)
@@ -192,9 +202,11 @@ def _guard(job: TrainingJob, metrics: Dict[str, float], step: int) -> None:
             raise TrainingDiverged(step, name, value, last, job.setting)
 
 
-def _save(job: TrainingJob, state: LoopState, ctx: ParallelContext) -> None:
+def _save(job: TrainingJob, state: LoopState, ctx: ParallelContext, saves: Optional[AsyncSaves]) -> None:
+    """Save this step: in the background with `saves` (committed at a later poll), else now."""
     extra = {f"{job.name}_state": {"step": state.step, "consumed_samples": state.consumed_samples}}
     args = job.checkpoint_args(state) if job.checkpoint_args else None
     with params_in_sync(job.model_chunks):
         ckpt.save_checkpoint(rd.checkpoint_root(job.save), state.step, job.model, ctx, job.optimizer,
-                             job.scheduler, extra, keep_last=job.cfg.keep_last, args=args)
+                             job.scheduler, extra, keep_last=job.cfg.keep_last, args=args,
+                             fully_parallel=job.cfg.fully_parallel_save, async_saves=saves)
