@@ -44,20 +44,19 @@ def _on(tensor_device: torch.device, device: torch.device) -> bool:
 
 
 @contextlib.contextmanager
-def collectives_on(device):
-    """Within the block, a torch.distributed collective given a tensor off `device` raises
-    CollectiveDeviceError (before communicating, so every rank raises, none hangs)."""
-    device = torch.device(device)
+def _checked_collectives(problem):
+    """Within the block, every torch.distributed collective first asks `problem(name, tensor)` of
+    each tensor it was given and raises CollectiveDeviceError with the message it returns (before
+    communicating, so every rank raises, none hangs)."""
     originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
 
     def guarded(name, collective):
         @functools.wraps(collective)
         def check_then_call(*args, **kwargs):
             for tensor in _tensors([*args, *kwargs.values()]):
-                if not _on(tensor.device, device):
-                    raise CollectiveDeviceError(
-                        f"torch.distributed.{name} was given a tensor on {tensor.device}, the run's device is "
-                        f"{device}: build it with device=ctx.device (NCCL takes CUDA tensors only)")
+                message = problem(name, tensor)
+                if message is not None:
+                    raise CollectiveDeviceError(message)
             return collective(*args, **kwargs)
 
         return check_then_call
@@ -69,6 +68,24 @@ def collectives_on(device):
     finally:
         for name, collective in originals.items():
             setattr(dist, name, collective)
+
+
+def _off_device(device: torch.device):
+    def problem(name, tensor):
+        if not _on(tensor.device, device):
+            return (f"torch.distributed.{name} was given a tensor on {tensor.device}, the run's device is "
+                    f"{device}: build it with device=ctx.device (NCCL takes CUDA tensors only)")
+        return None
+
+    return problem
+
+
+@contextlib.contextmanager
+def collectives_on(device):
+    """Within the block, a torch.distributed collective given a tensor off `device` raises
+    CollectiveDeviceError (before communicating, so every rank raises, none hangs)."""
+    with _checked_collectives(_off_device(torch.device(device))):
+        yield
 
 
 # ---------------------------------------------------------------- a whole run, rehearsed on CPU
@@ -141,26 +158,13 @@ def host_tensors_guard(device):
     HostTensors), or one off `device`, raises CollectiveDeviceError: the fault NCCL raises on the
     first GPU run, found by a CPU run (benchmarks/gpu_check.sh --rehearse)."""
     mode = HostTensors()
-    device = torch.device(device)
-    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+    off_device = _off_device(torch.device(device))
 
-    def guarded(name, collective):
-        @functools.wraps(collective)
-        def check_then_call(*args, **kwargs):
-            for tensor in _tensors([*args, *kwargs.values()]):
-                if mode.is_host(tensor) or not _on(tensor.device, device):
-                    raise CollectiveDeviceError(
-                        f"torch.distributed.{name} was given a tensor built without device= (on a GPU run it "
-                        f"is on the host: NCCL refuses it); build it with device=ctx.device")
-            return collective(*args, **kwargs)
+    def problem(name, tensor):
+        if mode.is_host(tensor):
+            return (f"torch.distributed.{name} was given a tensor built without device= (on a GPU run it is "
+                    "on the host: NCCL refuses it); build it with device=ctx.device")
+        return off_device(name, tensor)
 
-        return check_then_call
-
-    for name, collective in originals.items():
-        setattr(dist, name, guarded(name, collective))
-    try:
-        with mode:
-            yield mode
-    finally:
-        for name, collective in originals.items():
-            setattr(dist, name, collective)
+    with _checked_collectives(problem), mode:
+        yield mode
