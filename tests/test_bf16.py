@@ -49,7 +49,9 @@ def _train_cfg(save, load=None, tp=1, pp=1, lr=3e-3, **loop):
     from minitron_megatron.config.parallel import ParallelConfig
     from minitron_megatron.config.train import OptimConfig, TrainConfig
 
-    train = TrainConfig(**{**LOOP, **loop}, optim=OptimConfig(lr=lr, warmup_steps=1))
+    # The plain optimizer's bf16 path (Float16OptimizerWithFloat16Params, whose groups the facts
+    # below read): at DP=2 `auto` would pick the distributed optimizer (tests/test_distributed_optimizer.py).
+    train = TrainConfig(**{**LOOP, **loop}, optim=OptimConfig(lr=lr, warmup_steps=1, use_distributed_optimizer="false"))
     return TrainCommand(model=ModelConfig(**MODEL), parallel=ParallelConfig(tp=tp, pp=pp), load=load,
                         save=str(save), device="cpu", train=train,
                         evaluate=EvaluateConfig(samples=8, micro_batch_size=2))
@@ -61,7 +63,8 @@ def _distill_cfg(save, teacher, student, pp=1, student_dtype=None, teacher_dtype
     from minitron_megatron.config.parallel import ParallelConfig
     from minitron_megatron.config.train import OptimConfig
 
-    distill = DistillConfig(**{**LOOP, "eval_interval": 1}, optim=OptimConfig(warmup_steps=1))
+    distill = DistillConfig(**{**LOOP, "eval_interval": 1},
+                            optim=OptimConfig(warmup_steps=1, use_distributed_optimizer="false"))
     return DistillCommand(teacher=ModelSource(load=str(teacher), params_dtype=teacher_dtype),
                           student=ModelSource(load=str(student), params_dtype=student_dtype),
                           parallel=ParallelConfig(pp=pp), save=str(save), device="cpu", distill=distill,
