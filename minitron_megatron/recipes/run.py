@@ -72,15 +72,26 @@ def _search_command(cfg, teacher: str, save: str):
 
 
 def check_run(cfg, ctx) -> None:
-    """The settings that need no teacher (the search's own, the loops'), before any training:
-    one ConfigError with every problem. The budget is checked against the teacher by the
-    search itself, after the teacher exists (the teacher is then reused)."""
+    """The settings that need no teacher (the search's own, the loops', the teacher source's,
+    generation's), before any training or import: one ConfigError with every problem. The
+    budgets are checked against the teacher by the searches themselves, after the teacher
+    exists (the teacher is then reused)."""
     from minitron_megatron.errors import ConfigError
+    from minitron_megatron.recipes.generate import generate_problems
+    from minitron_megatron.recipes.teacher import teacher_problems
     from minitron_megatron.search.command import setting_problems
     from minitron_megatron.train.driver import loop_problems
 
     save = Path(cfg.save or ".")
     problems = [] if cfg.save else ["save is required: the recipe's directory, e.g. save=runs/recipe"]
+    problems += teacher_problems(cfg) + generate_problems(cfg)
+    if cfg.load:
+        problems.append(f"load={cfg.load}: run takes its teacher from teacher.from_gguf / teacher.from_hf (or "
+                        "trains one); to start from a run dir, use search load=RUN and distill")
+    for budget in cfg.extra_budgets:
+        if budget <= 0 or budget == cfg.search.param_budget:
+            problems.append(f"extra_budgets: {budget} must be > 0 and differ from search.param_budget="
+                            f"{cfg.search.param_budget} (the main search)")
     problems += setting_problems(_search_command(cfg, str(save / "teacher"), str(save / "search")), ctx)
     problems += [p for p in loop_problems(cfg.distill, "distill", str(save / "student"), "", ctx)
                  if not p.startswith("save=")]  # a finished stage is reused, not an error
@@ -107,7 +118,12 @@ def run_recipe(cfg, ctx) -> dict:
         print(f"[report] {report}", flush=True)
         print(run_report.table(models), flush=True)  # the last human output: the JSON line follows
     ctx.barrier()
-    return {**models, "report": str(report)}
+    summary = {**models, "report": str(report)}
+    if "generations" in summary:  # the texts are in report.md; the line names their file
+        from minitron_megatron.recipes.generate import GENERATIONS
+
+        summary["generations"] = str(Path(cfg.save) / GENERATIONS)
+    return summary
 
 
 def _stages(cfg, ctx) -> dict:
@@ -117,16 +133,27 @@ def _stages(cfg, ctx) -> dict:
     from minitron_megatron.config.distill import ModelSource
     from minitron_megatron.distill.loop import distill
     from minitron_megatron.recipes import run_report
+    from minitron_megatron.recipes import teacher as R
     from minitron_megatron.search.command import search
     from minitron_megatron.train.loop import pretrain
 
     root = Path(cfg.save)
     dirs = {name: root / name for name in ("teacher", "search", "student", "scratch", "ce")}
     teacher = str(dirs["teacher"])
-    stages = {"teacher": _stage("teacher", dirs["teacher"], lambda: pretrain(
-        C.TrainCommand(**_common(cfg, save=teacher), train=cfg.train, evaluate=cfg.evaluate), ctx), ctx)}
+    if R.imported(cfg):  # a pretrained model: import it, and measure it as `train` would have
+        stages = {"teacher": _stage("teacher", dirs["teacher"], lambda: R.import_teacher(cfg, teacher, ctx), ctx)}
+        stages["teacher"]["val_loss"] = R.teacher_val_loss(cfg, teacher, root, ctx)["val_loss"]
+    else:
+        stages = {"teacher": _stage("teacher", dirs["teacher"], lambda: pretrain(
+            C.TrainCommand(**_common(cfg, save=teacher), train=cfg.train, evaluate=cfg.evaluate), ctx), ctx)}
     stages["search"] = _stage("search", dirs["search"], lambda: search(
         _search_command(cfg, teacher, str(dirs["search"])), ctx), ctx)
+    for budget in cfg.extra_budgets:  # the same search at another size, on the main search's scores
+        extra = root / f"search-{budget:g}"
+        _share_scores(dirs["search"], extra, ctx)
+        command = _search_command(cfg, teacher, str(extra))
+        command = replace(command, search=replace(command.search, param_budget=budget))
+        stages[f"search-{budget:g}"] = _stage(f"search {budget:g}", extra, lambda: search(command, ctx), ctx)
     found = rd.read_summary(dirs["search"])
     winner = dirs["search"] / found["best"]["pruned"]  # the winner's pruned weights
     winner_cfg = rd.read_model_yaml(winner)[0]
@@ -135,9 +162,31 @@ def _stages(cfg, ctx) -> dict:
                          student=ModelSource(load=str(winner)), distill=cfg.distill, evaluate=cfg.evaluate),
         ctx), ctx)
     stages["scratch"] = _stage("scratch", dirs["scratch"], lambda: pretrain(  # random init, winner's shape
-        C.TrainCommand(**_common(cfg, model=winner_cfg, load=None, save=str(dirs["scratch"])),
+        C.TrainCommand(**_common(cfg, model=winner_cfg, load=None, save=str(dirs["scratch"]),
+                                 data=R.scratch_data(cfg, teacher)),
                        train=_loop(cfg.distill, cfg.scratch.optim), evaluate=cfg.evaluate), ctx), ctx)
     stages["ce"] = _stage("ce", dirs["ce"], lambda: pretrain(  # the winner's weights, CE, KD's schedule
         C.TrainCommand(**_common(cfg, load=str(winner), save=str(dirs["ce"])), train=_loop(cfg.distill),
                        evaluate=cfg.evaluate), ctx), ctx)
-    return run_report.models(stages, dirs, found, winner)
+    models = run_report.models(stages, dirs, found, winner)
+    if cfg.generate.prompts:
+        from minitron_megatron.recipes import generate
+
+        models["generations"] = generate.generate(cfg, generate.export_models(cfg, dirs, ctx), ctx)
+    return models
+
+
+def _share_scores(main: Path, extra: Path, ctx) -> None:
+    """An extra budget's search starts with the main search's importance files (the same teacher
+    and settings: its reuse check confirms it, else it scores again)."""
+    import shutil
+
+    from minitron_megatron.importance.io import META_FILE, SCORES_FILE, has_importance
+
+    if ctx.is_main and has_importance(main) and not has_importance(extra):
+        extra.mkdir(parents=True, exist_ok=True)
+        for name in (SCORES_FILE, META_FILE):
+            shutil.copyfile(main / name, extra / f".{name}.tmp")
+        for name in (SCORES_FILE, META_FILE):  # META last: has_importance sees both or neither
+            (extra / f".{name}.tmp").replace(extra / name)
+    ctx.barrier()

@@ -37,14 +37,23 @@ def models(stages: Dict[str, dict], dirs: Dict[str, Path], found: dict, winner: 
     return out
 
 
+def extra_searches(root: Path) -> Dict[str, dict]:
+    """{search dir name: its summary} of the recipe's `extra_budgets` searches, by budget."""
+    found = {p.name: rd.read_summary(p) for p in sorted(Path(root).glob("search-*")) if rd.is_complete(p)}
+    return dict(sorted(found.items(), key=lambda item: -item[1]["budget"]))
+
+
 def _trained(stage: dict, run_dir: Path) -> dict:
+    """A trained (or imported: its val_loss is the stage's, measured by `evaluate`) model's entry."""
     s = rd.read_summary(run_dir)
-    return {"val_loss": s["val_loss"], "params": s["params"], "tokens": s.get("tokens_seen"), **stage}
+    return {"val_loss": s.get("val_loss"), "params": s["params"], "tokens": s.get("tokens_seen"), **stage}
 
 
 def table(models: Dict[str, dict]) -> str:
     rows = ["| model | what | val loss | params | tokens | stage seconds |", "|---|---|---|---|---|---|"]
     for name, m in models.items():
+        if name not in WHAT:  # generations
+            continue
         seconds = "reused" if m["reused"] else ("(search)" if name == "pruned" else f"{m['seconds']:.0f}")
         tokens = f"{m['tokens']:,}" if m.get("tokens") else "-"
         rows.append(f"| {name} | {WHAT[name]} | {m['val_loss']:.4f} | {m['params']:,} | {tokens} | {seconds} |")
@@ -140,12 +149,27 @@ def save_importance(root: Path, search_dir: Path) -> List[Path]:
     return save_plots(scores, meta, root)
 
 
+def candidate_table(found: dict) -> List[str]:
+    lines = [f"| # | architecture | params (of teacher) | zero-shot loss (rank) | loss after {found['steps']} KD "
+             "steps (rank) |", "|---|---|---|---|---|"]
+    for e in found["candidates"]:
+        if e["status"] == "done":
+            lines.append(f"| {e['index']} | {describe(e['arch'])} | {e['params']:,} ({e['params_fraction']:.3f}) | "
+                         f"{e['zero_shot_loss']:.4f} ({e['rank_zero_shot']}) | {e['val_loss']:.4f} ({e['rank']}) |")
+    return lines
+
+
 def write_report(root: Path, models: Dict[str, dict], found: dict, cfg) -> Path:
     """The plots, then report.md (the table, the claims with margins, the search's ranking)."""
+    from minitron_megatron.recipes.generate import markdown
+
     root = Path(root)
     images = [save_curves(root, models), *save_importance(root, root / "search"), save_ranking(root, found)]
+    source = cfg.teacher.from_gguf or cfg.teacher.from_hf
+    teacher = (f"Teacher imported from `{source}`" if source else
+               f"Teacher `{cfg.model.name}` trained {cfg.train.steps} steps")
     lines = ["# Minitron recipe", "",
-             f"Teacher `{cfg.model.name}` trained {cfg.train.steps} steps; search over "
+             f"{teacher}; search over "
              f"{len(found['candidates'])} architectures within {cfg.search.tolerance:.0%} of "
              f"{found['budget']:,} parameters, {found['steps']} KD steps each (`search/report.md`); the winner "
              f"({models['search']['arch']}) distilled {cfg.distill.steps} steps, and the two baselines trained on "
@@ -155,13 +179,13 @@ def write_report(root: Path, models: Dict[str, dict], found: dict, cfg) -> Path:
         lines.append(f"- {c['claim']}: {c['kd']:.4f} vs {c['other']:.4f} (margin {c['margin']:+.4f}): "
                      f"**{'holds' if c['holds'] else 'does not hold'}**")
     gap = models["student"]["val_loss"] / models["teacher"]["val_loss"] - 1
-    lines += [f"- student vs teacher: {gap:+.1%} val loss", "", "## Search: zero-shot vs retrained ranking", "",
-              "| # | architecture | params | zero-shot loss (rank) | loss after KD steps (rank) |",
-              "|---|---|---|---|---|"]
-    for e in found["candidates"]:
-        if e["status"] == "done":
-            lines.append(f"| {e['index']} | {describe(e['arch'])} | {e['params']:,} | {e['zero_shot_loss']:.4f} "
-                         f"({e['rank_zero_shot']}) | {e['val_loss']:.4f} ({e['rank']}) |")
-    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
+    lines += [f"- student vs teacher: {gap:+.1%} val loss", ""]
+    searches = {"search": found, **extra_searches(root)}
+    for name, summary in searches.items():
+        lines += [f"## Search at {summary['budget']:,} parameters (`{name}/`): zero-shot vs retrained ranking", ""]
+        lines += candidate_table(summary) + [""]
+    if "generations" in models:
+        lines += markdown(models["generations"])
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
     rd.atomic_write_text(root / REPORT_MD, "\n".join(lines))
     return root / REPORT_MD

