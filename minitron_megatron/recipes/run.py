@@ -133,16 +133,17 @@ def _stages(cfg, ctx) -> dict:
     from minitron_megatron.config.distill import ModelSource
     from minitron_megatron.distill.loop import distill
     from minitron_megatron.recipes import run_report
-    from minitron_megatron.recipes import teacher as R
+    from minitron_megatron.recipes import teacher as recipe_teacher
     from minitron_megatron.search.command import search
     from minitron_megatron.train.loop import pretrain
 
     root = Path(cfg.save)
     dirs = {name: root / name for name in ("teacher", "search", "student", "scratch", "ce")}
     teacher = str(dirs["teacher"])
-    if R.imported(cfg):  # a pretrained model: import it, and measure it as `train` would have
-        stages = {"teacher": _stage("teacher", dirs["teacher"], lambda: R.import_teacher(cfg, teacher, ctx), ctx)}
-        stages["teacher"]["val_loss"] = R.teacher_val_loss(cfg, teacher, root, ctx)["val_loss"]
+    if recipe_teacher.imported(cfg):  # a pretrained model: import it, and measure it as `train` would have
+        stages = {"teacher": _stage("teacher", dirs["teacher"],
+                                    lambda: recipe_teacher.import_teacher(cfg, teacher, ctx), ctx)}
+        stages["teacher"]["val_loss"] = recipe_teacher.teacher_val_loss(cfg, teacher, root, ctx)["val_loss"]
     else:
         stages = {"teacher": _stage("teacher", dirs["teacher"], lambda: pretrain(
             C.TrainCommand(**_common(cfg, save=teacher), train=cfg.train, evaluate=cfg.evaluate), ctx), ctx)}
@@ -163,7 +164,7 @@ def _stages(cfg, ctx) -> dict:
         ctx), ctx)
     stages["scratch"] = _stage("scratch", dirs["scratch"], lambda: pretrain(  # random init, winner's shape
         C.TrainCommand(**_common(cfg, model=winner_cfg, load=None, save=str(dirs["scratch"]),
-                                 data=R.scratch_data(cfg, teacher)),
+                                 data=recipe_teacher.scratch_data(cfg, teacher)),
                        train=_loop(cfg.distill, cfg.scratch.optim), evaluate=cfg.evaluate), ctx), ctx)
     stages["ce"] = _stage("ce", dirs["ce"], lambda: pretrain(  # the winner's weights, CE, KD's schedule
         C.TrainCommand(**_common(cfg, load=str(winner), save=str(dirs["ce"])), train=_loop(cfg.distill),
