@@ -33,8 +33,12 @@ install: $(VENV)/.installed
 # One stdlib corpus build shared by every test process (built on first use; keyed by the
 # Python version, so the tiers keep separate corpora in one cache).
 test: export MINITRON_CACHE ?= $(CURDIR)/.cache
+# TEST_WORKERS pytest-xdist processes take whole test files (--dist loadfile: a file's module
+# fixtures are built once); on 2 cores two workers keep both busy while a test waits on its
+# subprocesses (measured in the README's Tests section). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 test-compat: PYTEST_ARGS += -m compat
 test-compat: test

@@ -32,7 +32,7 @@ setup(
     extras_require={
         # transformers is the reference the convert tests compare with (tiny models built locally);
         # the submitit plugin's schema checks conf/hydra/launcher/submitit_slurm.yaml.
-        "test": ["pytest>=8", "transformers>=5", "tokenizers", "hydra-submitit-launcher", "gguf", "accelerate"],
+        "test": ["pytest>=8", "pytest-xdist", "transformers>=5", "tokenizers", "hydra-submitit-launcher", "gguf", "accelerate"],
         # convert from_gguf=: transformers loads and dequantises the file (gguf reads it,
         # accelerate is imported by its GGUF path).
         "gguf": ["gguf", "accelerate", "transformers>=5"],

@@ -36,6 +36,8 @@ import torch
 
 from tests.dist_utils import run_distributed
 
+pytestmark = pytest.mark.slow  # minutes: run first (tests/conftest.py)
+
 STEPS = 3
 MODEL = dict(name="tiny-bf16", num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
              num_query_groups=2, kv_channels=8, max_position_embeddings=32, params_dtype="bfloat16")

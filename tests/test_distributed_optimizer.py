@@ -15,7 +15,9 @@ import torch
 
 from tests.commands import SMALL, run_command, step_losses, summary
 
-pytestmark = pytest.mark.compat
+pytestmark = pytest.mark.slow
+# The compatibility tier runs the tests marked compat: train's distributed optimizer and its resume
+# (distill builds the same optimizer through the same code).
 
 STEPS = ["train.steps=4", "train.eval_interval=4", "train.save_interval=4"]
 OVERLAP = ["train.optim.overlap_grad_reduce=true", "train.optim.overlap_param_gather=true"]
@@ -57,6 +59,7 @@ def _checkpoint_tensors(path) -> dict:
     return state
 
 
+@pytest.mark.compat
 def test_distributed_optimizer_at_tp2_dp2_resumes_at_dp1_on_the_plain_curve(runs):
     """Catches a distributed optimizer that trains differently from the plain one (a wrong
     reduce-scatter/all-gather, grad clipping over a shard, overlap hooks out of order) at
@@ -68,6 +71,7 @@ def test_distributed_optimizer_at_tp2_dp2_resumes_at_dp1_on_the_plain_curve(runs
     assert math.isclose(runs.resumed["val_loss"], runs.plain["val_loss"], rel_tol=1e-5)
 
 
+@pytest.mark.compat
 def test_save_under_overlapped_param_gather_holds_the_stepped_weights(runs):
     """Catches a checkpoint saved between the optimizer step and the next forward with
     overlap_param_gather on: each rank holds only its own shard of the new weights until the
@@ -94,6 +98,7 @@ def test_distill_with_distributed_optimizer_at_dp2_follows_dp1(small_teacher, tm
     assert math.isclose(dp2["val_loss"], dp1["val_loss"], rel_tol=1e-5)
 
 
+@pytest.mark.compat
 def test_bad_optimizer_settings_are_refused(runs, tmp_path):
     """Catches a setting that Megatron would reject late or silently ignore: an unknown choice,
     overlap_param_gather without the distributed optimizer, and a resume with the other

@@ -7,7 +7,7 @@ import torch
 from tests.commands import SMALL_MOE, run_command, summary
 
 # The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
-pytestmark = pytest.mark.compat
+pytestmark = [pytest.mark.compat, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from minitron_megatron.runtime.preemption import PREEMPTED_EXIT
 from tests.commands import ROOT, SMALL, command_env, command_line, run_command, step_losses, summary
 
 # The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
-pytestmark = pytest.mark.compat
+pytestmark = [pytest.mark.compat, pytest.mark.slow]
 
 STEPS = 16
 RUN = [*SMALL, f"train.steps={STEPS}", "train.eval_interval=100", "train.save_interval=4"]

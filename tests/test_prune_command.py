@@ -11,6 +11,8 @@ from minitron_megatron.runtime.faults import FAULT_ENV, FAULT_EXIT
 from tests.commands import run_command, summary
 from tests.dist_utils import run_distributed
 
+pytestmark = pytest.mark.slow  # minutes: run first (tests/conftest.py)
+
 PRUNE = ["prune.importance.calibration_samples=16", "prune.importance.depth_samples=16",
          "prune.importance.micro_batch_size=4", "evaluate.samples=16", "evaluate.micro_batch_size=4", "device=cpu"]
 

@@ -4,7 +4,11 @@ and the two claims that are robust at its size, asserted on that run's own numbe
 import re
 import struct
 
+import pytest
+
 from tests.commands import run_command, summary
+
+pytestmark = pytest.mark.slow  # minutes: run first (tests/conftest.py)
 
 MODELS = {"teacher", "pruned", "search", "student", "scratch", "ce"}
 

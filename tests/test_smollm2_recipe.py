@@ -14,6 +14,8 @@ from minitron_megatron.errors import ConfigError
 from minitron_megatron.recipes import teacher as recipe_teacher
 from tests.commands import run_command, summary
 
+pytestmark = pytest.mark.slow  # minutes: run first (tests/conftest.py)
+
 MODELS = ("teacher", "pruned", "search", "student", "scratch", "ce")
 SMOLLM2_PARAMS = 134_515_008
 

@@ -8,7 +8,8 @@ import pytest
 from tests.commands import SMALL, run_command, step_losses, summary
 
 # The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
-pytestmark = pytest.mark.compat
+pytestmark = pytest.mark.slow
+# The compatibility tier runs the tests marked compat (TP=2 x PP=2 covers the pipeline schedule PP=2 alone runs).
 
 STEPS = ["train.steps=4", "train.eval_interval=4", "train.save_interval=4"]
 EVAL = ["device=cpu", "evaluate.samples=16", "evaluate.micro_batch_size=4"]
@@ -55,6 +56,7 @@ def test_pp2_training_follows_pp1(pp1_run, base, tmp_path):
     assert out["params"] == ref["params"]
 
 
+@pytest.mark.compat
 def test_tp2_training_follows_tp1(pp1_run, tp2_run):
     """Catches TP-sharded optimizer/grad-clipping errors (e.g. norms of replicated
     parameters counted twice): TP=2 training must follow the TP=1 loss curve."""
@@ -63,6 +65,7 @@ def test_tp2_training_follows_tp1(pp1_run, tp2_run):
     assert out["params"] == ref["params"]
 
 
+@pytest.mark.compat
 def test_save_tp2_load_tp1_pp2_and_as_megatron_lm_dir(tp2_run, tmp_path):
     """Catches checkpoints that are not reshardable (local instead of global offsets,
     layer numbering per stage): a run saved at TP=2 evaluates identically at TP=2,
@@ -86,6 +89,7 @@ def test_save_tp2_load_tp1_pp2_and_as_megatron_lm_dir(tp2_run, tmp_path):
     assert summary(run_command("evaluate", f"load={megatron_dir}", *model_args, *EVAL)) == at_tp1
 
 
+@pytest.mark.compat
 def test_tp2_pp2_training_follows_pp1(pp1_run, base, tmp_path):
     """Catches interactions of TP and PP (p2p tensors sharded wrongly, TP groups
     crossing stages, DP/TP/PP rank layout): 4 ranks at TP=2 x PP=2 follow the PP=1 curve."""

@@ -16,7 +16,9 @@ from minitron_megatron.runtime.faults import FAULT_ENV, FAULT_EXIT
 from tests.commands import run_command, step_losses, summary, SMALL
 
 # The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
-pytestmark = pytest.mark.compat
+pytestmark = pytest.mark.slow
+# The compatibility tier runs the tests marked compat: a crash at every commit point (each resume
+# compared with the uninterrupted run) and the async writer's, which cover the plain stop/resume.
 
 RUN = [*SMALL, "train.steps=8", "train.eval_interval=4", "train.save_interval=2"]
 
@@ -67,6 +69,7 @@ CHAIN = [
 ]
 
 
+@pytest.mark.compat
 def test_a_crash_at_every_commit_point_resumes_like_an_uninterrupted_run(tmp_path, uninterrupted):
     """Catches non-atomic commits: after a crash at any commit point the run dir never
     looks complete, the rerun resumes from the last committed checkpoint (never from
@@ -111,6 +114,7 @@ def test_a_tracker_naming_a_missing_iteration_is_an_error_not_a_restart(tmp_path
     assert sorted(step_losses(save)) == [1, 2]  # nothing was retrained
 
 
+@pytest.mark.compat
 def test_a_crash_between_an_async_write_and_its_commit_leaves_the_previous_checkpoint(tmp_path, uninterrupted):
     """Catches an asynchronous save committed before its write finished, or whose commit a crash
     can half-do: with train.async_save the step-6 checkpoint is written in the background while

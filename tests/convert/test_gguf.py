@@ -22,8 +22,9 @@ from tests.convert.gguf_models import SEQ, TEXTS, TP, import_smollm2, score_run_
 from tests.convert.test_errors import _ctx
 from tests.dist_utils import run_distributed
 
-# The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
-pytestmark = pytest.mark.compat
+# Not in the compatibility tier: the GGUF side is transformers' (the same on both tiers), and the
+# run dir it writes is the HF import's, which tests/convert/test_roundtrip.py checks there.
+pytestmark = pytest.mark.slow
 
 ATOL = 1e-4
 

@@ -17,7 +17,9 @@ from minitron_megatron.checkpoint.dist import latest_iteration
 from tests.commands import SMALL, run_command, summary
 
 # The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
-pytestmark = pytest.mark.compat
+pytestmark = pytest.mark.slow
+# The compatibility tier runs the tests marked compat: distillation at TP=2 and PP=2 and the FP8 teacher
+# (the resume and fused-loss paths it shares with train and tests/distill/test_fused_linear.py run there).
 
 STUDENT_ARCH = ["model.num_layers=2", "model.hidden_size=48", "model.ffn_hidden_size=96"]
 DISTILL = [
@@ -91,6 +93,7 @@ def test_fused_linear_loss_follows_the_chunked_logits_loss(logit_run, pair, tmp_
     assert math.isclose(out["kd_loss"], ref["kd_loss"], rel_tol=1e-4)
 
 
+@pytest.mark.compat
 def test_pp2_follows_pp1_and_result_is_a_normal_run_dir(logit_run, pair, tmp_path):
     """Catches p2p buffers sized for the student alone, teacher activations not reaching
     the last stage, or gradients leaking into the teacher's slice: PP=2 must give the
@@ -107,6 +110,7 @@ def test_pp2_follows_pp1_and_result_is_a_normal_run_dir(logit_run, pair, tmp_pat
     assert evaluated["params"] == ref["params"]
 
 
+@pytest.mark.compat
 def test_tp2_follows_tp1_with_intermediate_loss(intermediate_run, pair, tmp_path):
     """Catches TP errors in the vocab-parallel KD loss, the replicated projection and
     the intermediate loss (a TP-replicated loss counted twice, grads of replicated
@@ -144,12 +148,14 @@ def test_divergence_stops_with_last_good_checkpoint(pair, tmp_path):
     assert not rd.is_complete(save)
 
 
+@pytest.mark.compat
 def test_missing_teacher_fails_fast(pair, tmp_path):
     proc = distill(f"teacher.load={tmp_path / 'nothing'}", pair[1], f"save={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2 and f"teacher.load={tmp_path / 'nothing'}: directory not found" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.compat
 def test_fp8_teacher_that_cannot_run_fails_before_loading(pair, tmp_path):
     """Catches the FP8 teacher's needs found only after its checkpoint loaded (minutes at 70B):
     a teacher whose model.yaml says hidden 72 and FFN 200 (a pruned round-teacher's steps of 8)
@@ -177,6 +183,7 @@ def test_fp8_teacher_that_cannot_run_fails_before_loading(pair, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.compat
 def test_fp8_teacher_through_the_command_at_pp2(logit_run, pair, tmp_path):
     """Catches `teacher.precision=fp8` broken in the command (not applied, FP8 data cast by a
     later `.to()`, its bf16 activations mis-sent between stages beside the float32 student):

@@ -10,7 +10,7 @@ from tests.importance import moe_workers
 from tests.importance.test_parallel import assert_scores_close
 
 # The compatibility tier (Python 3.12, megatron-core 0.19.2) runs this file too: make test-compat.
-pytestmark = pytest.mark.compat
+pytestmark = [pytest.mark.compat, pytest.mark.slow]
 
 MOE_KEYS = {"moe.expert", "moe.expert_frequency", "moe.expert_neuron", "moe.neuron", "moe.shared_neuron"}
 

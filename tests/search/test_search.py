@@ -22,6 +22,8 @@ from minitron_megatron.search.plan import plan_candidates
 from minitron_megatron.search.rounds import round_budgets
 from tests.commands import run_command, summary
 
+pytestmark = pytest.mark.slow  # minutes: run first (tests/conftest.py)
+
 SPACE = ["search.space.num_layers=[1.0,0.75]", "search.space.num_attention_heads=[1.0,0.5]",
          "search.space.num_query_groups=[1.0]", "search.space.ffn_ratio=[0.666667]",
          "search.space.hidden_size=[0.75]"]

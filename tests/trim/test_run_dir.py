@@ -4,9 +4,13 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from tests.commands import run_command, summary
 from tests.dist_utils import run_distributed
 from tests.model_utils import make_run_dir as _make_teacher
+
+pytestmark = pytest.mark.slow  # minutes: run first (tests/conftest.py)
 
 SAMPLES, MBS = 16, 4
 EVAL = ["device=cpu", f"evaluate.samples={SAMPLES}", f"evaluate.micro_batch_size={MBS}"]
