@@ -150,7 +150,7 @@ def _stages(cfg, ctx) -> dict:
     stages["search"] = _stage("search", dirs["search"], lambda: search(
         _search_command(cfg, teacher, str(dirs["search"])), ctx), ctx)
     for budget in cfg.extra_budgets:  # the same search at another size, on the main search's scores
-        extra = root / f"search-{budget:g}"
+        extra = run_report.extra_search_dir(root, budget)
         _share_scores(dirs["search"], extra, ctx)
         command = _search_command(cfg, teacher, str(extra))
         command = replace(command, search=replace(command.search, param_budget=budget))

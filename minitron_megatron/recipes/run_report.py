@@ -37,9 +37,14 @@ def models(stages: Dict[str, dict], dirs: Dict[str, Path], found: dict, winner: 
     return out
 
 
-def extra_searches(root: Path) -> Dict[str, dict]:
-    """{search dir name: its summary} of the recipe's `extra_budgets` searches, by budget."""
-    found = {p.name: rd.read_summary(p) for p in sorted(Path(root).glob("search-*")) if rd.is_complete(p)}
+def extra_search_dir(root: Path, budget: float) -> Path:
+    """The run dir of the recipe's search at one of `extra_budgets`."""
+    return Path(root) / f"search-{budget:g}"
+
+
+def extra_searches(root: Path, budgets: List[float]) -> Dict[str, dict]:
+    """{search dir name: its summary} of the recipe's `extra_budgets` searches, largest first."""
+    found = {extra_search_dir(root, b).name: rd.read_summary(extra_search_dir(root, b)) for b in budgets}
     return dict(sorted(found.items(), key=lambda item: -item[1]["budget"]))
 
 
@@ -180,7 +185,7 @@ def write_report(root: Path, models: Dict[str, dict], found: dict, cfg) -> Path:
                      f"**{'holds' if c['holds'] else 'does not hold'}**")
     gap = models["student"]["val_loss"] / models["teacher"]["val_loss"] - 1
     lines += [f"- student vs teacher: {gap:+.1%} val loss", ""]
-    searches = {"search": found, **extra_searches(root)}
+    searches = {"search": found, **extra_searches(root, cfg.extra_budgets)}
     for name, summary in searches.items():
         lines += [f"## Search at {summary['budget']:,} parameters (`{name}/`): zero-shot vs retrained ranking", ""]
         lines += candidate_table(summary) + [""]
