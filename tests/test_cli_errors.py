@@ -54,3 +54,15 @@ def test_run_checks_search_and_baseline_settings_before_the_teacher(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("error:") == 1
     assert "scratch.optim.warmup_steps=30 must be below distill.steps=30" in proc.stderr
     assert not (tmp_path / "recipe").exists()
+
+
+def test_run_with_an_imported_teacher_refuses_bad_recipe_settings_before_the_import(tmp_path):
+    """Catches `run` importing (or training) a teacher before rejecting settings that need none:
+    a load= it would ignore, an extra budget equal to the main one, an empty prompt; one message,
+    exit 2, nothing written."""
+    proc = _fails("run", "recipe=smollm2-quick", "device=cpu", f"load={tmp_path}", "extra_budgets=[0.5]",
+                  "generate.prompts=['']", f"save={tmp_path / 'recipe'}", expect="load=")
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1
+    assert "extra_budgets: 0.5 must be > 0 and differ from search.param_budget=0.5" in proc.stderr
+    assert "generate.prompts: every prompt must be a non-empty string" in proc.stderr
+    assert not (tmp_path / "recipe").exists()

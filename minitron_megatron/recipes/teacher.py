@@ -7,7 +7,7 @@ than trained: the import is the `convert` command's library call, and the teache
 """
 
 import importlib.util
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
@@ -77,7 +77,8 @@ def teacher_val_loss(cfg, teacher: str, root: Path, ctx) -> dict:
     from minitron_megatron.recipes.evaluate import evaluate_run
 
     path = root / TEACHER_EVAL
-    key = {"load": teacher, "samples": cfg.evaluate.samples, "seq_length": cfg.seq_length, "seed": cfg.seed}
+    key = {"load": teacher, "samples": cfg.evaluate.samples, "seq_length": cfg.seq_length, "seed": cfg.seed,
+           "data": asdict(cfg.data)}  # another corpus or split is another measurement
     kept: Optional[dict] = json.loads(path.read_text()) if path.is_file() else None
     if kept and kept.get("key") == key:
         return kept["result"]
