@@ -52,7 +52,7 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 # ---- phase zero: in-process, one model load per teacher ------------------------------------------
 
-def compose_prune(teacher: str, save: str):
+def compose_prune(teacher: str, save: str, extra=()):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -62,7 +62,7 @@ def compose_prune(teacher: str, save: str):
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return OmegaConf.to_object(compose("prune", [f"load={teacher}", f"save={save}", "data=stdlib",
-                                                     "device=cpu"]))
+                                                     "device=cpu", *extra]))
 
 
 def zero_shot(args) -> None:
