@@ -2,7 +2,7 @@
 
     python benchmarks/real_model_defaults.py --teacher RUN/teacher --out OUT            # zero-shot
     python benchmarks/real_model_defaults.py --teacher RUN/teacher --out OUT --phase kd --kd NAME ...
-    python benchmarks/real_model_defaults.py --teacher RUN/teacher --out OUT --phase table
+    python benchmarks/real_model_defaults.py --teacher RUN/teacher --out OUT --phase table --search RUN/search RUN/search-0.7
 
 RUN/teacher is an imported run dir (`run recipe=smollm2` writes one: SmolLM2-135M-Instruct);
 `--set seq_length=256 ...` are overrides every command gets (the recipe's sequence length).
@@ -54,6 +54,7 @@ KD_RUNS = {
     "w0.5-no-rescale": ("w0.5", None, DEFAULT_AGG, "all/sum/none", DEFAULT_DEPTH),
     "w0.5-layers": ("w0.5", None, DEFAULT_AGG, "layers/sum/calibrated", DEFAULT_DEPTH),
     "w0.5-mean-mean": ("w0.5", None, "mean,mean", DEFAULT_VARIANT, DEFAULT_DEPTH),
+    "w0.5-l2-l2": ("w0.5", None, "l2,l2", DEFAULT_VARIANT, DEFAULT_DEPTH),
     "w0.5-32-samples": ("w0.5", 32, DEFAULT_AGG, DEFAULT_VARIANT, DEFAULT_DEPTH),
     "m0.5-default": ("m0.5", None, DEFAULT_AGG, DEFAULT_VARIANT, DEFAULT_DEPTH),
     "budget0.5-default": ("budget0.5", None, DEFAULT_AGG, DEFAULT_VARIANT, DEFAULT_DEPTH),
@@ -232,6 +233,21 @@ def overlap(a, b) -> float:
     return len(a & b) / max(len(a), 1)
 
 
+def search_results(dirs) -> dict:
+    """(layers, hidden, ffn) -> val_loss after the search's KD steps, from `search` run dirs."""
+    import json
+
+    out = {}
+    for d in dirs:
+        for cand in sorted(Path(d).glob("candidates/*")):
+            summary = cand / "student" / "summary.json"
+            if summary.is_file():
+                arch = json.loads((cand / "arch.json").read_text())
+                shape = (arch["num_layers"], arch["hidden_size"], arch["ffn_hidden_size"])
+                out[shape] = json.loads(summary.read_text())["val_loss"]
+    return out
+
+
 def table(args) -> None:
     out = Path(args.out)
     zero = read_jsonl(out / "zero_shot.jsonl")
@@ -246,10 +262,18 @@ def table(args) -> None:
         return [f"{by[(samples, agg, variant, depth, t)]['val_loss']:.4f}" if (samples, agg, variant, depth, t) in by
                 else "" for t in targets]
 
+    searched = search_results(args.search)
+
     def kd_cell(*spec) -> str:
         names = [n for n, s in KD_RUNS.items() if s[0] == spec[0] and (s[1] or base) == spec[1]
                  and s[2:] == spec[2:]]
-        return f"{kd_rows[names[0]]['val_loss']:.4f}" if names and names[0] in kd_rows else ""
+        if names and names[0] in kd_rows:
+            return f"{kd_rows[names[0]]['val_loss']:.4f}"
+        row = by.get(spec[1:] + (spec[0],))
+        # The recipe's search distilled the same plan (the defaults' scores) with the same settings.
+        if row and spec[1:] == (base, DEFAULT_AGG, DEFAULT_VARIANT, DEFAULT_DEPTH) and tuple(row["shape"]) in searched:
+            return f"{searched[tuple(row['shape'])]:.4f} (search)"
+        return ""
 
     shapes = {r["target"]: r for r in zero if "shape" in r}
     print("| target | shape (layers, hidden, ffn) | params |\n|---|---|---|")
@@ -309,6 +333,9 @@ def main() -> None:
     parser.add_argument("--depth-samples", type=int, default=32)
     parser.add_argument("--kd", nargs="+", default=list(KD_RUNS), choices=list(KD_RUNS))
     parser.add_argument("--kd-steps", type=int, default=12)
+    parser.add_argument("--search", nargs="*", default=[],
+                        help="table: the recipe's search dirs (RUN/search RUN/search-0.7), whose candidates "
+                             "fill the after-KD cells of the same shapes with the default settings")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     {"zero": zero_shot, "kd": kd, "table": table}[args.phase](args)
