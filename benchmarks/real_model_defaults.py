@@ -61,6 +61,8 @@ KD_RUNS = {
     "d0.7-block_importance": ("d0.7", None, DEFAULT_AGG, DEFAULT_VARIANT, "block_importance"),
     "d0.7-loss_drop": ("d0.7", None, DEFAULT_AGG, DEFAULT_VARIANT, "loss_drop"),
     "d0.7-contiguous": ("d0.7", None, DEFAULT_AGG, DEFAULT_VARIANT, "contiguous"),
+    "d0.5-loss_drop": ("d0.5", None, DEFAULT_AGG, DEFAULT_VARIANT, "loss_drop"),
+    "d0.5-contiguous": ("d0.5", None, DEFAULT_AGG, DEFAULT_VARIANT, "contiguous"),
 }
 
 
@@ -303,12 +305,14 @@ def table(args) -> None:
         print(f"| {s} | " + " | ".join(cells(s, DEFAULT_AGG, DEFAULT_VARIANT, DEFAULT_DEPTH, widths))
               + f" | {kd_cell('w0.5', s, DEFAULT_AGG, DEFAULT_VARIANT, DEFAULT_DEPTH)} | " + " | ".join(shared) + " |")
     print(f"\n### Depth metric ({DEFAULT_VARIANT}); kept layers\n")
-    print(f"| metric | d0.7 | d0.5 | d0.7 after KD{args.kd_steps} | d0.7 layers | d0.5 layers |\n|---|---|---|---|---|---|")
+    print(f"| metric | d0.7 | d0.5 | d0.7 after KD{args.kd_steps} | d0.5 after KD{args.kd_steps} | d0.7 layers | d0.5 layers |\n"
+          "|---|---|---|---|---|---|---|")
     for m in DEPTH_METRICS:
         layers = [str(by[(base, DEFAULT_AGG, DEFAULT_VARIANT, m, t)]["layers"]).replace(" ", "")
                   if (base, DEFAULT_AGG, DEFAULT_VARIANT, m, t) in by else "" for t in DEPTH_TARGETS]
         print(f"| {m} | " + " | ".join(cells(base, DEFAULT_AGG, DEFAULT_VARIANT, m, DEPTH_TARGETS))
-              + f" | {kd_cell('d0.7', base, DEFAULT_AGG, DEFAULT_VARIANT, m)} | " + " | ".join(layers) + " |")
+              + f" | {kd_cell('d0.7', base, DEFAULT_AGG, DEFAULT_VARIANT, m)}"
+              + f" | {kd_cell('d0.5', base, DEFAULT_AGG, DEFAULT_VARIANT, m)} | " + " | ".join(layers) + " |")
     print(f"\n### The param_budget=0.5 shape vs the search's 0.5x winner ({DEFAULT_VARIANT})\n")
     print(f"| target | zero-shot | after KD{args.kd_steps} |\n|---|---|---|")
     for t in ("budget0.5", "m0.5", "w0.5"):
