@@ -29,7 +29,13 @@ from minitron_megatron.config.convert import ConvertConfig
 from minitron_megatron.config.model import ModelConfig
 from minitron_megatron.config.parallel import ParallelConfig
 from minitron_megatron.convert import tensor_map as tm
-from minitron_megatron.convert.families import FAMILIES, Family, family_for_model, hf_config_from_model
+from minitron_megatron.convert.families import (
+    FAMILIES,
+    Family,
+    family_for_model,
+    hf_config_from_model,
+    loadable_family,
+)
 from minitron_megatron.convert.hf_io import StreamingShardWriter, finalize_shards, optional_json
 from minitron_megatron.convert.importer import HF_CONFIG, check_target
 from minitron_megatron.data.tokenizer import HFTokenizer, load_tokenizer, write_hf_tokenizer
@@ -59,6 +65,8 @@ def plan_export(load: str, to_hf: str, options: ConvertConfig, parallel: Paralle
     base = optional_json(run_dir / HF_CONFIG)
     base_arch = (base or {}).get("architectures", [None])[0]
     family = family_for_model(cfg, options.architecture or (base_arch if base_arch in FAMILIES else None))
+    if not options.architecture:
+        family = loadable_family(cfg, family)
     validate_model(cfg, parallel)
     if padded % parallel.tp:
         raise ConfigError(f"parallel.tp={parallel.tp} does not divide the padded vocab {padded} of load={load}")

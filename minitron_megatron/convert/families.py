@@ -233,6 +233,19 @@ def family_for_model(cfg: ModelConfig, architecture: Optional[str] = None) -> Fa
     return family
 
 
+def loadable_family(cfg: ModelConfig, family: Family) -> Family:
+    """`family`, or Mistral for a Llama whose hidden size its head count does not divide.
+
+    transformers 5's LlamaConfig refuses such a config even with head_dim set (a width-pruned
+    Llama: SmolLM2's 9 heads at hidden 464); MistralConfig takes head_dim as given and, written
+    with no sliding window, computes exactly the same model. RoPE scaling stays Llama's.
+    """
+    cfg = cfg.resolved()
+    if family is LLAMA and not cfg.rope_scaling and cfg.hidden_size % cfg.num_attention_heads:
+        return family_for_model(cfg, MISTRAL.architecture)
+    return family
+
+
 def _export_problems(cfg: ModelConfig, family: Family) -> List[str]:
     want = dict(normalization="RMSNorm" if family.norm == "rmsnorm" else "LayerNorm",
                 layernorm_zero_centered_gamma=family.norm == "layernorm1p", gated_linear_unit=family.gated,

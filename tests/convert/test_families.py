@@ -1,6 +1,6 @@
 """config.json <-> ModelConfig: the published configs map onto our presets field by field."""
 
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ from minitron_megatron.convert.families import (
     family_for_model,
     family_of,
     hf_config_from_model,
+    loadable_family,
     model_config_from_hf,
 )
 from minitron_megatron.errors import ConfigError
@@ -89,6 +90,28 @@ def test_export_architecture_inferred_and_refused():
         family_for_model(qwen, "LlamaForCausalLM")
     with pytest.raises(ConfigError, match="convert.architecture='GPT2LMHeadModel'"):
         family_for_model(qwen, "GPT2LMHeadModel")
+
+
+def test_pruned_llama_exports_as_a_config_transformers_loads():
+    """A width-pruned SmolLM2 (9 heads of 64 at hidden 464) is refused by transformers' LlamaConfig;
+    the export writes it as Mistral (no sliding window), which computes the same model."""
+    transformers = pytest.importorskip("transformers")
+    smol = dict(architectures=["LlamaForCausalLM"], hidden_act="silu", hidden_size=576, intermediate_size=1536,
+                max_position_embeddings=8192, num_attention_heads=9, num_hidden_layers=30, num_key_value_heads=3,
+                rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, vocab_size=49152)
+    teacher = model_config_from_hf(smol, name="smol")
+    pruned = replace(teacher, hidden_size=464, ffn_hidden_size=1240, kv_channels=64)
+    llama = family_for_model(pruned, "LlamaForCausalLM")
+    with pytest.raises(Exception, match="not a multiple of the number of attention heads"):
+        transformers.LlamaConfig(**hf_config_from_model(pruned, llama))
+    family = loadable_family(pruned, llama)
+    assert family.architecture == "MistralForCausalLM"
+    out = hf_config_from_model(pruned, family, base=None)
+    loaded = transformers.MistralConfig(**out)
+    assert (loaded.hidden_size, loaded.head_dim, loaded.sliding_window) == (464, 64, None)
+    assert asdict(model_config_from_hf(out, name="smol")) == asdict(model_config_from_hf(
+        hf_config_from_model(pruned, llama), name="smol"))
+    assert loadable_family(teacher, llama) is llama  # 576 = 9 x 64: Llama stays Llama
 
 
 def test_both_rope_spellings_agree():
