@@ -26,6 +26,7 @@ done); `table` prints the markdown of docs/real_model_defaults.md.
 """
 
 import argparse
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -237,8 +238,6 @@ def overlap(a, b) -> float:
 
 def search_results(dirs) -> dict:
     """(layers, hidden, ffn) -> val_loss after the search's KD steps, from `search` run dirs."""
-    import json
-
     out = {}
     for d in dirs:
         for cand in sorted(Path(d).glob("candidates/*")):

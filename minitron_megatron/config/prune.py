@@ -114,9 +114,9 @@ class PruneConfig:
     ratio, plus a bias shift for the mean), so that the norm's statistic over fewer channels
     does not rescale its output. See trim/hidden.py. auto (the default, chosen by measurement:
     docs/hidden_importance.md; on SmolLM2-135M it lowers the 0.5x model's loss by 0.46 zero-shot
-    and 0.39 after 12 KD steps, docs/real_model_defaults.md) calibrates when the scores carry the norm moments and keeps the
-    plain slice otherwise (random/magnitude baselines, older score files); calibrated requires
-    the moments."""
+    and 0.39 after 12 KD steps, docs/real_model_defaults.md) calibrates when the scores carry the
+    norm moments and keeps the plain slice otherwise (random/magnitude baselines, older score
+    files); calibrated requires the moments."""
     expert_metric: str = "contribution"
     """How routed experts are ranked when prune.target.num_moe_experts cuts them: contribution
     (moe.expert x moe.expert_frequency: the expert's output norm summed over every token, divided

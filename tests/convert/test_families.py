@@ -4,6 +4,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
+import transformers
 import yaml
 
 from minitron_megatron.config.files import conf_dir
@@ -95,7 +96,6 @@ def test_export_architecture_inferred_and_refused():
 def test_pruned_llama_exports_as_a_config_transformers_loads():
     """A width-pruned SmolLM2 (9 heads of 64 at hidden 464) is refused by transformers' LlamaConfig;
     the export writes it as Mistral (no sliding window), which computes the same model."""
-    transformers = pytest.importorskip("transformers")
     smol = dict(architectures=["LlamaForCausalLM"], hidden_act="silu", hidden_size=576, intermediate_size=1536,
                 max_position_embeddings=8192, num_attention_heads=9, num_hidden_layers=30, num_key_value_heads=3,
                 rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, vocab_size=49152)
